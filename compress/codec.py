@@ -1,0 +1,104 @@
+"""The codec facade that capture (encoding) and training (decoding) call.
+
+``Codec`` binds a ``CodecConfig`` to the dataset's dimensions (vocabulary, captured k,
+hidden size and dtype) and handles the part every codec shares: truncating k, the
+id-order permutation some id codecs use, and restoring rank order on decode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from schemas import CodecConfig, CodecError, ConfigError
+
+from .codecs import HIDDEN, IDS, VALUES
+from .codecs.base import lookup
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ConfigError(f"unsupported dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_codec_config(name_or_path: str) -> CodecConfig:
+    """A preset name (``exact``, ``default``...) or a YAML/JSON file."""
+    path = Path(name_or_path)
+    if not path.suffix and (PRESET_DIR / f"{name_or_path}.yaml").exists():
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    elif not path.exists():
+        raise ConfigError(f"codec {name_or_path!r} is neither a preset "
+                          f"({', '.join(preset_names())}) nor an existing file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from e
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+    return CodecConfig.from_dict(data, str(path))
+
+
+class Codec:
+    def __init__(self, config: CodecConfig, *, vocab_size: int, top_k: int, hidden_size: int,
+                 hidden_dtype: str) -> None:
+        if config.top_k is not None and config.top_k > top_k:
+            raise ConfigError(f"codec {config.name!r} keeps top_k={config.top_k} but the data "
+                              f"has only k={top_k}")
+        self.config = config
+        self.vocab_size = vocab_size
+        self.k = config.top_k or top_k
+        self.ids = lookup(IDS, config.ids.kind, "ids")(
+            config.ids.params, vocab_size=vocab_size, k=self.k)
+        self.values = lookup(VALUES, config.values.kind, "values")(config.values.params, k=self.k)
+        self.hidden = lookup(HIDDEN, config.hidden.kind, "hidden")(
+            config.hidden.params, hidden_size=hidden_size, dtype=torch_dtype(hidden_dtype))
+
+    def encode_rows(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[bytes, bytes]:
+        """[N, k_captured] rank-ordered ids and log-probs -> (ids bytes, values bytes)."""
+        ids = np.asarray(ids)[:, : self.k].astype(np.int64, copy=False)
+        lps = np.asarray(logprobs, dtype=np.float32)[:, : self.k]
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise CodecError(f"token id outside the vocabulary [0, {self.vocab_size}) "
+                             f"given to the encoder")
+        if self.ids.order == "id":
+            perm = np.argsort(ids, axis=1, kind="stable")
+            ids = np.take_along_axis(ids, perm, 1)
+            lps = np.take_along_axis(lps, perm, 1)
+        return self.ids.encode(ids), self.values.encode(lps)
+
+    def decode_rows(self, ids_blobs: Sequence[bytes], values_blobs: Sequence[bytes],
+                    rows: Sequence[int], device: torch.device | str = "cpu"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blobs of several documents -> ([N, k] int64 ids, [N, k] float32 log-probs), rank order."""
+        device = torch.device(device)
+        ids = self.ids.decode(ids_blobs, rows, device)
+        lps = self.values.decode(values_blobs, rows, device)
+        if ids.shape != lps.shape:
+            raise CodecError(f"ids {tuple(ids.shape)} and values {tuple(lps.shape)} disagree")
+        if self.ids.order == "id":
+            # Descending value, ties by ascending id: ids are ascending already, so a stable
+            # sort on the negated values keeps that tie order.
+            order = torch.sort(-lps, dim=1, stable=True).indices
+            ids, lps = ids.gather(1, order), lps.gather(1, order)
+        return ids, lps
+
+    def encode_hidden(self, x: torch.Tensor) -> bytes:
+        return self.hidden.encode(x)
+
+    def decode_hidden(self, blobs: Sequence[bytes], rows: Sequence[int],
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+        return self.hidden.decode(blobs, rows, torch.device(device))

@@ -1,0 +1,128 @@
+"""Interfaces of the three codec components and their registry.
+
+Encoders take one document's rows (numpy on the CPU, the capture side); decoders take
+the blobs of many documents at once and return torch tensors on the requested device,
+so a training batch is decoded in a handful of vectorized operations.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from schemas import CodecError, ConfigError
+
+
+class IdsCodec(ABC):
+    """Top-k token ids of a run of positions."""
+
+    #: "rank": rows arrive in descending-probability order; "id": rows arrive sorted by id
+    #: (with their values permuted alike) and the reader restores rank order from the values.
+    order = "rank"
+
+    def __init__(self, params: dict[str, Any], *, vocab_size: int, k: int) -> None:
+        self.params, self.vocab_size, self.k = params, vocab_size, k
+
+    @abstractmethod
+    def encode(self, ids: np.ndarray) -> bytes:
+        """[N, k] int64 -> bytes."""
+
+    @abstractmethod
+    def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
+               device: torch.device) -> torch.Tensor:
+        """Blobs of several documents -> [sum(rows), k] int64, every id < vocab_size."""
+
+
+class ValuesCodec(ABC):
+    """Log-probabilities of the top-k of a run of positions."""
+
+    def __init__(self, params: dict[str, Any], *, k: int) -> None:
+        self.params, self.k = params, k
+
+    @abstractmethod
+    def encode(self, values: np.ndarray) -> bytes:
+        """[N, k] float32 (in the ids codec's order) -> bytes."""
+
+    @abstractmethod
+    def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
+               device: torch.device) -> torch.Tensor:
+        """Blobs of several documents -> [sum(rows), k] float32."""
+
+    def decode_with_tail(self, blobs: Sequence[bytes], rows: Sequence[int],
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values and every row's missing mass ``1 - sum(exp(values))`` [sum(rows)].
+
+        Codecs that store the mass override this; the default derives it from the
+        decoded values, which is exact for lossless codecs.
+        """
+        values = self.decode(blobs, rows, device)
+        return values, tail_from_values(values)
+
+
+def tail_from_values(values: torch.Tensor) -> torch.Tensor:
+    """[N, k] log-probs -> [N] float32 probability mass outside them (float64 sum)."""
+    return (1.0 - values.double().exp().sum(dim=1)).clamp(min=0.0).float()
+
+
+class HiddenCodec(ABC):
+    """Hidden states [T, H] of one layer."""
+
+    def __init__(self, params: dict[str, Any], *, hidden_size: int, dtype: torch.dtype) -> None:
+        self.params, self.hidden_size, self.dtype = params, hidden_size, dtype
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> bytes:
+        """[T, H] in the teacher's dtype -> bytes."""
+
+    @abstractmethod
+    def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
+               device: torch.device) -> torch.Tensor:
+        """Blobs of several documents -> [sum(rows), H] float32."""
+
+
+IDS: dict[str, type[IdsCodec]] = {}
+VALUES: dict[str, type[ValuesCodec]] = {}
+HIDDEN: dict[str, type[HiddenCodec]] = {}
+
+
+def register(table: dict, kind: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if kind in table:
+            raise ValueError(f"codec kind {kind!r} registered twice")
+        table[kind] = cls
+        return cls
+    return deco
+
+
+def lookup(table: dict, kind: str, what: str) -> type:
+    if kind not in table:
+        raise ConfigError(f"unknown {what} codec {kind!r}; known: {sorted(table)}")
+    return table[kind]
+
+
+def fixed_width_concat(blobs: Sequence[bytes], rows: Sequence[int], row_bytes: int,
+                       what: str) -> bytes:
+    """Concatenate per-document blobs of a fixed-width encoding, checking every length."""
+    for i, (b, n) in enumerate(zip(blobs, rows)):
+        if len(b) != n * row_bytes:
+            raise CodecError(f"{what}: document {i} has {len(b)} bytes, expected "
+                             f"{n} rows x {row_bytes} = {n * row_bytes}")
+    return b"".join(blobs)
+
+
+def tensor_from_bytes(data: bytes, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zero-copy view of bytes as a tensor, moved to ``device``."""
+    if not data:
+        return torch.empty(0, dtype=dtype, device=device)
+    t = torch.frombuffer(bytearray(data), dtype=dtype)
+    return t.to(device, non_blocking=True)
+
+
+def check_ids(ids: torch.Tensor, vocab_size: int, what: str) -> torch.Tensor:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        raise CodecError(f"{what}: token id {bad} outside the vocabulary [0, {vocab_size})")
+    return ids

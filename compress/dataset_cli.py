@@ -1,0 +1,68 @@
+"""Dataset commands: ``inspect``, ``verify`` and ``dump``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import numpy as np
+
+
+@click.command("inspect")
+@click.argument("dataset")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect_cmd(dataset: str, as_json: bool) -> None:
+    """Summarize DATASET: teacher, capture settings, codec, documents, tokens, bytes/token."""
+    from .verify import dataset_stats
+    s = dataset_stats(dataset)
+    if as_json:
+        click.echo(json.dumps(s, indent=1, default=str))
+        return
+    t, c = s["teacher"], s["capture"]
+    split = ", ".join(f"{k} {v:.1f}" for k, v in s["bytes_per_token_split"].items())
+    skipped = ", ".join(f"{k}: {v}" for k, v in s["records"]["skipped"].items()) or "none"
+    click.echo("\n".join([
+        f"dataset     {s['uri']} ({'complete' if s['complete'] else 'INCOMPLETE'}, format "
+        f"{s['format_version']}, kdpipe {s['producer'].get('version')})",
+        f"teacher     {t['name_or_path']} ({t['architecture']}, vocab {t['vocab_size']}, "
+        f"hidden {t['hidden_size']} x {t['num_hidden_layers']} layers, {t['dtype']})",
+        f"capture     backend {c['backend']}, top-k {c['top_k']}, max length {c['max_seq_len']}"
+        f", hidden layers {c['hidden_layers'] or 'none'}, chat template {c['chat_template']}",
+        f"codec       {s['codec']['name']}: {json.dumps({k: v for k, v in s['codec'].items() if k != 'name'})}",
+        f"content     {s['documents']} documents, {s['tokens']} tokens, {s['teacher_rows']} "
+        f"teacher rows in {s['shards']} shards",
+        f"size        {s['bytes'] / 1e6:.2f} MB, {s['bytes_per_token']:.1f} bytes/token "
+        f"({split})",
+        f"records     read {s['records']['read']}, written {s['records']['written']}, "
+        f"truncated {s['records']['truncated']}, split {s['records']['split']}, "
+        f"skipped: {skipped}",
+    ]))
+
+
+@click.command("verify")
+@click.argument("dataset")
+@click.option("--deep", is_flag=True, help="Also decode every row and check its invariants.")
+def verify_cmd(dataset: str, deep: bool) -> None:
+    """Check every shard of DATASET (checksum, size, schema, codec); exit 1 if any is bad."""
+    from .verify import verify_dataset
+    report = verify_dataset(dataset, deep=deep)
+    for p in report.problems:
+        click.echo(f"BAD  {p.file}: {p.message}", err=True)
+    click.echo(f"{report.shards_checked} shards, {report.documents_checked} documents checked"
+               f"{' (deep)' if deep else ''}: "
+               f"{'OK' if report.ok else f'{len(report.problems)} bad shard(s)'}")
+    sys.exit(0 if report.ok else 1)
+
+
+@click.command("dump")
+@click.argument("dataset")
+@click.option("--out", required=True, help="Output .npz file.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="First N documents only.")
+def dump_cmd(dataset: str, out: str, limit: int | None) -> None:
+    """Write decoded arrays of DATASET to an .npz (per document: DOCID/input_ids,
+    DOCID/teacher_mask, DOCID/topk_ids, DOCID/topk_logprobs, DOCID/hidden/LAYER)."""
+    from .verify import dump_arrays
+    arrays = dump_arrays(dataset, limit)
+    np.savez(out, **arrays)
+    click.echo(f"wrote {len(arrays)} arrays to {out}")

@@ -1,0 +1,170 @@
+"""Reading a dataset: its manifest (or the union of its part fragments) and its shards.
+
+Every shard is checked against the manifest before use (size, schema, codec metadata)
+and Parquet page checksums are verified while reading, so a corrupt or mislabelled
+shard raises a ``DatasetError`` naming the file instead of feeding garbage onward.
+Full-file sha256 checks are ``kdpipe verify``'s job (``compress.verify``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from schemas import (CodecConfig, DatasetError, Manifest, ShardEntry, Storage, TeacherDocument,
+                     hidden_column, merge_fragments)
+from schemas import arrow as cols
+from schemas.layout import MANIFEST, PARTS_DIR, is_fragment_name, safe_relpath
+
+from .codec import Codec
+
+
+def load_manifest_or_fragments(storage: Storage, *, allow_incomplete: bool = False,
+                               missing_ok: bool = False,
+                               prefer_fragments: bool = False) -> Manifest | None:
+    """``manifest.json`` if present (unless ``prefer_fragments``), else the union of fragments."""
+    if not prefer_fragments and storage.exists(MANIFEST):
+        return Manifest.from_json(storage.read_bytes(MANIFEST), storage.describe(MANIFEST))
+    frags = []
+    for name in storage.listdir(PARTS_DIR):
+        if is_fragment_name(name):
+            rel = f"{PARTS_DIR}/{name}"
+            frags.append((storage.describe(rel),
+                          Manifest.from_json(storage.read_bytes(rel), storage.describe(rel))))
+    if not frags:
+        if missing_ok:
+            return None
+        raise DatasetError("no manifest.json and no part fragments: not a kdpipe dataset "
+                           "(or a capture that has not committed anything yet)",
+                           file=storage.describe(""))
+    merged = merge_fragments(frags)
+    if not merged.complete and not allow_incomplete:
+        count = merged.parts[0].count
+        done = [p.index for p in merged.parts if p.complete]
+        missing = sorted(set(range(count)) - set(done))
+        raise DatasetError(f"incomplete dataset: parts {missing} of {count} are missing or "
+                           f"still running", file=storage.describe(""))
+    return merged
+
+
+class Dataset:
+    """A kdpipe dataset, opened for reading and decoding."""
+
+    def __init__(self, uri: str, *, allow_incomplete: bool = False) -> None:
+        self.uri = uri
+        self.storage = Storage(uri)
+        self.manifest = load_manifest_or_fragments(self.storage, allow_incomplete=allow_incomplete)
+        m = self.manifest
+        self.codec = Codec(m.codec, vocab_size=m.teacher.vocab_size, top_k=m.capture.top_k,
+                           hidden_size=m.teacher.hidden_size, hidden_dtype=m.teacher.dtype)
+        for s in m.shards:
+            safe_relpath(s.file, self.storage.describe(MANIFEST))
+
+    @property
+    def shards(self) -> list[ShardEntry]:
+        return self.manifest.shards
+
+    @property
+    def hidden_layers(self) -> list[int]:
+        return list(self.manifest.capture.hidden_layers)
+
+    def open_shard(self, entry: ShardEntry) -> pq.ParquetFile:
+        """Open a shard and check it is the one the manifest describes."""
+        where = self.storage.describe(entry.file)
+        if not self.storage.exists(entry.file):
+            raise DatasetError("shard listed in the manifest is missing", file=where)
+        size = self.storage.size(entry.file)
+        if size != entry.bytes:
+            raise DatasetError(f"shard has {size} bytes, the manifest says {entry.bytes} "
+                               f"(truncated or replaced)", file=where)
+        try:
+            pf = pq.ParquetFile(self.storage.open_input(entry.file),
+                                page_checksum_verification=True)
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"not a readable Parquet file: {e}", file=where) from e
+        problems = cols.check_columns(pf.schema_arrow, self.hidden_layers)
+        if problems:
+            raise DatasetError("; ".join(problems), file=where)
+        meta = pf.schema_arrow.metadata or {}
+        if cols.META_CODEC not in meta:
+            raise DatasetError("shard has no codec metadata", file=where)
+        self.manifest.codec.require_same(CodecConfig.from_json(meta[cols.META_CODEC], where),
+                                         where)
+        if pf.metadata.num_rows != entry.documents:
+            raise DatasetError(f"shard has {pf.metadata.num_rows} documents, the manifest says "
+                               f"{entry.documents}", file=where)
+        return pf
+
+    def read_row_group(self, entry: ShardEntry, pf: pq.ParquetFile, rg: int,
+                       columns: Sequence[str] | None = None) -> pa.Table:
+        try:
+            return pf.read_row_group(rg, columns=list(columns) if columns else None)
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"row group {rg} is corrupt: {e}",
+                               file=self.storage.describe(entry.file)) from e
+
+    def columns(self, hidden_layers: Sequence[int] | None = None) -> list[str]:
+        layers = self.hidden_layers if hidden_layers is None else list(hidden_layers)
+        missing = sorted(set(layers) - set(self.hidden_layers))
+        if missing:
+            raise DatasetError(f"hidden layers {missing} were not captured (dataset has "
+                               f"{self.hidden_layers})", file=self.storage.describe(MANIFEST))
+        return [cols.DOC_ID, cols.NUM_TOKENS, cols.INPUT_IDS, cols.LOSS_MASK, cols.TEACHER_MASK,
+                cols.TOPK_IDS, cols.TOPK_VALUES] + [hidden_column(x) for x in layers]
+
+    def decode_table(self, table: pa.Table, *, hidden_layers: Sequence[int] | None = None,
+                     device: torch.device | str = "cpu", where: str = "") -> list[TeacherDocument]:
+        """Decode every document of a table (one row group or more) in one batch."""
+        layers = self.hidden_layers if hidden_layers is None else list(hidden_layers)
+        doc_ids = table.column(cols.DOC_ID).to_pylist()
+        n_tok = table.column(cols.NUM_TOKENS).to_numpy()
+        input_ids = table.column(cols.INPUT_IDS).to_pylist()
+        loss_masks = table.column(cols.LOSS_MASK).to_pylist()
+        teacher_masks = table.column(cols.TEACHER_MASK).to_pylist()
+        rows = []
+        for i, (ids, tm, n) in enumerate(zip(input_ids, teacher_masks, n_tok)):
+            if len(ids) != n:
+                raise DatasetError(f"{len(ids)} input ids but num_tokens={n}", file=where, row=i,
+                                   field=cols.INPUT_IDS)
+            if tm is not None and len(tm) != n:
+                raise DatasetError(f"teacher_mask has {len(tm)} entries for {n} tokens",
+                                   file=where, row=i, field=cols.TEACHER_MASK)
+            rows.append(int(n) if tm is None else int(sum(tm)))
+        ids_b = table.column(cols.TOPK_IDS).to_pylist()
+        val_b = table.column(cols.TOPK_VALUES).to_pylist()
+        try:
+            topk_ids, topk_lps = self.codec.decode_rows(ids_b, val_b, rows, device)
+            hidden = {layer: self.codec.decode_hidden(table.column(hidden_column(layer))
+                                                      .to_pylist(), n_tok.tolist(), device)
+                      for layer in layers}
+        except DatasetError as e:
+            raise type(e)(str(e), file=where) from e
+        out, r0, t0 = [], 0, 0
+        for i in range(table.num_rows):
+            r1, t1 = r0 + rows[i], t0 + int(n_tok[i])
+            out.append(TeacherDocument(
+                doc_id=doc_ids[i], input_ids=np.asarray(input_ids[i], dtype=np.int32),
+                topk_ids=topk_ids[r0:r1], topk_logprobs=topk_lps[r0:r1],
+                loss_mask=None if loss_masks[i] is None else np.asarray(loss_masks[i], bool),
+                teacher_mask=None if teacher_masks[i] is None else np.asarray(teacher_masks[i],
+                                                                              bool),
+                hidden={layer: h[t0:t1] for layer, h in hidden.items()}))
+            r0, t0 = r1, t1
+        return out
+
+    def iter_documents(self, *, hidden_layers: Sequence[int] | None = None,
+                       device: torch.device | str = "cpu",
+                       shards: Sequence[ShardEntry] | None = None) -> Iterator[TeacherDocument]:
+        """Every document in dataset order (shard by shard, row group by row group)."""
+        columns = self.columns(hidden_layers)
+        for entry in (self.shards if shards is None else shards):
+            pf = self.open_shard(entry)
+            for rg in range(pf.num_row_groups):
+                table = self.read_row_group(entry, pf, rg, columns)
+                yield from self.decode_table(table, hidden_layers=hidden_layers, device=device,
+                                             where=self.storage.describe(entry.file))
+

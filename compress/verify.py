@@ -1,0 +1,152 @@
+"""Dataset checks (``kdpipe verify``) and statistics (``kdpipe inspect``, ``kdpipe dump``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from schemas import DatasetError, KdpipeError, ShardEntry
+from schemas import arrow as cols
+
+from .reader import Dataset
+
+_LOGPROB_SLACK = 1e-4  # lossy codecs may reconstruct tiny positive log-probs
+
+
+@dataclass
+class ShardProblem:
+    file: str
+    message: str
+
+
+@dataclass
+class VerifyReport:
+    shards_checked: int = 0
+    documents_checked: int = 0
+    problems: list[ShardProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_rows(ds: Dataset, entry: ShardEntry, pf: pq.ParquetFile) -> int:
+    """Decode every row group and check the invariants; returns documents checked."""
+    where = ds.storage.describe(entry.file)
+    vocab, n_docs, tokens, rows = ds.manifest.teacher.vocab_size, 0, 0, 0
+    for rg in range(pf.num_row_groups):
+        table = ds.read_row_group(entry, pf, rg, ds.columns())
+        docs = ds.decode_table(table, where=where)
+        for i, doc in enumerate(docs):
+            row = n_docs + i
+            ids, lps = doc.topk_ids, doc.topk_logprobs
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                raise DatasetError(f"token id outside [0, {vocab})", file=where, row=row,
+                                   field=cols.TOPK_IDS)
+            if not bool(torch.isfinite(lps).all()):
+                raise DatasetError("non-finite log-prob", file=where, row=row,
+                                   field=cols.TOPK_VALUES)
+            if lps.numel() and float(lps.max()) > _LOGPROB_SLACK:
+                raise DatasetError(f"log-prob {float(lps.max()):.3g} > 0", file=where, row=row,
+                                   field=cols.TOPK_VALUES)
+            if lps.shape[1] > 1 and bool((lps[:, 1:] > lps[:, :-1]).any()):
+                raise DatasetError("log-probs not sorted descending", file=where, row=row,
+                                   field=cols.TOPK_VALUES)
+            if ids.shape[1] > 1 and bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
+                raise DatasetError("repeated token id within a row", file=where, row=row,
+                                   field=cols.TOPK_IDS)
+            ii = doc.input_ids
+            if ii.size and (int(ii.min()) < 0 or int(ii.max()) >= vocab):
+                raise DatasetError(f"input id outside [0, {vocab})", file=where, row=row,
+                                   field=cols.INPUT_IDS)
+            if doc.loss_mask is not None and doc.loss_mask.shape[0] != doc.num_tokens:
+                raise DatasetError("loss_mask length differs from input_ids", file=where,
+                                   row=row, field=cols.LOSS_MASK)
+            for layer, h in doc.hidden.items():
+                if not bool(torch.isfinite(h).all()):
+                    raise DatasetError("non-finite hidden state", file=where, row=row,
+                                       field=cols.hidden_column(layer))
+            tokens += doc.num_tokens
+            rows += doc.num_teacher_rows
+        n_docs += len(docs)
+    if tokens != entry.tokens or rows != entry.teacher_rows:
+        raise DatasetError(f"holds {tokens} tokens / {rows} teacher rows, the manifest says "
+                           f"{entry.tokens} / {entry.teacher_rows}", file=where)
+    return n_docs
+
+
+def verify_dataset(uri: str, *, deep: bool = False) -> VerifyReport:
+    """Check every shard's presence, size, sha256, schema and codec (and rows, if deep)."""
+    ds = Dataset(uri)
+    report = VerifyReport()
+    for entry in ds.shards:
+        where = ds.storage.describe(entry.file)
+        report.shards_checked += 1
+        try:
+            pf = ds.open_shard(entry)
+            digest = ds.storage.sha256(entry.file)
+            if digest != entry.sha256:
+                raise DatasetError(f"sha256 {digest[:16]}... differs from the manifest's "
+                                   f"{entry.sha256[:16]}... (corrupt or replaced)", file=where)
+            report.documents_checked += _check_rows(ds, entry, pf) if deep else entry.documents
+        except KdpipeError as e:
+            report.problems.append(ShardProblem(entry.file, str(e)))
+        except Exception as e:  # anything a damaged file makes a library raise
+            report.problems.append(ShardProblem(entry.file, f"{where}: unreadable: {e}"))
+    return report
+
+
+def dataset_stats(uri: str) -> dict:
+    """What ``kdpipe inspect`` prints: identity, settings, counts and bytes per token."""
+    ds = Dataset(uri, allow_incomplete=True)
+    m = ds.manifest
+    split = {"ids": 0, "values": 0, "hidden": 0, "tokens_and_masks": 0}
+    for entry in ds.shards:
+        md = ds.open_shard(entry).metadata
+        for rg in range(md.num_row_groups):
+            g = md.row_group(rg)
+            for c in range(g.num_columns):
+                col = g.column(c)
+                name = col.path_in_schema.split(".")[0]
+                key = ("ids" if name == cols.TOPK_IDS else "values" if name == cols.TOPK_VALUES
+                       else "hidden" if name.startswith(cols.HIDDEN_PREFIX)
+                       else "tokens_and_masks")
+                split[key] += col.total_compressed_size
+    tokens = max(m.tokens, 1)
+    return {
+        "uri": uri, "complete": m.complete, "format_version": m.format_version,
+        "producer": m.producer, "teacher": vars(m.teacher), "capture": vars(m.capture),
+        "codec": m.codec.to_dict(), "documents": m.documents, "tokens": m.tokens,
+        "teacher_rows": sum(s.teacher_rows for s in m.shards), "shards": len(m.shards),
+        "bytes": m.total_bytes, "bytes_per_token": m.total_bytes / tokens,
+        "bytes_per_token_split": {k: v / tokens for k, v in split.items()},
+        "records": vars(m.records), "parts": [vars(p) for p in m.parts],
+    }
+
+
+def dump_arrays(uri: str, limit: int | None = None) -> dict[str, np.ndarray]:
+    """Decoded arrays per document, rows without a teacher row as id -1 / log-prob -inf."""
+    ds = Dataset(uri)
+    arrays: dict[str, np.ndarray] = {}
+    for n, doc in enumerate(ds.iter_documents()):
+        if limit is not None and n >= limit:
+            break
+        T, k = doc.num_tokens, doc.topk_ids.shape[1]
+        tmask = np.ones(T, bool) if doc.teacher_mask is None else doc.teacher_mask
+        ids = np.full((T, k), -1, np.int64)
+        lps = np.full((T, k), -np.inf, np.float32)
+        ids[tmask] = doc.topk_ids.numpy()
+        lps[tmask] = doc.topk_logprobs.numpy()
+        p = doc.doc_id
+        arrays[f"{p}/input_ids"] = doc.input_ids.astype(np.int64)
+        arrays[f"{p}/teacher_mask"] = tmask
+        arrays[f"{p}/topk_ids"] = ids
+        arrays[f"{p}/topk_logprobs"] = lps
+        if doc.loss_mask is not None:
+            arrays[f"{p}/loss_mask"] = doc.loss_mask
+        for layer, h in doc.hidden.items():
+            arrays[f"{p}/hidden/{layer}"] = h.numpy().astype(np.float32)
+    return arrays

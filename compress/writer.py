@@ -1,0 +1,256 @@
+"""Writing one part of a dataset: encoded documents into Parquet shards, then the fragment.
+
+Crash safety: a shard is written under a temporary name and renamed when whole; only
+then is it listed in the part's fragment, which is itself replaced atomically. A
+killed writer therefore leaves at most a temporary file or an unlisted shard, both
+removed when the part is reopened, and resumption starts at the fragment's
+``next_record``. Shard names are deterministic, so a resumed run rewrites the same
+files an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import ExitStack
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetError, Manifest,
+                     PartState, RecordCounts, ShardEntry, Storage, TeacherDocument, TeacherInfo,
+                     hidden_column, shard_schema)
+from schemas import arrow as cols
+from schemas.layout import MANIFEST, PARTS_DIR, SHARDS_DIR, fragment_path, shard_path
+
+from .codec import Codec
+from .reader import load_manifest_or_fragments
+
+PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=[cols.DOC_ID],
+                       write_statistics=[cols.DOC_ID, cols.NUM_TOKENS],
+                       write_page_checksum=True)
+
+
+def _describe_diff(a, b) -> list[str]:
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    return [f"{k}: existing {db.get(k)!r} vs requested {da.get(k)!r}"
+            for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
+
+
+class PartWriter:
+    """Writes part ``index`` of ``count`` of a dataset; resumable, one process per part."""
+
+    def __init__(self, uri: str, *, teacher: TeacherInfo, capture: CaptureSettings,
+                 codec: CodecConfig, index: int, count: int, docs_per_shard: int = 0,
+                 shard_bytes: int = 512 << 20, row_group_bytes: int = 32 << 20) -> None:
+        if not 0 <= index < count:
+            raise ConfigError(f"--shard-index {index} must be in [0, {count})")
+        self.storage = Storage(uri)
+        self.index, self.count = index, count
+        self.docs_per_shard, self.shard_bytes = docs_per_shard, shard_bytes
+        self.row_group_bytes = row_group_bytes
+        self.frag_rel = fragment_path(index, count)
+        self.manifest = self._open_fragment(teacher, capture, codec)
+        self.codec = Codec(codec, vocab_size=teacher.vocab_size, top_k=capture.top_k,
+                           hidden_size=teacher.hidden_size, hidden_dtype=teacher.dtype)
+        self.hidden_layers = list(capture.hidden_layers)
+        self.schema = shard_schema(self.hidden_layers, codec=codec,
+                                   teacher=dataclasses.asdict(teacher),
+                                   capture=dataclasses.asdict(capture))
+        self._stack: ExitStack | None = None
+        self._pq: pq.ParquetWriter | None = None
+        self._reset_shard()
+        self._clean_leftovers()
+
+    # -- opening / resuming ---------------------------------------------------------
+
+    def _open_fragment(self, teacher, capture, codec) -> Manifest:
+        existing = None
+        if self.storage.exists(self.frag_rel):
+            existing = Manifest.from_json(self.storage.read_bytes(self.frag_rel),
+                                          self.storage.describe(self.frag_rel))
+        else:
+            others = load_manifest_or_fragments(self.storage, allow_incomplete=True,
+                                                missing_ok=True)
+            if others is not None:
+                existing = others
+                if others.parts and others.parts[0].count != self.count:
+                    raise ConfigError(
+                        f"{self.storage.describe('')}: holds a dataset captured in "
+                        f"{others.parts[0].count} parts; this run asks for {self.count}")
+        if existing is not None:
+            problems = []
+            if existing.teacher != teacher:
+                problems += [f"teacher {d}" for d in _describe_diff(teacher, existing.teacher)]
+            if existing.capture.fingerprint() != capture.fingerprint():
+                problems += [f"capture {d}" for d in _describe_diff(capture, existing.capture)]
+            if existing.codec.fingerprint() != codec.fingerprint():
+                problems.append(f"codec: existing {existing.codec.to_json()} vs requested "
+                                f"{codec.to_json()}")
+            if problems:
+                raise ConfigError(
+                    f"{self.storage.describe('')} already holds a capture with a different "
+                    f"configuration; use another --out or the same settings:\n  "
+                    + "\n  ".join(problems))
+        if existing is not None and self.storage.exists(self.frag_rel):
+            return existing
+        return Manifest(teacher=teacher, capture=capture, codec=codec,
+                        parts=[PartState(index=self.index, count=self.count)])
+
+    def _clean_leftovers(self) -> None:
+        """Remove temporary files and shards of this part that its fragment does not list."""
+        self.storage.remove_stale_tmp(SHARDS_DIR)
+        self.storage.remove_stale_tmp(PARTS_DIR)
+        listed = {s.file for s in self.manifest.shards}
+        prefix = shard_path(self.index, self.count, 0).rsplit("-", 1)[0].split("/")[-1]
+        for name in self.storage.listdir(SHARDS_DIR):
+            rel = f"{SHARDS_DIR}/{name}"
+            if name.startswith(prefix) and rel not in listed:
+                self.storage.delete(rel)
+
+    @property
+    def part(self) -> PartState:
+        return self.manifest.parts[0]
+
+    @property
+    def next_record(self) -> int:
+        return self.part.next_record
+
+    @property
+    def complete(self) -> bool:
+        return self.part.complete
+
+    # -- writing --------------------------------------------------------------------
+
+    def _reset_shard(self) -> None:
+        self._buf: dict[str, list] = {f.name: [] for f in self.schema}
+        self._buf_bytes = 0
+        self._shard_docs = self._shard_tokens = self._shard_rows = self._shard_bytes = 0
+        self._first_record: int | None = None
+        self._pending = RecordCounts()
+        self._last_record = -1
+
+    def add_record(self, index: int, docs: list[TeacherDocument], *, skipped: str | None = None,
+                   truncated: bool = False, split: bool = False) -> None:
+        """Account for input record ``index`` (in input order) and write its documents."""
+        if index < self.next_record or index <= self._last_record:
+            raise DatasetError(f"record {index} arrives out of order (next expected after "
+                               f"{max(self.next_record - 1, self._last_record)})")
+        self._pending.read += 1
+        if skipped is not None:
+            self._pending.skip(skipped)
+        else:
+            self._pending.written += 1
+            self._pending.truncated += int(truncated)
+            self._pending.split += int(split)
+        if self._first_record is None:
+            self._first_record = index
+        self._last_record = index
+        for doc in docs:
+            self._append(doc)
+        if self._buf_bytes >= self.row_group_bytes:
+            self._write_row_group()
+
+    def end_window(self) -> None:
+        """A point where the caller may be resumed from: commit the shard if it is full.
+
+        Shards end only here, so a resumed run restarts on a boundary the caller chose
+        (capture uses its batching windows, which keeps resumed output identical)."""
+        if (self.docs_per_shard and self._shard_docs >= self.docs_per_shard) or \
+                self._shard_bytes + self._buf_bytes >= self.shard_bytes:
+            self._commit_shard()
+
+    def _append(self, doc: TeacherDocument) -> None:
+        n = doc.num_teacher_rows
+        if doc.topk_ids.shape[0] != n:
+            raise DatasetError(f"{doc.topk_ids.shape[0]} teacher rows for {n} flagged positions",
+                               row=doc.record_index, field="topk_ids")
+        ids_b, vals_b = self.codec.encode_rows(doc.topk_ids.numpy(), doc.topk_logprobs.numpy())
+        b = self._buf
+        b[cols.DOC_ID].append(doc.doc_id)
+        b[cols.NUM_TOKENS].append(doc.num_tokens)
+        b[cols.INPUT_IDS].append(np.asarray(doc.input_ids, dtype=np.int32))
+        b[cols.LOSS_MASK].append(None if doc.loss_mask is None else np.asarray(doc.loss_mask, bool))
+        b[cols.TEACHER_MASK].append(None if doc.teacher_mask is None
+                                    else np.asarray(doc.teacher_mask, bool))
+        b[cols.TOPK_IDS].append(ids_b)
+        b[cols.TOPK_VALUES].append(vals_b)
+        size = len(ids_b) + len(vals_b) + 4 * doc.num_tokens
+        missing = set(self.hidden_layers) - set(doc.hidden)
+        if missing:
+            raise DatasetError(f"hidden layers {sorted(missing)} missing", row=doc.record_index,
+                               field="hidden")
+        for layer in self.hidden_layers:
+            h = self.codec.encode_hidden(doc.hidden[layer])
+            b[hidden_column(layer)].append(h)
+            size += len(h)
+        self._buf_bytes += size
+        self._shard_docs += 1
+        self._shard_tokens += doc.num_tokens
+        self._shard_rows += n
+
+    def _write_row_group(self) -> None:
+        if not self._buf[cols.DOC_ID]:
+            return
+        if self._pq is None:
+            self._stack = ExitStack()
+            rel = shard_path(self.index, self.count, len(self.manifest.shards))
+            sink = self._stack.enter_context(self.storage.atomic_output(rel))
+            self._pq = pq.ParquetWriter(sink, self.schema, **PARQUET_OPTIONS)
+        arrays = [pa.array(self._buf[f.name], type=f.type) for f in self.schema]
+        table = pa.Table.from_arrays(arrays, schema=self.schema)
+        self._pq.write_table(table, row_group_size=len(table))
+        self._shard_bytes += self._buf_bytes
+        self._buf = {f.name: [] for f in self.schema}
+        self._buf_bytes = 0
+
+    def _commit_shard(self) -> None:
+        """Close the open shard (if any), list it, and move the resume pointer."""
+        self._write_row_group()
+        seq = len(self.manifest.shards)
+        rel = shard_path(self.index, self.count, seq)
+        if self._pq is not None:
+            self._pq.close()
+            self._stack.close()  # renames the temporary file into place
+            self._pq = self._stack = None
+            self.manifest.shards.append(ShardEntry(
+                file=rel, part=self.index, seq=seq, documents=self._shard_docs,
+                tokens=self._shard_tokens, teacher_rows=self._shard_rows,
+                bytes=self.storage.size(rel), sha256=self.storage.sha256(rel),
+                first_record=self._first_record, last_record=self._last_record))
+        if self._last_record >= 0:
+            self.manifest.records.add(self._pending)
+            self.part.next_record = self._last_record + 1
+            self._save_fragment()
+        self._reset_shard()
+
+    def _save_fragment(self) -> None:
+        self.storage.write_bytes(self.frag_rel, self.manifest.to_json().encode())
+
+    def abort(self) -> None:
+        """Drop the shard in progress (its temporary file is removed, nothing is listed)."""
+        if self._stack is not None:
+            try:
+                self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            finally:
+                self._pq = self._stack = None
+
+    def finish(self) -> Manifest | None:
+        """Commit the last shard, mark the part complete; returns the whole manifest if every
+        part is now complete (and writes it), else None."""
+        self._commit_shard()
+        if not self.part.complete:
+            self.part.complete = True
+            self._save_fragment()
+        return write_manifest_if_complete(self.storage)
+
+
+def write_manifest_if_complete(storage: Storage) -> Manifest | None:
+    """Write ``manifest.json`` as the union of the fragments once every part is complete."""
+    merged = load_manifest_or_fragments(storage, allow_incomplete=True, prefer_fragments=True)
+    if not merged.complete:
+        return None
+    text = merged.to_json().encode()
+    if not storage.exists(MANIFEST) or storage.read_bytes(MANIFEST) != text:
+        storage.write_bytes(MANIFEST, text)
+    return merged

@@ -1,0 +1,1 @@
+"""kdpipe: offline knowledge distillation (capture -> compressed shards -> student training)."""

@@ -1,0 +1,71 @@
+"""The ``kdpipe`` command: the one place that wires the stages together.
+
+Subcommands live with the stage that owns them and are imported only when used, so
+``kdpipe --help`` is instant and a training node never imports capture code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from schemas import KdpipeError
+
+# command name -> "module:attribute" of a click command or group
+COMMANDS: dict[str, str] = {
+    "teacher": "capture.cli:teacher",
+    "corpus": "capture.cli:corpus",
+    "capture": "capture.cli:capture",
+    "inspect": "compress.dataset_cli:inspect_cmd",
+    "verify": "compress.dataset_cli:verify_cmd",
+    "dump": "compress.dataset_cli:dump_cmd",
+}
+
+_HELP = {
+    "teacher": "Prepare the embedded teacher.",
+    "corpus": "Build the embedded text corpus.",
+    "capture": "Run a teacher over a dataset and write top-k log-probs and hidden states.",
+    "inspect": "Summarize a dataset: teacher, settings, codec, sizes.",
+    "verify": "Check a dataset's checksums and schema (--deep: decode every row).",
+    "dump": "Write decoded arrays of a dataset to an .npz file.",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, _HELP.get(name, "")) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kdpipe")
+def cli() -> None:
+    """Offline knowledge distillation: capture -> compressed Parquet shards -> student training."""
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except KdpipeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)

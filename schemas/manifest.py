@@ -1,0 +1,217 @@
+"""The dataset manifest: what a dataset holds and how to read it.
+
+A dataset is a directory (or object-store prefix)::
+
+    manifest.json                     # whole dataset, written once every part is complete
+    parts/part-00000-of-00004.json    # one fragment per capture process, updated atomically
+    shards/p00000-of-00004-000000.parquet
+    artifacts/...                     # codec side data (e.g. hidden-state projections)
+
+Each capture process (``--num-shards N --shard-index I``) owns one part and its
+fragment. A fragment is a manifest with a single entry in ``parts``; the union of
+fragments is the dataset, and ``manifest.json`` is that union written once every
+part says ``complete``. Readers take ``manifest.json`` when present, else the union.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from .codec_config import CodecConfig
+from .errors import ConfigError, DatasetError
+from .version import FORMAT_NAME, FORMAT_VERSION, check_format_version, producer_version
+
+
+def _from_dict(cls, d: dict[str, Any], where: str):
+    if not isinstance(d, dict):
+        raise DatasetError(f"expected an object, got {type(d).__name__}", file=where)
+    required = [f.name for f in fields(cls)
+                if f.default is MISSING and f.default_factory is MISSING]
+    missing = [n for n in required if n not in d]
+    if missing:
+        raise DatasetError(f"{cls.__name__} lacks {missing}", file=where)
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TeacherInfo:
+    """Identity of the model whose distributions the dataset holds."""
+
+    name_or_path: str
+    architecture: str
+    config_sha256: str
+    vocab_size: int            # width of the teacher's logits
+    hidden_size: int
+    num_hidden_layers: int
+    tokenizer_sha256: str
+    special_tokens: dict[str, int | None]
+    dtype: str                 # dtype of the hidden states as captured
+
+
+@dataclass
+class CaptureSettings:
+    backend: str
+    top_k: int
+    max_seq_len: int
+    dtype: str
+    chat_template: bool
+    hidden_layers: list[int]   # 0 = embedding output, i = output of decoder layer i
+    text_field: str
+    long_documents: str        # "truncate" or "split"
+    data_source: str
+    num_shards: int = 1
+    limit: int | None = None
+
+    def fingerprint(self) -> str:
+        """What must not change between a killed run and its resumption."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class ShardEntry:
+    file: str                  # relative to the dataset root
+    part: int
+    seq: int
+    documents: int
+    tokens: int
+    teacher_rows: int
+    bytes: int
+    sha256: str
+    first_record: int          # input record indices this shard covers (resume pointer)
+    last_record: int
+
+
+@dataclass
+class RecordCounts:
+    read: int = 0
+    written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    split: int = 0
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def add(self, other: "RecordCounts") -> None:
+        self.read += other.read
+        self.written += other.written
+        self.truncated += other.truncated
+        self.split += other.split
+        for k, v in other.skipped.items():
+            self.skipped[k] = self.skipped.get(k, 0) + v
+
+
+@dataclass
+class PartState:
+    index: int
+    count: int
+    complete: bool = False
+    next_record: int = 0       # first input record index not yet committed by this part
+
+
+@dataclass
+class Manifest:
+    teacher: TeacherInfo
+    capture: CaptureSettings
+    codec: CodecConfig
+    shards: list[ShardEntry] = field(default_factory=list)
+    records: RecordCounts = field(default_factory=RecordCounts)
+    parts: list[PartState] = field(default_factory=list)
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: str = FORMAT_VERSION
+    producer: dict[str, str] = field(default_factory=lambda: {"name": "kdpipe",
+                                                               "version": producer_version()})
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.parts) and all(p.complete for p in self.parts) and \
+            len(self.parts) == self.parts[0].count
+
+    @property
+    def documents(self) -> int:
+        return sum(s.documents for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["codec"] = self.codec.to_dict()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> "Manifest":
+        if not isinstance(d, dict):
+            raise DatasetError("manifest is not a JSON object", file=where)
+        if d.get("format") != FORMAT_NAME:
+            raise DatasetError(f"not a kdpipe dataset manifest (format={d.get('format')!r})",
+                               file=where)
+        check_format_version(d.get("format_version", "?"), where)
+        try:
+            return cls(
+                teacher=_from_dict(TeacherInfo, d["teacher"], where),
+                capture=_from_dict(CaptureSettings, d["capture"], where),
+                codec=CodecConfig.from_dict(d["codec"], f"{where}: codec"),
+                shards=[_from_dict(ShardEntry, s, where) for s in d.get("shards", [])],
+                records=_from_dict(RecordCounts, d.get("records", {}), where),
+                parts=[_from_dict(PartState, p, where) for p in d.get("parts", [])],
+                artifacts=dict(d.get("artifacts", {})),
+                format=d["format"], format_version=d["format_version"],
+                producer=dict(d.get("producer", {})),
+            )
+        except KeyError as e:
+            raise DatasetError(f"manifest lacks required key {e}", file=where) from e
+        except ConfigError as e:
+            raise DatasetError(str(e), file=where) from e
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "manifest") -> "Manifest":
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"not valid JSON ({e})", file=where) from e
+        return cls.from_dict(d, where)
+
+
+def merge_fragments(fragments: list[tuple[str, Manifest]]) -> Manifest:
+    """Union of part fragments into one manifest; they must agree on everything but content."""
+    if not fragments:
+        raise DatasetError("no manifest and no part fragments found")
+    fragments = sorted(fragments, key=lambda nf: nf[1].parts[0].index if nf[1].parts else -1)
+    first_name, first = fragments[0]
+    merged = Manifest(teacher=first.teacher, capture=first.capture, codec=first.codec,
+                      artifacts=dict(first.artifacts), format_version=first.format_version,
+                      producer=first.producer)
+    seen: set[int] = set()
+    for name, frag in fragments:
+        for attr in ("teacher", "codec"):
+            if getattr(frag, attr) != getattr(first, attr):
+                raise DatasetError(f"{attr} differs from that of {first_name}", file=name)
+        a, b = asdict(frag.capture), asdict(first.capture)
+        if a != b:
+            diff = sorted(k for k in a if a[k] != b[k])
+            raise DatasetError(f"capture settings {diff} differ from those of {first_name}",
+                               file=name)
+        for p in frag.parts:
+            if p.index in seen:
+                raise DatasetError(f"part {p.index} appears in two fragments", file=name)
+            seen.add(p.index)
+        merged.parts.extend(frag.parts)
+        merged.shards.extend(frag.shards)
+        merged.records.add(frag.records)
+        merged.artifacts.update(frag.artifacts)
+    merged.parts.sort(key=lambda p: p.index)
+    merged.shards.sort(key=lambda s: (s.part, s.seq))
+    return merged

@@ -1,0 +1,1 @@
+"""The student's building blocks: KDA, full attention, MLPs, norms, token layout."""

@@ -1,0 +1,1 @@
+"""Functional KDA ops: a PyTorch implementation (any device) and fla's kernels (CUDA)."""

@@ -229,11 +229,17 @@ class PartWriter:
 
     def abort(self) -> None:
         """Drop the shard in progress (its temporary file is removed, nothing is listed)."""
-        if self._stack is not None:
-            try:
-                self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
-            finally:
-                self._pq = self._stack = None
+        if self._stack is None:
+            return
+        try:
+            self._pq.close()
+        except (OSError, ValueError):  # the sink may already be gone
+            pass
+        try:
+            err = RuntimeError("shard aborted")
+            self._stack.__exit__(type(err), err, None)
+        finally:
+            self._pq = self._stack = None
 
     def finish(self) -> Manifest | None:
         """Commit the last shard, mark the part complete; returns the whole manifest if every

@@ -1,0 +1,90 @@
+"""Input readers, sharding of records, and exact top-k."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from capture.backends import parse_hidden_layers
+from capture.inputs import BadRecord, iter_part, iter_records
+from capture.topk import _topk_by_key, topk_logprobs
+from schemas import ConfigError
+
+RECS = [{"text": f"document number {i}"} for i in range(7)]
+
+
+@pytest.fixture
+def sources(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in RECS[:3]) + "\n")
+    (tmp_path / "b.json").write_text(json.dumps(RECS[3:5]))
+    pq.write_table(pa.Table.from_pylist(RECS[5:6]), tmp_path / "c.parquet")
+    pacsv.write_csv(pa.Table.from_pylist(RECS[6:]), tmp_path / "d.csv")
+    return tmp_path
+
+
+def test_directory_of_every_format_in_order(sources):
+    assert [r["text"] for r in iter_records(str(sources))] == [r["text"] for r in RECS]
+
+
+def test_saved_datasets_dataset(tmp_path):
+    import datasets
+    datasets.Dataset.from_list(RECS).save_to_disk(str(tmp_path / "hf"))
+    assert [r["text"] for r in iter_records(str(tmp_path / "hf"))] == [r["text"] for r in RECS]
+
+
+def test_parts_are_disjoint_and_cover(sources):
+    parts = [[i for i, _ in iter_part(str(sources), text_field="text", num_parts=3, part=p)]
+             for p in range(3)]
+    assert sorted(sum(parts, [])) == list(range(7))
+    assert all(i % 3 == p for p, idx in enumerate(parts) for i in idx)
+    resumed = [i for i, _ in iter_part(str(sources), text_field="text", num_parts=3, part=1,
+                                       start=4)]
+    assert resumed == [4]
+
+
+def test_bad_lines_become_bad_records(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n{broken\n\xff\xfe\n[1, 2]\n')
+    recs = list(iter_records(str(f)))
+    assert recs[0] == {"text": "ok"}
+    assert [r.reason for r in recs[1:]] == ["malformed json", "undecodable bytes",
+                                            "record is not an object"]
+    assert all(isinstance(r, BadRecord) for r in recs[1:])
+
+
+def test_wrong_text_field_and_missing_file_fail_clearly(sources, tmp_path):
+    with pytest.raises(ConfigError, match="'body'.*fields seen: \\['text'\\]"):
+        list(iter_part(str(sources), text_field="body", num_parts=1, part=0))
+    with pytest.raises(ConfigError, match="no such file"):
+        list(iter_records(str(tmp_path / "missing.jsonl")))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ConfigError, match="bad.parquet"):
+        list(iter_records(str(tmp_path / "bad.parquet")))
+
+
+def test_hidden_layer_spec():
+    assert parse_hidden_layers("none", 30) == []
+    assert parse_hidden_layers("all", 3) == [0, 1, 2, 3]
+    assert parse_hidden_layers("30,0,15", 30) == [0, 15, 30]
+    with pytest.raises(ConfigError, match="0..30"):
+        parse_hidden_layers("31", 30)
+
+
+@pytest.mark.parametrize("vocab,k", [(1000, 32), (50, 50), (300, 1)])
+def test_topk_is_exact_with_ties_by_id(vocab, k):
+    g = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(257, vocab, generator=g)
+    x[:80] = torch.randint(0, 3, (80, vocab), generator=g).float()  # massive ties
+    x[80:120, 3:90] = 2.5                                           # ties across the boundary
+    ids, lp = topk_logprobs(x, k)
+    full = torch.log_softmax(x, -1)
+    assert torch.equal(ids, _topk_by_key(full, k))
+    assert torch.equal(lp, full.gather(-1, ids))
+    # independent check: lexicographic (value desc, id asc) via a stable double sort
+    ref = torch.sort(-full, dim=-1, stable=True).indices[:, :k]
+    assert torch.equal(ids, ref)

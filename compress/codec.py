@@ -8,7 +8,7 @@ id-order permutation some id codecs use, and restoring rank order on decode.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,9 +52,23 @@ def load_codec_config(name_or_path: str) -> CodecConfig:
     return CodecConfig.from_dict(data, str(path))
 
 
+def rank_key(ids: torch.Tensor, lps: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose descending order is rank order: by log-prob, ties by ascending id.
+
+    The float32 bits are mapped to an order-preserving integer (negative floats have
+    their magnitude bits flipped) in the high word, the complemented id in the low word,
+    so one sort gives the documented order whatever order the codec stored.
+    """
+    bits = lps.contiguous().view(torch.int32).long()
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return bits * (1 << 32) + ((1 << 32) - 1 - ids)
+
+
 class Codec:
     def __init__(self, config: CodecConfig, *, vocab_size: int, top_k: int, hidden_size: int,
-                 hidden_dtype: str) -> None:
+                 hidden_dtype: str, artifacts: Callable[[str], bytes] | None = None) -> None:
+        """``artifacts`` reads a file of the dataset by relative path; only codecs with side
+        data (the low-rank hidden codec's projection) use it, and only when they run."""
         if config.top_k is not None and config.top_k > top_k:
             raise ConfigError(f"codec {config.name!r} keeps top_k={config.top_k} but the data "
                               f"has only k={top_k}")
@@ -65,7 +79,8 @@ class Codec:
             config.ids.params, vocab_size=vocab_size, k=self.k)
         self.values = lookup(VALUES, config.values.kind, "values")(config.values.params, k=self.k)
         self.hidden = lookup(HIDDEN, config.hidden.kind, "hidden")(
-            config.hidden.params, hidden_size=hidden_size, dtype=torch_dtype(hidden_dtype))
+            config.hidden.params, hidden_size=hidden_size, dtype=torch_dtype(hidden_dtype),
+            artifacts=artifacts)
 
     def encode_rows(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[bytes, bytes]:
         """[N, k_captured] rank-ordered ids and log-probs -> (ids bytes, values bytes)."""
@@ -74,11 +89,10 @@ class Codec:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise CodecError(f"token id outside the vocabulary [0, {self.vocab_size}) "
                              f"given to the encoder")
-        if self.ids.order == "id":
-            perm = np.argsort(ids, axis=1, kind="stable")
-            ids = np.take_along_axis(ids, perm, 1)
+        ids_bytes, perm = self.ids.encode_ordered(ids)
+        if perm is not None:
             lps = np.take_along_axis(lps, perm, 1)
-        return self.ids.encode(ids), self.values.encode(lps)
+        return ids_bytes, self.values.encode(lps)
 
     def decode_rows(self, ids_blobs: Sequence[bytes], values_blobs: Sequence[bytes],
                     rows: Sequence[int], device: torch.device | str = "cpu"
@@ -86,19 +100,31 @@ class Codec:
         """Blobs of several documents -> ([N, k] int64 ids, [N, k] float32 log-probs), rank order."""
         device = torch.device(device)
         ids = self.ids.decode(ids_blobs, rows, device)
-        lps = self.values.decode(values_blobs, rows, device)
+        return self._rank_order(ids, self.values.decode(values_blobs, rows, device))
+
+    def decode_rows_with_tail(self, ids_blobs: Sequence[bytes], values_blobs: Sequence[bytes],
+                              rows: Sequence[int], device: torch.device | str = "cpu"
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``decode_rows`` plus every row's missing mass ``1 - sum(p)`` [N] (float32): as
+        stored by codecs that keep it, else computed from the decoded values."""
+        device = torch.device(device)
+        ids = self.ids.decode(ids_blobs, rows, device)
+        lps, tail = self.values.decode_with_tail(values_blobs, rows, device)
+        return (*self._rank_order(ids, lps), tail)
+
+    def _rank_order(self, ids: torch.Tensor, lps: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         if ids.shape != lps.shape:
             raise CodecError(f"ids {tuple(ids.shape)} and values {tuple(lps.shape)} disagree")
-        if self.ids.order == "id":
-            # Descending value, ties by ascending id: ids are ascending already, so a stable
-            # sort on the negated values keeps that tie order.
-            order = torch.sort(-lps, dim=1, stable=True).indices
+        if self.ids.order != "rank":
+            order = torch.argsort(rank_key(ids, lps), dim=1, descending=True)
             ids, lps = ids.gather(1, order), lps.gather(1, order)
         return ids, lps
 
-    def encode_hidden(self, x: torch.Tensor) -> bytes:
-        return self.hidden.encode(x)
+    def encode_hidden(self, x: torch.Tensor, layer: int | None = None) -> bytes:
+        return self.hidden.encode(x, layer)
 
     def decode_hidden(self, blobs: Sequence[bytes], rows: Sequence[int],
-                      device: torch.device | str = "cpu") -> torch.Tensor:
-        return self.hidden.decode(blobs, rows, torch.device(device))
+                      device: torch.device | str = "cpu", layer: int | None = None
+                      ) -> torch.Tensor:
+        return self.hidden.decode(blobs, rows, torch.device(device), layer)

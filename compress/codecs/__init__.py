@@ -1,6 +1,12 @@
-"""Codec components, registered by the kind names that codec configurations use."""
+"""Codec components, registered by the kind names that codec configurations use.
 
-from . import exact  # noqa: F401  (registers the lossless kinds)
+ids:    int32 (lossless), packed (fixed-width bits, rank order), gaps (entropy-coded id set)
+values: float32 (lossless), grid (sqrt/log grid, entropy-coded), poly (head + normalized
+        fit + residual bins), distillkit (DistillKit's layout and decoder)
+hidden: native (lossless), bf16, fp8, int8, lowrank (projection stored in the dataset)
+"""
+
+from . import exact, grid, hidden, ids, poly  # noqa: F401  (register the kinds)
 from .base import HIDDEN, IDS, VALUES, HiddenCodec, IdsCodec, ValuesCodec
 
 __all__ = ["HIDDEN", "IDS", "VALUES", "HiddenCodec", "IdsCodec", "ValuesCodec"]

@@ -19,8 +19,10 @@ from schemas import CodecError, ConfigError
 class IdsCodec(ABC):
     """Top-k token ids of a run of positions."""
 
-    #: "rank": rows arrive in descending-probability order; "id": rows arrive sorted by id
-    #: (with their values permuted alike) and the reader restores rank order from the values.
+    #: "rank": rows are stored in descending-probability order; "id": sorted by id;
+    #: "codec": an order of the codec's own (``encode_ordered`` says which). In the last
+    #: two the values are stored in the same order and the reader restores rank order
+    #: from them.
     order = "rank"
 
     def __init__(self, params: dict[str, Any], *, vocab_size: int, k: int) -> None:
@@ -28,12 +30,21 @@ class IdsCodec(ABC):
 
     @abstractmethod
     def encode(self, ids: np.ndarray) -> bytes:
-        """[N, k] int64 -> bytes."""
+        """[N, k] int64, in this codec's order -> bytes."""
+
+    def encode_ordered(self, ids: np.ndarray) -> tuple[bytes, np.ndarray | None]:
+        """[N, k] rank-ordered ids -> (bytes, per-row permutation the values must follow,
+        or None when the rank order is kept)."""
+        if self.order == "rank":
+            return self.encode(ids), None
+        perm = np.argsort(ids, axis=1, kind="stable")
+        return self.encode(np.take_along_axis(ids, perm, 1)), perm
 
     @abstractmethod
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
                device: torch.device) -> torch.Tensor:
-        """Blobs of several documents -> [sum(rows), k] int64, every id < vocab_size."""
+        """Blobs of several documents -> [sum(rows), k] int64 in this codec's order, every
+        id < vocab_size."""
 
 
 class ValuesCodec(ABC):
@@ -68,18 +79,25 @@ def tail_from_values(values: torch.Tensor) -> torch.Tensor:
 
 
 class HiddenCodec(ABC):
-    """Hidden states [T, H] of one layer."""
+    """Hidden states [T, H] of one layer.
 
-    def __init__(self, params: dict[str, Any], *, hidden_size: int, dtype: torch.dtype) -> None:
+    ``layer`` tells codecs with per-layer side data (a low-rank projection) which layer
+    the states belong to; ``artifacts`` loads such side data from the dataset by relative
+    path. Codecs without side data ignore both.
+    """
+
+    def __init__(self, params: dict[str, Any], *, hidden_size: int, dtype: torch.dtype,
+                 artifacts: Callable[[str], bytes] | None = None) -> None:
         self.params, self.hidden_size, self.dtype = params, hidden_size, dtype
+        self.artifacts = artifacts
 
     @abstractmethod
-    def encode(self, x: torch.Tensor) -> bytes:
+    def encode(self, x: torch.Tensor, layer: int | None = None) -> bytes:
         """[T, H] in the teacher's dtype -> bytes."""
 
     @abstractmethod
-    def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
-               device: torch.device) -> torch.Tensor:
+    def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
+               layer: int | None = None) -> torch.Tensor:
         """Blobs of several documents -> [sum(rows), H] float32."""
 
 

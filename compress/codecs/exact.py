@@ -38,12 +38,12 @@ class Float32Values(ValuesCodec):
 class NativeHidden(HiddenCodec):
     """Raw little-endian bytes of the teacher's dtype (bf16 stays bf16: lossless)."""
 
-    def encode(self, x: torch.Tensor) -> bytes:
+    def encode(self, x: torch.Tensor, layer: int | None = None) -> bytes:
         x = x.detach().to("cpu", self.dtype).contiguous()
         return x.view(torch.uint8).numpy().tobytes()
 
-    def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
-               device: torch.device) -> torch.Tensor:
+    def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
+               layer: int | None = None) -> torch.Tensor:
         item = torch.empty(0, dtype=self.dtype).element_size()
         data = fixed_width_concat(blobs, rows, item * self.hidden_size, "hidden native")
         return tensor_from_bytes(data, self.dtype, device).view(-1, self.hidden_size).float()

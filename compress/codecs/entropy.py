@@ -1,0 +1,185 @@
+"""Entropy coding shared by the id and value codecs: byte planes, zstd, a checked container.
+
+A sequence of small non-negative integers is split into byte planes (low bytes, then
+the next bytes, ...), each plane compressed by zstd on its own. The low plane carries
+almost all the information and zstd's Huffman/FSE stages code it close to its order-0
+entropy; higher planes are nearly all zeros and cost almost nothing. Measured on real
+teacher rows this is within 1-2% of an explicit bucket + raw-bits code, and decoding
+is zstd (C) plus one shift-or per plane.
+
+One document's rows are coded together, so zstd sees all of its positions at once
+(a 500-token document at k=128 is 64k symbols per plane) while every document stays
+an independent blob that can be decoded alone.
+
+Container layout (little-endian)::
+
+    magic b"KDE1" | crc32 u32 (of everything after it) | tag u32 | rows u32 | k u16 |
+    n_streams u8 | n_streams x (stored length u32) | streams...
+
+A plane-coded sequence is one stream: ``planes u8 | planes x (length u32) | zstd frames``.
+``tag`` identifies the codec kind and parameters; a blob decoded by a different
+configuration, a truncated or corrupted blob, all fail with ``CodecError``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import zstandard
+
+from schemas import CodecError, CodecMismatchError, ConfigError
+
+
+MAGIC = b"KDE1"
+_HEAD = struct.Struct("<4sIIIHB")
+
+
+# -- zstd -------------------------------------------------------------------------------
+
+def zstd_compress(data: bytes, level: int) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+
+
+def zstd_decompress(data: bytes, expected: int | None, what: str, limit: int = 0) -> bytes:
+    """Decompress one frame of ``expected`` bytes (None: any length up to ``limit``).
+
+    The declared size is checked before anything is allocated, so a corrupt header
+    cannot ask for gigabytes.
+    """
+    try:
+        size = zstandard.frame_content_size(data)
+        if size < 0 or (size != expected if expected is not None else size > limit):
+            raise CodecError(f"{what}: stream declares {size} bytes, expected "
+                             f"{expected if expected is not None else f'at most {limit}'}")
+        out = zstandard.ZstdDecompressor().decompress(data)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"{what}: corrupt zstd stream ({e})") from e
+    if len(out) != size:
+        raise CodecError(f"{what}: stream holds {len(out)} bytes, its header says {size}")
+    return out
+
+
+def check_level(level: Any, where: str) -> int:
+    if not isinstance(level, int) or not 1 <= level <= 22:
+        raise ConfigError(f"{where}: zstd level must be an integer in [1, 22], got {level!r}")
+    return level
+
+
+# -- container --------------------------------------------------------------------------
+
+def params_tag(kind: str, params: dict[str, Any]) -> int:
+    """A 32-bit identity of a codec kind and its parameters, stored in every blob."""
+    return zlib.crc32(json.dumps([kind, params], sort_keys=True).encode())
+
+
+def pack_container(tag: int, rows: int, k: int, streams: Sequence[bytes]) -> bytes:
+    lengths = struct.pack(f"<{len(streams)}I", *(len(s) for s in streams))
+    body = struct.pack("<IIHB", tag, rows, k, len(streams)) + lengths + b"".join(streams)
+    return MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+
+
+def unpack_container(blob: bytes, tag: int, rows: int, k: int, n_streams: int,
+                     what: str) -> list[bytes]:
+    """Check a blob's header against what the reader expects; return its streams."""
+    head = _HEAD.size
+    if len(blob) < head or blob[:4] != MAGIC:
+        raise CodecError(f"{what}: not an entropy-coded blob (bad magic or {len(blob)} bytes)")
+    _, crc, b_tag, b_rows, b_k, b_n = _HEAD.unpack_from(blob)
+    if zlib.crc32(memoryview(blob)[8:]) != crc:
+        raise CodecError(f"{what}: checksum mismatch (corrupt or truncated blob)")
+    if b_tag != tag:
+        raise CodecMismatchError(f"{what}: blob was encoded with other codec parameters "
+                                 f"(tag {b_tag:08x}, reader expects {tag:08x})")
+    if b_rows != rows or b_k != k or b_n != n_streams:
+        raise CodecError(f"{what}: blob holds {b_rows} rows x k={b_k} in {b_n} streams, "
+                         f"expected {rows} x {k} in {n_streams}")
+    lengths = struct.unpack_from(f"<{n_streams}I", blob, head)
+    pos = head + 4 * n_streams
+    if pos + sum(lengths) != len(blob):
+        raise CodecError(f"{what}: stream lengths {list(lengths)} do not add up to the blob")
+    out = []
+    for n in lengths:
+        out.append(blob[pos:pos + n])
+        pos += n
+    return out
+
+
+# -- byte planes ------------------------------------------------------------------------
+
+MAX_PLANES = 4
+
+
+def encode_planes(values: np.ndarray, level: int) -> bytes:
+    """Integers in [0, 2**32) -> one stream: their byte planes, each zstd-compressed."""
+    v = np.asarray(values, dtype=np.int64).reshape(-1)
+    if v.size and (v.min() < 0 or v.max() >= 1 << 32):
+        raise ValueError("plane coding takes integers in [0, 2**32)")
+    top = int(v.max()) if v.size else 0
+    planes = max(1, (top.bit_length() + 7) // 8)
+    frames = [zstd_compress(((v >> (8 * i)) & 0xFF).astype(np.uint8).tobytes(), level)
+              for i in range(planes)]
+    return struct.pack(f"<B{planes}I", planes, *(len(f) for f in frames)) + b"".join(frames)
+
+
+def _split_planes(stream: bytes, what: str) -> list[bytes]:
+    if not stream or not 1 <= stream[0] <= MAX_PLANES:
+        raise CodecError(f"{what}: bad plane count")
+    planes = stream[0]
+    head = 1 + 4 * planes
+    if len(stream) < head:
+        raise CodecError(f"{what}: truncated plane header")
+    lengths = struct.unpack_from(f"<{planes}I", stream, 1)
+    if head + sum(lengths) != len(stream):
+        raise CodecError(f"{what}: plane lengths do not add up to the stream")
+    out, pos = [], head
+    for n in lengths:
+        out.append(stream[pos:pos + n])
+        pos += n
+    return out
+
+
+def decode_planes(streams: Sequence[bytes], counts: Sequence[int] | None, device: torch.device,
+                  what: str, limits: Sequence[int] = ()) -> tuple[torch.Tensor, list[int]]:
+    """Plane-coded sequences of several documents -> (int64 [total], length of each).
+
+    ``counts[d]`` is the expected length of document d's sequence; with ``counts`` None
+    each length is read from the stream, at most ``limits[d]``. zstd runs once per plane
+    and document (in C); combining the planes is one shift-or per plane over everything.
+    """
+    docs = [_split_planes(s, f"{what} document {i}") for i, s in enumerate(streams)]
+    n_planes = max((len(p) for p in docs), default=1)
+    lengths: list[int] = []
+    planes: list[list[bytes]] = [[] for _ in range(n_planes)]
+    for i, doc in enumerate(docs):
+        where = f"{what} document {i}"
+        first = zstd_decompress(doc[0], None if counts is None else counts[i], where,
+                                limit=0 if counts is not None else limits[i])
+        lengths.append(len(first))
+        planes[0].append(first)
+        for p in range(1, n_planes):
+            planes[p].append(zstd_decompress(doc[p], len(first), where) if p < len(doc)
+                             else bytes(len(first)))
+    out = _bytes_tensor(b"".join(planes[0]), device).long()
+    for p in range(1, n_planes):
+        out |= _bytes_tensor(b"".join(planes[p]), device).long() << (8 * p)
+    return out, lengths
+
+
+def _bytes_tensor(data: bytes, device: torch.device) -> torch.Tensor:
+    if not data:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+
+
+def unpack_documents(blobs: Sequence[bytes], rows: Sequence[int], tag: int, k: int,
+                     n_streams: int, what: str) -> list[list[bytes]]:
+    """Every document's streams, each blob checked against its expected row count."""
+    if len(blobs) != len(rows):
+        raise CodecError(f"{what}: {len(blobs)} blobs for {len(rows)} row counts")
+    return [unpack_container(b, tag, n, k, n_streams, f"{what} document {i}")
+            for i, (b, n) in enumerate(zip(blobs, rows))]

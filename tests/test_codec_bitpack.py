@@ -1,0 +1,97 @@
+"""Fixed-width bit packing and byte-plane coding: fast paths against the references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from compress.codecs import bitpack, entropy, naive
+from schemas import CodecError
+
+
+@st.composite
+def packed_case(draw):
+    bits = draw(st.integers(1, 32))
+    shape = draw(st.tuples(st.integers(0, 6), st.integers(1, 40)))
+    values = draw(hnp.arrays(np.int64, shape, elements=st.integers(0, (1 << bits) - 1)))
+    return values, bits
+
+
+@settings(max_examples=300, deadline=None)
+@given(packed_case())
+def test_pack_rows_matches_reference_and_round_trips(case):
+    values, bits = case
+    packed = bitpack.pack_rows(values, bits)
+    assert packed.shape == (values.shape[0], bitpack.row_bytes(values.shape[1], bits))
+    if values.shape[0]:
+        np.testing.assert_array_equal(packed, naive.pack_rows(values, bits))
+    unpacked = bitpack.unpack_rows(torch.from_numpy(packed), values.shape[1], bits)
+    np.testing.assert_array_equal(unpacked.numpy(), values)
+
+
+@pytest.mark.parametrize("bits", range(1, 33))
+def test_every_width_at_its_extremes(bits):
+    n = 37  # odd, so rows end mid-byte for most widths
+    values = np.array([[0] * n, [(1 << bits) - 1] * n,
+                       [(i * 2654435761) % (1 << bits) for i in range(n)]], dtype=np.int64)
+    packed = bitpack.pack_rows(values, bits)
+    np.testing.assert_array_equal(packed, naive.pack_rows(values, bits))
+    np.testing.assert_array_equal(naive.unpack_rows(packed, n, bits), values)
+    np.testing.assert_array_equal(bitpack.unpack_rows(torch.from_numpy(packed), n, bits).numpy(),
+                                  values)
+
+
+def test_pack_rows_refuses_what_does_not_fit():
+    with pytest.raises(ValueError):
+        bitpack.pack_rows(np.array([[4]]), 2)
+    with pytest.raises(ValueError):
+        bitpack.pack_rows(np.array([[1]]), 33)
+    with pytest.raises(ValueError):
+        bitpack.unpack_rows(torch.zeros(2, 3, dtype=torch.uint8), 4, 8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(hnp.arrays(np.int64, st.integers(0, 300),
+                           elements=st.integers(0, (1 << 32) - 1)), min_size=1, max_size=4))
+def test_byte_planes_round_trip_across_documents(docs):
+    streams = [entropy.encode_planes(d, 3) for d in docs]
+    out, lengths = entropy.decode_planes(streams, [len(d) for d in docs], torch.device("cpu"),
+                                         "test")
+    assert lengths == [len(d) for d in docs]
+    np.testing.assert_array_equal(out.numpy(), np.concatenate(docs))
+    free, _ = entropy.decode_planes(streams, None, torch.device("cpu"), "test",
+                                    limits=[len(d) for d in docs])
+    np.testing.assert_array_equal(free.numpy(), np.concatenate(docs))
+
+
+def test_byte_planes_refuse_corruption():
+    stream = entropy.encode_planes(np.arange(1000) * 37, 3)
+    with pytest.raises(CodecError):
+        entropy.decode_planes([stream], [999], torch.device("cpu"), "test")
+    with pytest.raises(CodecError):
+        entropy.decode_planes([stream[:-3]], [1000], torch.device("cpu"), "test")
+    bad = bytearray(stream)
+    bad[20] ^= 0xFF
+    with pytest.raises(CodecError):
+        entropy.decode_planes([bytes(bad)], [1000], torch.device("cpu"), "test")
+    with pytest.raises(CodecError):  # a declared size beyond the limit allocates nothing
+        entropy.decode_planes([stream], None, torch.device("cpu"), "test", limits=[10])
+
+
+def test_container_checks_every_field():
+    blob = entropy.pack_container(7, 3, 5, [b"abc", b"de"])
+    assert entropy.unpack_container(blob, 7, 3, 5, 2, "t") == [b"abc", b"de"]
+    from schemas import CodecMismatchError
+    with pytest.raises(CodecMismatchError):
+        entropy.unpack_container(blob, 8, 3, 5, 2, "t")
+    for args in [(7, 4, 5, 2), (7, 3, 6, 2), (7, 3, 5, 1)]:
+        with pytest.raises(CodecError):
+            entropy.unpack_container(blob, *args, "t")
+    for broken in [blob[:-1], blob + b"x", b"XXXX" + blob[4:],
+                   blob[:-1] + bytes([blob[-1] ^ 1])]:
+        with pytest.raises(CodecError):
+            entropy.unpack_container(broken, 7, 3, 5, 2, "t")

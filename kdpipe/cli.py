@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "compress.dataset_cli:inspect_cmd",
     "verify": "compress.dataset_cli:verify_cmd",
     "dump": "compress.dataset_cli:dump_cmd",
+    "student": "student_train.cli:student",
 }
 
 _HELP = {

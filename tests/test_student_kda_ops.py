@@ -115,3 +115,10 @@ def test_short_conv_does_not_leak_across_documents():
         y_i, s_i = short_conv(x[:, a:b], w, output_final_state=True)
         torch.testing.assert_close(y[:, a:b], y_i)
         torch.testing.assert_close(state[i:i + 1], s_i)
+
+
+@pytest.mark.parametrize("fn", [chunk_kda, recurrent_kda], ids=["chunk", "recurrent"])
+def test_output_keeps_value_dtype_and_state_is_float32(fn):
+    q, k, v, g, beta = (x.to(torch.bfloat16) for x in make_inputs(1, 20, 2, 8, 8))
+    o, s = fn(q, k, v, g, beta, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32

@@ -135,8 +135,13 @@ def _short_conv_rows(x, weight, bias, cache, lengths, output_final_state):
     W = weight.shape[-1]
     history = x.new_zeros(B, W, D) if cache is None else cache.to(x.dtype).transpose(1, 2)
     full = torch.cat([history, x], 1)                                         # [B, W + T, D]
-    y = F.silu(F.conv1d(full[:, 1:].transpose(1, 2), weight.to(x.dtype),
-                        None if bias is None else bias.to(x.dtype), groups=D)).transpose(1, 2)
+    # Tap j multiplies the input W-1-j steps back; W shifted products beat a depthwise conv1d
+    # call for these small widths.
+    taps = weight.to(x.dtype).squeeze(1)                                      # [D, W]
+    y = sum(full[:, 1 + j:1 + j + T] * taps[:, j] for j in range(W))
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    y = F.silu(y)
     if not output_final_state:
         return y, None
     # The last W inputs of row b end at its true length (rows may carry end padding).
@@ -154,7 +159,7 @@ def recurrent_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                                initial_state=initial_state, output_final_state=output_final_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    acc = _accumulator_dtype(v)
+    out_dtype, acc = v.dtype, _accumulator_dtype(v)
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, beta = (x.to(acc) for x in (q, k, v, g, beta))
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
@@ -166,7 +171,7 @@ def recurrent_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         S = S + k_t * beta[:, t, :, None, None] * error[..., None, :]
         outputs.append((q[:, t, ..., None] * scale * S).sum(-2))
     o = torch.stack(outputs, 1) if outputs else v.new_zeros(B, 0, H, V)
-    return o.to(v.dtype), (S if output_final_state else None)
+    return o.to(out_dtype), (S if output_final_state else None)
 
 
 def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor,
@@ -218,7 +223,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
                                chunk_size=chunk_size)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    acc = _accumulator_dtype(v)
+    out_dtype, acc = v.dtype, _accumulator_dtype(v)
     scale = K ** -0.5 if scale is None else scale
     C = chunk_size
     NT = max(1, -(-T // C))
@@ -250,4 +255,4 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         outputs.append(q_decayed[:, :, n] @ S + A_qk[:, :, n] @ U)
         S = end_decay[:, :, n] * S + k_to_end[:, :, n].transpose(-1, -2) @ U
     o = torch.stack(outputs, 2).permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
-    return o.to(v.dtype), (S if output_final_state else None)
+    return o.to(out_dtype), (S if output_final_state else None)

@@ -52,16 +52,26 @@ def load_codec_config(name_or_path: str) -> CodecConfig:
     return CodecConfig.from_dict(data, str(path))
 
 
-def rank_key(ids: torch.Tensor, lps: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose descending order is rank order: by log-prob, ties by ascending id.
+def rank_sort(ids: torch.Tensor, lps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (ids, log-probs) in any order -> rank order: descending log-prob, ties by
+    ascending id (int64 ids, float32 log-probs).
 
-    The float32 bits are mapped to an order-preserving integer (negative floats have
-    their magnitude bits flipped) in the high word, the complemented id in the low word,
-    so one sort gives the documented order whatever order the codec stored.
+    Each entry becomes one int64 key whose ascending order is rank order: the float32
+    bits mapped to an order-preserving integer (negative floats have their magnitude bits
+    flipped) and negated, in the high word, the id in the low word. Sorting the keys
+    alone sorts both, and both are read back out of the sorted keys. On the CPU numpy's
+    SIMD sort does it (about 8x torch's CPU sort on rows of 128).
     """
-    bits = lps.contiguous().view(torch.int32).long()
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return bits * (1 << 32) + ((1 << 32) - 1 - ids)
+    bits = lps.float().contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = ordered.neg_().long().bitwise_left_shift_(32).bitwise_or_(ids)
+    if key.device.type == "cpu":
+        key = torch.from_numpy(np.sort(key.numpy(), axis=1))
+    else:
+        key = torch.sort(key, dim=1).values
+    ordered = (key >> 32).int().neg_()
+    ordered = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    return key.bitwise_and_(0xFFFFFFFF), ordered.view(torch.float32)
 
 
 class Codec:
@@ -90,8 +100,8 @@ class Codec:
             raise CodecError(f"token id outside the vocabulary [0, {self.vocab_size}) "
                              f"given to the encoder")
         ids_bytes, perm = self.ids.encode_ordered(ids)
-        if perm is not None:
-            lps = np.take_along_axis(lps, perm, 1)
+        if perm is not None:  # flat take: several times faster than take_along_axis
+            lps = lps.reshape(-1)[perm + np.arange(0, perm.size, self.k)[:, None]]
         return ids_bytes, self.values.encode(lps)
 
     def decode_rows(self, ids_blobs: Sequence[bytes], values_blobs: Sequence[bytes],
@@ -117,9 +127,8 @@ class Codec:
         if ids.shape != lps.shape:
             raise CodecError(f"ids {tuple(ids.shape)} and values {tuple(lps.shape)} disagree")
         if self.ids.order != "rank":
-            order = torch.argsort(rank_key(ids, lps), dim=1, descending=True)
-            ids, lps = ids.gather(1, order), lps.gather(1, order)
-        return ids, lps
+            return rank_sort(ids, lps)
+        return ids.long(), lps
 
     def encode_hidden(self, x: torch.Tensor, layer: int | None = None) -> bytes:
         return self.hidden.encode(x, layer)

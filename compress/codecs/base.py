@@ -43,8 +43,8 @@ class IdsCodec(ABC):
     @abstractmethod
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
                device: torch.device) -> torch.Tensor:
-        """Blobs of several documents -> [sum(rows), k] int64 in this codec's order, every
-        id < vocab_size."""
+        """Blobs of several documents -> [sum(rows), k] integer ids (int32 or int64; the
+        facade returns int64) in this codec's order, every id < vocab_size."""
 
 
 class ValuesCodec(ABC):

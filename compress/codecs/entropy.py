@@ -115,14 +115,14 @@ MAX_PLANES = 4
 
 
 def encode_planes(values: np.ndarray, level: int) -> bytes:
-    """Integers in [0, 2**32) -> one stream: their byte planes, each zstd-compressed."""
-    v = np.asarray(values, dtype=np.int64).reshape(-1)
-    if v.size and (v.min() < 0 or v.max() >= 1 << 32):
-        raise ValueError("plane coding takes integers in [0, 2**32)")
+    """Integers in [0, 2**31) -> one stream: their byte planes, each zstd-compressed."""
+    v = np.asarray(values).reshape(-1)
     top = int(v.max()) if v.size else 0
+    if v.size and (int(v.min()) < 0 or top >= 1 << 31):
+        raise ValueError("plane coding takes integers in [0, 2**31)")
     planes = max(1, (top.bit_length() + 7) // 8)
-    frames = [zstd_compress(((v >> (8 * i)) & 0xFF).astype(np.uint8).tobytes(), level)
-              for i in range(planes)]
+    le = v.astype("<u4").view(np.uint8).reshape(-1, 4)
+    frames = [zstd_compress(le[:, i].tobytes(), level) for i in range(planes)]
     return struct.pack(f"<B{planes}I", planes, *(len(f) for f in frames)) + b"".join(frames)
 
 
@@ -145,7 +145,7 @@ def _split_planes(stream: bytes, what: str) -> list[bytes]:
 
 def decode_planes(streams: Sequence[bytes], counts: Sequence[int] | None, device: torch.device,
                   what: str, limits: Sequence[int] = ()) -> tuple[torch.Tensor, list[int]]:
-    """Plane-coded sequences of several documents -> (int64 [total], length of each).
+    """Plane-coded sequences of several documents -> (int32 [total], length of each).
 
     ``counts[d]`` is the expected length of document d's sequence; with ``counts`` None
     each length is read from the stream, at most ``limits[d]``. zstd runs once per plane
@@ -164,9 +164,9 @@ def decode_planes(streams: Sequence[bytes], counts: Sequence[int] | None, device
         for p in range(1, n_planes):
             planes[p].append(zstd_decompress(doc[p], len(first), where) if p < len(doc)
                              else bytes(len(first)))
-    out = _bytes_tensor(b"".join(planes[0]), device).long()
+    out = _bytes_tensor(b"".join(planes[0]), device).int()
     for p in range(1, n_planes):
-        out |= _bytes_tensor(b"".join(planes[p]), device).long() << (8 * p)
+        out |= _bytes_tensor(b"".join(planes[p]), device).int().bitwise_left_shift_(8 * p)
     return out, lengths
 
 

@@ -6,7 +6,7 @@ Two grids:
   transform of a categorical distribution: a uniform error ``e`` in ``sqrt(p)`` costs
   ``KL ~ 2 e**2`` per token *whatever p is*, so one step size spends bits where the
   KL is and none on precision of tokens that carry no mass. Expected top-k KL is about
-  ``k * step**2 / 6``. Each bin decodes to its mean probability, ``step**2 * (q**2 + 1/12)``
+  ``k * step**2 / (6 * S)`` with S the top-k mass (renormalizing scales the errors). Each bin decodes to its mean probability, ``step**2 * (q**2 + 1/12)``
   (the conditional mean for a uniform square root), so even q = 0 decodes to a positive
   probability and no log-prob is ever -inf.
 * ``log``: ``q = round(-log p / step)``, a uniform error in log-prob (KL ~ step**2 / 24).
@@ -49,8 +49,8 @@ def quantize(logprobs: np.ndarray, transform: str, step: float) -> np.ndarray:
     """Log-probs (any shape) -> int64 grid indices."""
     lp = np.minimum(np.asarray(logprobs, dtype=np.float64), 0.0)
     if transform == "sqrt":
-        return np.rint(np.exp(0.5 * lp) / step).astype(np.int64)
-    return np.rint(np.minimum(-lp, LOG_FLOOR_NATS) / step).astype(np.int64)
+        return np.rint(np.exp(0.5 * lp) * (1.0 / step)).astype(np.int64)
+    return np.rint(np.minimum(-lp, LOG_FLOOR_NATS) * (1.0 / step)).astype(np.int64)
 
 
 def quantize_mass(mass: np.ndarray, transform: str, step: float) -> np.ndarray:
@@ -71,7 +71,7 @@ def unzigzag(z: torch.Tensor) -> torch.Tensor:
 @register(VALUES, "grid")
 class GridValues(ValuesCodec):
     """Params: ``transform`` (sqrt|log), ``step`` (grid step in the transformed unit),
-    ``delta`` (default false), ``tail_mass`` (default true), ``level`` (zstd, default 9)."""
+    ``delta`` (default false), ``tail_mass`` (default true), ``level`` (zstd, default 3)."""
 
     def __init__(self, params: dict[str, Any], *, k: int) -> None:
         super().__init__(params, k=k)
@@ -90,7 +90,7 @@ class GridValues(ValuesCodec):
         self.step = float(step)
         self.delta = bool(params.get("delta", False))
         self.tail = bool(params.get("tail_mass", True))
-        self.level = entropy.check_level(params.get("level", 9), "values grid")
+        self.level = entropy.check_level(params.get("level", 3), "values grid")
         self.tag = entropy.params_tag("values.grid", {
             "transform": self.transform, "step": self.step, "delta": self.delta,
             "tail": self.tail})
@@ -126,7 +126,8 @@ class GridValues(ValuesCodec):
     def _lookup(self, q: torch.Tensor, table: np.ndarray, what: str) -> torch.Tensor:
         if q.numel() and (int(q.min()) < 0 or int(q.max()) >= table.size):
             raise CodecError(f"{what}: grid index outside [0, {table.size}) (corrupt data)")
-        return torch.from_numpy(table).to(q.device)[q]
+        return torch.from_numpy(table).to(q.device).index_select(0, q.reshape(-1)) \
+            .view(q.shape)
 
     def _to_logprobs(self, q: torch.Tensor, what: str) -> torch.Tensor:
         if self.transform == "sqrt":

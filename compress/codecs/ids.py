@@ -74,7 +74,8 @@ class GapIds(IdsCodec):
     Rows are stored in ascending rank (``order = "codec"``), so decoding needs no sort
     until the reader restores rank order.
 
-    Params: ``dictionary`` (default true), ``level`` (zstd, default 9).
+    Params: ``dictionary`` (default true), ``level`` (zstd, default 3: level 9 saves ~2%
+    and encodes 2x slower).
     """
 
     def __init__(self, params: dict[str, Any], *, vocab_size: int, k: int) -> None:
@@ -84,9 +85,8 @@ class GapIds(IdsCodec):
             raise ConfigError(f"ids gaps: unknown parameters {unknown}")
         self.dictionary = bool(params.get("dictionary", True))
         self.order = "codec" if self.dictionary else "id"
-        self.level = entropy.check_level(params.get("level", 9), "ids gaps")
-        self.tag = entropy.params_tag("ids.gaps", {"vocab": vocab_size,
-                                                   "dictionary": self.dictionary})
+        self.level = entropy.check_level(params.get("level", 3), "ids gaps")
+        self.tag = entropy.params_tag("ids.gaps", {"dictionary": self.dictionary})
         self.n_streams = 3 if self.dictionary else 1
 
     @staticmethod
@@ -115,9 +115,12 @@ class GapIds(IdsCodec):
         if not self.dictionary:
             return super().encode_ordered(ids)
         dictionary, classes, ranks = self._dictionary(np.asarray(ids, dtype=np.int64))
-        perm = np.argsort(ranks, axis=1, kind="stable")
-        return self._encode_dictionary(dictionary, classes,
-                                       np.take_along_axis(ranks, perm, 1)), perm
+        # sort (rank, column) keys instead of argsort: numpy's SIMD sort is ~3x faster,
+        # and the sorted ranks and the permutation both come out of the keys
+        shift = max(1, (self.k - 1).bit_length())
+        keys = np.sort((ranks << shift) | np.arange(self.k), axis=1)
+        return self._encode_dictionary(dictionary, classes, keys >> shift), \
+            keys & ((1 << shift) - 1)
 
     def encode(self, ids: np.ndarray) -> bytes:
         ids = np.asarray(ids, dtype=np.int64)
@@ -139,7 +142,7 @@ class GapIds(IdsCodec):
         docs = entropy.unpack_documents(blobs, rows, self.tag, self.k, self.n_streams, what)
         counts = [n * self.k for n in rows]
         gaps, _ = entropy.decode_planes([d[-1] for d in docs], counts, device, what)
-        x = torch.cumsum(gaps.view(-1, self.k) + 1, dim=1) - 1
+        x = torch.cumsum(gaps.view(-1, self.k).add_(1), dim=1, dtype=torch.int32).sub_(1)
         if not self.dictionary:
             return check_ids(x, self.vocab_size, what)
         table, starts, sizes = self._dictionaries(docs, rows, device, what)
@@ -147,7 +150,8 @@ class GapIds(IdsCodec):
                                              torch.tensor(list(rows), device=device))
         if x.numel() and bool((x[:, -1] >= sizes[doc_of_row]).any()):
             raise CodecError(f"{what}: a row refers past its document's dictionary (corrupt data)")
-        return table[starts[doc_of_row, None] + x]
+        x += starts[doc_of_row, None]
+        return table.index_select(0, x.view(-1)).view(x.shape)
 
     def _dictionaries(self, docs: list[list[bytes]], rows: Sequence[int], device: torch.device,
                       what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,15 +161,15 @@ class GapIds(IdsCodec):
             limits=[min(n * self.k, self.vocab_size) for n in rows])
         classes, _ = entropy.decode_planes([d[1] for d in docs], sizes, device,
                                            f"{what} classes")
-        sizes_t = torch.tensor(sizes, dtype=torch.int64, device=device)
-        starts = torch.cumsum(sizes_t, 0) - sizes_t
+        sizes_t = torch.tensor(sizes, dtype=torch.int32, device=device)
+        starts = torch.cumsum(sizes_t, 0, dtype=torch.int32) - sizes_t
         doc = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t)
         # per-document cumulative sum of (gap + 1), minus one: the ascending distinct ids
-        run = torch.cumsum(gaps + 1, 0)
-        before = torch.cat([run.new_zeros(1), run])[starts]
+        run = torch.cumsum(gaps.long() + 1, 0)
+        before = torch.cat([run.new_zeros(1), run])[starts.long()]
         dictionary = check_ids(run - before[doc] - 1, self.vocab_size, f"{what} dictionary")
         if classes.numel() and int(classes.max()) > 63:
             raise CodecError(f"{what}: count class out of range (corrupt data)")
         # rank order = (document, class descending, id): one sort of a composite key
         key = (doc * 64 + (63 - classes)) * self.vocab_size + dictionary
-        return dictionary[torch.argsort(key)], starts, sizes_t
+        return dictionary[torch.argsort(key)].int(), starts, sizes_t

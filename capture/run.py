@@ -147,6 +147,7 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
                         capture=settings, codec=codec_cfg, index=opts.shard_index,
                         count=opts.num_shards, docs_per_shard=opts.docs_per_shard,
                         shard_bytes=int(opts.shard_mb * (1 << 20)))
+    t0 = time.time()  # throughput counts processing, not model loading
     if writer.complete:
         writer.finish()  # writes manifest.json if other parts finished meanwhile
         return _summary(opts, writer, t0)

@@ -38,7 +38,10 @@ class Storage:
 
     def describe(self, rel: str) -> str:
         """A path for messages: the local path or the URL of the object."""
-        return self.full(rel) if self.local else f"{self.uri.rstrip('/')}/{rel}"
+        if self.local:
+            return self.full(rel)
+        base, _, _query = self.uri.partition("?")
+        return f"{base.rstrip('/')}/{rel}" if rel else base
 
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.full(rel)).type != pafs.FileType.NotFound
@@ -74,11 +77,21 @@ class Storage:
         """A stream whose content appears under ``rel`` only when the block exits cleanly."""
         final = self.full(rel)
         self.fs.create_dir(posixpath.dirname(final), recursive=True)
-        if not self.local:
-            with self.fs.open_output_stream(final) as out:
-                yield out
-            return
         tmp = self.full(tmp_name(rel, uuid.uuid4().hex[:8]))
+        if not self.local:
+            # An object store completes an upload on close even after an error, so write a
+            # temporary key and move it (a server-side copy) only when the block succeeded.
+            try:
+                with self.fs.open_output_stream(tmp) as out:
+                    yield out
+                self.fs.move(tmp, final)
+            except BaseException:
+                try:
+                    self.fs.delete_file(tmp)
+                except OSError:
+                    pass
+                raise
+            return
         try:
             with open(tmp, "wb") as out:
                 yield out

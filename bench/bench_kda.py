@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in args.backends.split(",") if b]
     results = []
     for seq_len in (int(t) for t in args.seq_lens.split(",")):
-        x = torch.randn(args.batch, seq_len, args.hidden, device="cuda", dtype=dtype, requires_grad=True)
+        x = torch.randn(args.batch, seq_len, args.hidden, device="cuda", dtype=dtype,
+                        requires_grad=True)
         layout = SequenceLayout.build(args.batch, seq_len, x.device)
         for backend in backends:
             row = {"seq_len": seq_len, "batch": args.batch, "backend": backend}
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
               "head_dim": args.hidden // args.heads, "dtype": args.dtype,
               "warmup": args.warmup, "iters": args.iters,
               "versions": {"torch": torch.__version__, "fla-core": package_version("fla-core"),
-                           "triton": package_version("triton"), "python": platform.python_version()},
+                           "triton": package_version("triton"),
+                           "python": platform.python_version()},
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -15,18 +15,21 @@ def student() -> None:
 @student.command("init")
 @click.option("--teacher", "teacher_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Teacher checkpoint directory (LlamaForCausalLM or ArceeForCausalLM, safetensors).")
+              help="Teacher checkpoint directory (LlamaForCausalLM or ArceeForCausalLM, "
+                   "safetensors).")
 @click.option("--pattern", default="3:1", show_default=True,
               help="Layer types: '3:1' (every 4th layer and the last full attention without RoPE, "
                    "the rest KDA), 'kda', 'teacher' (all full attention with RoPE), one letter per "
                    "layer (K=kda, F=full_nope, R=full_rope, e.g. KKKF...), or a comma-separated "
                    "list of kda/full_nope/full_rope.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Directory for the student checkpoint and tokenizer (required unless --dry-run).")
+              help="Directory for the student checkpoint and tokenizer "
+                   "(required unless --dry-run).")
 @click.option("--seed", default=0, show_default=True, help="Seed for the KDA-only parameters.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out directory.")
 @click.option("--dry-run", is_flag=True,
-              help="Only print the parameter table, from the teacher's config.json (no weights read).")
+              help="Only print the parameter table, from the teacher's config.json "
+                   "(no weights read).")
 def init(teacher_dir: Path, pattern: str, out_dir: Path | None, seed: int, overwrite: bool,
          dry_run: bool) -> None:
     """Initialize a student from a teacher: copy embeddings, LM head, norms, MLPs and attention
@@ -46,5 +49,7 @@ def init(teacher_dir: Path, pattern: str, out_dir: Path | None, seed: int, overw
     hf_logging.disable_progress_bar()
     report = convert_teacher(teacher_dir, pattern, out_dir, seed=seed, overwrite=overwrite)
     click.echo(report.table())
-    tokenizer = "with the teacher's tokenizer" if report.tokenizer_written else "(teacher has no tokenizer)"
-    click.echo(f"wrote {out_dir} {tokenizer}")
+    if report.tokenizer_written:
+        click.echo(f"wrote {out_dir} with the teacher's tokenizer")
+    else:
+        click.echo(f"wrote {out_dir} (the teacher directory has no tokenizer)")

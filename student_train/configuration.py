@@ -71,9 +71,11 @@ def parse_layer_pattern(pattern: str | Sequence[str], num_layers: int) -> list[s
         types = [str(t) for t in pattern]
     bad = sorted({t for t in types if t not in LAYER_TYPES})
     if bad:
-        raise ConfigError(f"unknown layer type(s) {bad} in pattern; allowed: {', '.join(LAYER_TYPES)}")
+        raise ConfigError(f"unknown layer type(s) {bad} in pattern; "
+                          f"allowed: {', '.join(LAYER_TYPES)}")
     if len(types) != num_layers:
-        raise ConfigError(f"layer pattern has {len(types)} entries but the model has {num_layers} layers")
+        raise ConfigError(f"layer pattern has {len(types)} entries but the model has "
+                          f"{num_layers} layers")
     return types
 
 
@@ -87,10 +89,11 @@ class KDAHybridConfig(PreTrainedConfig):
     heads, which is what conversion from a teacher needs (q/o are copied head for head).
 
     Args:
-        layer_types: One of ``kda``, ``full_nope``, ``full_rope`` per layer (default: the ``3:1`` pattern).
+        layer_types: One of ``kda``, ``full_nope``, ``full_rope`` per layer
+            (default: the ``3:1`` pattern).
         mlp_gated: ``True`` for Llama's gated MLP (``gate_proj``/``up_proj``/``down_proj``),
             ``False`` for Arcee's ungated one (``up_proj``/``down_proj``).
-        hidden_act: MLP activation name from ``transformers.activations`` (``silu``, ``relu2``, ...).
+        hidden_act: MLP activation, a ``transformers.activations`` name (``silu``, ``relu2``).
         kda_num_heads / kda_head_dim: KDA heads (default: ``num_attention_heads`` / ``head_dim``).
         kda_conv_size: Width of the depthwise causal convolutions on q, k, v.
         kda_norm_eps: Epsilon of the gated output RMSNorm.
@@ -144,20 +147,23 @@ class KDAHybridConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def validate_layer_type(self):
-        """Replace the generic check: this model's layer types are its own (kda/full_nope/full_rope)."""
+        """Replace the generic check: this model's layer types are kda/full_nope/full_rope."""
         parse_layer_pattern(self.layer_types, self.num_hidden_layers)
 
     def validate_architecture(self):
         """Reject shapes the layers cannot build, with a message naming the field."""
         if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a "
+                              "multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads})")
         if self.kda_conv_size < 1:
             raise ConfigError(f"kda_conv_size must be at least 1, got {self.kda_conv_size}")
         if self.kda_head_dim > 256:
-            raise ConfigError(f"kda_head_dim must be at most 256 (fla's KDA kernels), got {self.kda_head_dim}")
+            raise ConfigError("kda_head_dim must be at most 256 (fla's KDA kernels), "
+                              f"got {self.kda_head_dim}")
         if self.kda_backend not in KDA_BACKENDS:
-            raise ConfigError(f"kda_backend must be one of {KDA_BACKENDS}, got {self.kda_backend!r}")
+            raise ConfigError(f"kda_backend must be one of {KDA_BACKENDS}, "
+                              f"got {self.kda_backend!r}")
 
     @property
     def full_attention_layers(self) -> list[int]:

@@ -60,7 +60,8 @@ def student_config_from_teacher(teacher_config, pattern: str | list[str]) -> KDA
         num_attention_heads=tc.num_attention_heads,
         num_key_value_heads=tc.num_key_value_heads or tc.num_attention_heads, head_dim=head_dim,
         hidden_act=tc.hidden_act, mlp_gated=SUPPORTED_TEACHERS[tc.model_type][1],
-        mlp_bias=getattr(tc, "mlp_bias", False), attention_bias=getattr(tc, "attention_bias", False),
+        mlp_bias=getattr(tc, "mlp_bias", False),
+        attention_bias=getattr(tc, "attention_bias", False),
         rms_norm_eps=tc.rms_norm_eps, max_position_embeddings=tc.max_position_embeddings,
         rope_parameters=dict(tc.rope_parameters), initializer_range=tc.initializer_range,
         tie_word_embeddings=bool(getattr(tc, "tie_word_embeddings", False)),
@@ -154,7 +155,8 @@ class TeacherTensors:
             with safe_open(teacher_dir / "model.safetensors", framework="pt") as f:
                 self.files = dict.fromkeys(f.keys(), teacher_dir / "model.safetensors")
         else:
-            raise ConfigError(f"{teacher_dir}: no model.safetensors or model.safetensors.index.json "
+            raise ConfigError(f"{teacher_dir}: no model.safetensors or "
+                              "model.safetensors.index.json "
                               "(teacher weights must be in safetensors format)")
 
     def get(self, name: str) -> torch.Tensor:
@@ -164,7 +166,8 @@ class TeacherTensors:
             return f.get_tensor(name)
 
 
-def plan_student(teacher_dir: str | Path, pattern: str | list[str]) -> tuple[KDAHybridConfig, ConversionReport]:
+def plan_student(teacher_dir: str | Path,
+                 pattern: str | list[str]) -> tuple[KDAHybridConfig, ConversionReport]:
     """Student config and parameter accounting from the teacher's config alone (no weights read)."""
     teacher_config = _load_teacher_config(Path(teacher_dir))
     return _plan(teacher_config, pattern)
@@ -175,8 +178,8 @@ def _plan(teacher_config, pattern) -> tuple[KDAHybridConfig, ConversionReport]:
     counts = dict.fromkeys((COPY, REPEAT_KV, FRESH), 0)
     for name, param in _unique_parameters(_meta_model(config)).items():
         counts[parameter_source(name, config)] += param.numel()
-    report = ConversionReport(teacher_architecture(teacher_config), count_parameters(teacher_config),
-                              list(config.layer_types), counts)
+    report = ConversionReport(teacher_architecture(teacher_config),
+                              count_parameters(teacher_config), list(config.layer_types), counts)
     return config, report
 
 
@@ -218,7 +221,8 @@ def convert_teacher(teacher_dir: str | Path, pattern: str | list[str], out_dir: 
             param.copy_(source)
         # Modules whose own parameters are all fresh get the model's initializer (fla's init).
         for prefix, module in student.named_modules():
-            own = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
+            own = [f"{prefix}.{n}" if prefix else n
+                   for n, _ in module.named_parameters(recurse=False)]
             if own and all(plan.get(n) == FRESH for n in own):
                 student._init_weights(module)
         if student.model.rotary_emb is not None:

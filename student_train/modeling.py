@@ -39,7 +39,7 @@ _IGNORED_KWARGS = ("return_dict", "cache_position")
 
 @dataclass
 class KDAHybridModelOutput(ModelOutput):
-    """``last_hidden_state`` is after the final norm; ``hidden_states`` before it (see module doc)."""
+    """``last_hidden_state`` is after the final norm; ``hidden_states`` are before it."""
 
     last_hidden_state: torch.FloatTensor | None = None
     past_key_values: KDAHybridCache | None = None
@@ -70,13 +70,16 @@ class KDAHybridDecoderLayer(nn.Module):
         else:
             self.self_attn = FullAttention(
                 config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                config.head_dim, use_rope=self.layer_type == "full_rope", bias=config.attention_bias)
+                config.head_dim, use_rope=self.layer_type == "full_rope",
+                bias=config.attention_bias)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         mlp = GatedMLP if config.mlp_gated else UngatedMLP
-        self.mlp = mlp(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.mlp = mlp(config.hidden_size, config.intermediate_size, config.hidden_act,
+                       config.mlp_bias)
 
     def forward(self, hidden_states: torch.Tensor, layout: SequenceLayout,
-                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None) -> torch.Tensor:
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache=None) -> torch.Tensor:
         x = self.input_layernorm(hidden_states)
         if self.layer_type == "kda":
             x = self.self_attn(x, layout, cache=cache)
@@ -242,7 +245,8 @@ class KDAHybridForCausalLM(KDAHybridPreTrainedModel, GenerationMixin):
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
         if kwargs.get("output_attentions"):
-            raise ConfigError("output_attentions is not supported (KDA layers have no attention matrix)")
+            raise ConfigError("output_attentions is not supported "
+                              "(KDA layers have no attention matrix)")
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cu_seqlens=cu_seqlens, past_key_values=past_key_values,
                          inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -256,7 +260,8 @@ class KDAHybridForCausalLM(KDAHybridPreTrainedModel, GenerationMixin):
                 raise ConfigError("labels need logits for every position "
                                   "(return_logits=True, logits_to_keep=0)")
             loss = causal_lm_loss(logits, labels, cu_seqlens=cu_seqlens, position_ids=position_ids)
-        return KDAHybridCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return KDAHybridCausalLMOutput(loss=loss, logits=logits,
+                                       past_key_values=out.past_key_values,
                                        hidden_states=out.hidden_states,
                                        last_hidden_state=out.last_hidden_state)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig
+from transformers import (AutoModelForCausalLM, AutoTokenizer, ArceeConfig, ArceeForCausalLM,
+                          MistralConfig)
 
 import student_train  # noqa: F401  (registers the Auto classes)
 from schemas import ConfigError
@@ -23,7 +24,8 @@ TEXT = ("Knowledge distillation trains a small student model to match the output
 
 def test_repeat_kv_heads_repeats_whole_heads():
     n_kv, group, head_dim, hidden = 3, 4, 5, 7
-    weight = torch.arange(n_kv, dtype=torch.float32).repeat_interleave(head_dim)[:, None].expand(-1, hidden)
+    head_of_row = torch.arange(n_kv, dtype=torch.float32).repeat_interleave(head_dim)
+    weight = head_of_row[:, None].expand(-1, hidden)
     out = repeat_kv_heads(weight, n_kv, n_kv * group).view(n_kv * group, head_dim, hidden)
     for j in range(n_kv * group):
         assert torch.all(out[j] == j // group)
@@ -63,13 +65,15 @@ def test_cli_init_three_to_one(teacher_dir, tmp_path):
     for name in ("model.embed_tokens.weight", "model.norm.weight",
                  "model.layers.0.input_layernorm.weight", "model.layers.0.mlp.gate_proj.weight",
                  "model.layers.3.self_attn.k_proj.weight", "model.layers.3.self_attn.o_proj.weight",
-                 "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"):
+                 "model.layers.0.self_attn.q_proj.weight",
+                 "model.layers.0.self_attn.o_proj.weight"):
         assert torch.equal(state[name], teacher[name]), name
     # GQA: KDA head j starts from teacher KV head j // group, whole heads.
     group = config.num_attention_heads // config.num_key_value_heads
     for proj in ("k_proj", "v_proj"):
-        t = teacher[f"model.layers.0.self_attn.{proj}.weight"].view(config.num_key_value_heads, config.head_dim, -1)
-        s = state[f"model.layers.0.self_attn.{proj}.weight"].view(config.num_attention_heads, config.head_dim, -1)
+        name = f"model.layers.0.self_attn.{proj}.weight"
+        t = teacher[name].view(config.num_key_value_heads, config.head_dim, -1)
+        s = state[name].view(config.num_attention_heads, config.head_dim, -1)
         for j in range(config.num_attention_heads):
             assert torch.equal(s[j], t[j // group]), (proj, j)
     # KDA-only parameters come from fla's initialization.
@@ -85,6 +89,44 @@ def test_cli_init_three_to_one(teacher_dir, tmp_path):
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 4)
+
+
+@pytest.fixture
+def tiny_arcee_teacher(tmp_path):
+    """A random Arcee teacher: ungated ReLU^2 MLP, GQA, YaRN RoPE (AFM's family, tiny)."""
+    config = ArceeConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=128, architectures=["ArceeForCausalLM"],
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                          "original_max_position_embeddings": 32},
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    ArceeForCausalLM(config).save_pretrained(tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
+def test_arcee_teacher_reproduced_and_converted(tiny_arcee_teacher, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_arcee_teacher).eval()
+    ids = torch.randint(0, 101, (2, 100), generator=torch.Generator().manual_seed(0))
+    convert_teacher(tiny_arcee_teacher, "teacher", tmp_path / "same")
+    same = AutoModelForCausalLM.from_pretrained(tmp_path / "same").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(same(ids).logits, teacher(ids).logits, rtol=0, atol=1e-5)
+
+    report = convert_teacher(tiny_arcee_teacher, "3:1", tmp_path / "hybrid")
+    hybrid = AutoModelForCausalLM.from_pretrained(tmp_path / "hybrid").eval()
+    assert hybrid.config.layer_types == ["kda", "kda", "kda", "full_nope"]
+    assert not hybrid.config.mlp_gated and hybrid.config.hidden_act == "relu2"
+    assert report.total == sum(p.numel() for p in hybrid.parameters())
+    t = teacher.model.layers[1].self_attn.v_proj.weight.view(2, 16, 64)
+    s = hybrid.model.layers[1].self_attn.v_proj.weight.view(4, 16, 64)
+    assert all(torch.equal(s[j], t[j // 2]) for j in range(4))
+    assert torch.equal(hybrid.model.layers[3].self_attn.k_proj.weight,
+                       teacher.model.layers[3].self_attn.k_proj.weight)
+    assert torch.equal(hybrid.model.layers[2].mlp.up_proj.weight,
+                       teacher.model.layers[2].mlp.up_proj.weight)
+    with torch.no_grad():
+        assert torch.isfinite(hybrid(ids).logits).all()
 
 
 def test_dry_run_on_afm_shaped_teacher(tmp_path):

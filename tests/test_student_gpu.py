@@ -32,7 +32,10 @@ def check(name: str, ref: torch.Tensor, got: torch.Tensor, tol: float) -> None:
 
 def kda_inputs(T, H, D, N, dtype, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    rand = lambda *s, dt=dtype: torch.randn(*s, generator=gen, device="cuda", dtype=dt)  # noqa: E731
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=dt)
+
     inputs = {"q": rand(1, T, H, D), "k": rand(1, T, H, D), "v": rand(1, T, H, D),
               "g": rand(1, T, H, D), "beta": rand(1, T, H),
               "A_log": torch.empty(H, device="cuda").uniform_(1, 16, generator=gen).log(),
@@ -75,7 +78,7 @@ def test_chunk_kernel_matches_torch_forward_and_backward(H, D, bounds, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_recurrent_kernel_matches_torch_for_decoding(dtype):
     with torch.no_grad():
-        cu = torch.arange(5, dtype=torch.int32, device="cuda")             # 4 sequences, 1 token each
+        cu = torch.arange(5, dtype=torch.int32, device="cuda")     # 4 sequences, 1 token each
         inputs = kda_inputs(4, 4, 128, 4, dtype)
         o_ref, ht_ref = run_kda(kda_torch, inputs, cu, recurrent=True, upcast=True)
         o, ht = run_kda(kda_fla, inputs, cu, recurrent=True)
@@ -85,8 +88,9 @@ def test_recurrent_kernel_matches_torch_for_decoding(dtype):
 
 def test_short_conv_kernel_matches_torch():
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(1, 300, 256, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-    w = (torch.randn(256, 1, 4, device="cuda", generator=gen) * 0.5).to(torch.bfloat16).requires_grad_()
+    x = torch.randn(1, 300, 256, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(256, 1, 4, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
+    w.requires_grad_()
     cache = torch.randn(3, 256, 4, device="cuda", dtype=torch.bfloat16, generator=gen)
     cu = torch.tensor([0, 2, 120, 300], dtype=torch.int32, device="cuda")
     outs = []
@@ -148,7 +152,8 @@ def test_model_packed_rows_match_separate_documents_on_cuda():
         for i, doc in enumerate(docs):
             alone = model(doc, output_hidden_states=True, use_cache=False)
             a, b = int(cu[i]), int(cu[i + 1])
-            check(f"doc {i} last hidden", alone.hidden_states[-1], packed.hidden_states[-1][:, a:b], 2e-2)
+            check(f"doc {i} last hidden", alone.hidden_states[-1],
+                  packed.hidden_states[-1][:, a:b], 2e-2)
 
 
 def test_incremental_decoding_matches_full_forward_on_cuda():

@@ -1,4 +1,4 @@
-"""The hybrid model on tiny random configs: packing, caching, generation, save/load, training hooks."""
+"""The hybrid model on tiny random configs: packing, cache, generation, save/load, training."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def test_incremental_decoding_matches_full_forward():
         first = model(x[:, :21], use_cache=True)
         cache = first.past_key_values
         assert isinstance(cache, KDAHybridCache) and cache.get_seq_length() == 21
-        steps = [first.logits, model(x[:, 21:30], past_key_values=cache).logits]   # multi-token continuation
+        # a multi-token continuation, then single tokens
+        steps = [first.logits, model(x[:, 21:30], past_key_values=cache).logits]
         for t in range(30, 40):
             steps.append(model(x[:, t:t + 1], past_key_values=cache).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
@@ -161,3 +162,23 @@ def test_bad_inputs_raise_config_errors():
         model(x[:1], cu_seqlens=torch.tensor([0, 5, 9]))
     with pytest.raises(ConfigError, match="use_cache"):
         model(x[:1], cu_seqlens=torch.tensor([0, 5, 10]), use_cache=True)
+
+
+def test_cpu_run_never_imports_fla():
+    import subprocess
+    import sys
+    code = ("import sys, torch, student_train\n"
+            "from student_train import KDAHybridConfig, KDAHybridForCausalLM\n"
+            "m = KDAHybridForCausalLM(KDAHybridConfig(vocab_size=50, hidden_size=32,"
+            " intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,"
+            " layer_types=['kda', 'full_nope']))\n"
+            "x = torch.randint(0, 50, (1, 70))\n"
+            "m(x, labels=x).loss.backward()\n"
+            "assert not [n for n in sys.modules if n.split('.')[0] == 'fla'], 'fla imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fla_backend_needs_cuda():
+    model = tiny_model(kda_backend="fla")
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        model(tokens(5))

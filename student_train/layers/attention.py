@@ -1,4 +1,4 @@
-"""Full softmax attention as in the teacher: GQA projections, optional RoPE, causal within documents.
+"""Full softmax attention as in the teacher: GQA, optional RoPE, causal within documents.
 
 ``full_rope`` layers are the teacher's attention unchanged; ``full_nope`` layers are the same
 weights without positional encoding (the hybrid's global layers). KV heads stay grouped, as in
@@ -51,7 +51,8 @@ class RotaryEmbedding(nn.Module):
         return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device, torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
         return ((emb.cos() * self.attention_scaling).to(dtype),
@@ -72,7 +73,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 @cache
 def _flash_varlen():
-    """torch's FlashAttention varlen entry point, if this torch has one with causal windows and GQA."""
+    """torch's FlashAttention varlen function, if this torch has one with causal windows and GQA."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:

@@ -93,17 +93,18 @@ class KimiDeltaAttention(nn.Module):
         ``dt`` log-uniform in ``[1e-3, 0.1]`` per channel, so the initial decay rates spread over
         two orders of magnitude."""
         device = self.A_log.device
-        A_log = torch.empty_like(self.A_log, dtype=torch.float32, device=device).uniform_(1, 16).log()
+        A = torch.empty(self.A_log.shape, dtype=torch.float32, device=device).uniform_(1, 16)
         u = torch.rand(self.dt_bias.shape, dtype=torch.float32, device=device)
         dt = torch.exp(u * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
-        return A_log, dt + torch.log(-torch.expm1(-dt))
+        return A.log(), dt + torch.log(-torch.expm1(-dt))
 
     def _ops(self, x: torch.Tensor) -> ModuleType:
         if self.backend == "torch":
             return kda_torch
         if self.backend == "fla":
             if not x.is_cuda:
-                raise ConfigError("kda_backend='fla' needs CUDA tensors; use 'auto' or 'torch' on CPU")
+                raise ConfigError("kda_backend='fla' needs CUDA tensors; "
+                                  "use 'auto' or 'torch' on CPU")
             if not kda_fla.fla_installed():
                 raise ConfigError("kda_backend='fla' needs the flash-linear-attention packages "
                                   "(pip install fla-core flash-linear-attention)")
@@ -118,12 +119,15 @@ class KimiDeltaAttention(nn.Module):
         ops = self._ops(x)
         cu = layout.cu_seqlens
         keep = cache is not None
-        conv_q, conv_k, conv_v = cache.conv_states if keep and cache.conv_states else (None, None, None)
-        q, conv_q = self.q_conv1d(self.q_proj(x), ops, cache=conv_q, output_final_state=keep, cu_seqlens=cu)
-        k, conv_k = self.k_conv1d(self.k_proj(x), ops, cache=conv_k, output_final_state=keep, cu_seqlens=cu)
-        v, conv_v = self.v_conv1d(self.v_proj(x), ops, cache=conv_v, output_final_state=keep, cu_seqlens=cu)
+        conv_q, conv_k, conv_v = (cache.conv_states if keep and cache.conv_states
+                                  else (None, None, None))
+        conv = {"output_final_state": keep, "cu_seqlens": cu}
+        q, conv_q = self.q_conv1d(self.q_proj(x), ops, cache=conv_q, **conv)
+        k, conv_k = self.k_conv1d(self.k_proj(x), ops, cache=conv_k, **conv)
+        v, conv_v = self.v_conv1d(self.v_proj(x), ops, cache=conv_v, **conv)
         o, state = ops.kda(q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D),
-                           self.f_proj(x).view(B, T, H, D), self.b_proj(x), self.A_log, self.dt_bias,
+                           self.f_proj(x).view(B, T, H, D), self.b_proj(x),
+                           self.A_log, self.dt_bias,
                            initial_state=cache.recurrent_state if keep else None,
                            output_final_state=keep, cu_seqlens=cu,
                            recurrent=not torch.is_grad_enabled() and T <= RECURRENT_MAX_TOKENS)

@@ -10,7 +10,8 @@ from transformers.activations import ACT2FN
 class GatedMLP(nn.Module):
     """Llama: ``down(act(gate x) * up x)``."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str,
+                 bias: bool = False) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
@@ -24,7 +25,8 @@ class GatedMLP(nn.Module):
 class UngatedMLP(nn.Module):
     """Arcee: ``down(act(up x))`` with ``act = relu^2``."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str,
+                 bias: bool = False) -> None:
         super().__init__()
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)

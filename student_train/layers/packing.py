@@ -64,17 +64,20 @@ class SequenceLayout:
 
         cu_seqlens = torch.as_tensor(cu_seqlens).to(device=device, dtype=torch.int32).flatten()
         if batch_size != 1:
-            raise ConfigError(f"cu_seqlens needs one packed row (batch size 1), got batch size {batch_size}")
+            raise ConfigError("cu_seqlens needs one packed row (batch size 1), "
+                              f"got batch size {batch_size}")
         if past_length:
             raise ConfigError("packed documents (cu_seqlens) cannot continue a cache")
         bounds = cu_seqlens.tolist()
         if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != seq_len:
-            raise ConfigError(f"cu_seqlens must run from 0 to the row length {seq_len}, got {bounds}")
+            raise ConfigError(f"cu_seqlens must run from 0 to the row length {seq_len}, "
+                              f"got {bounds}")
         lengths = [b - a for a, b in zip(bounds, bounds[1:])]
         if min(lengths) <= 0:
             raise ConfigError(f"cu_seqlens must be strictly increasing, got {bounds}")
         if position_ids is None:
-            starts = torch.repeat_interleave(cu_seqlens[:-1].long(), torch.tensor(lengths, device=device))
+            starts = torch.repeat_interleave(cu_seqlens[:-1].long(),
+                                             torch.tensor(lengths, device=device))
             position_ids = (torch.arange(seq_len, device=device) - starts)[None]
         return cls(cu_seqlens, max(lengths), position_ids, 0)
 

@@ -48,7 +48,8 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     weight = weight.squeeze(1)
     n_seqs = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     if cache is not None and not torch.is_grad_enabled() and x.shape[0] * x.shape[1] == n_seqs:
-        y, cache = causal_conv1d_update(x=x, cache=cache, weight=weight, bias=bias, activation="silu")
+        y, cache = causal_conv1d_update(x=x, cache=cache, weight=weight, bias=bias,
+                                        activation="silu")
         return y, (cache if output_final_state else None)
     return causal_conv1d(x=x, weight=weight, bias=bias, initial_state=cache,
                          output_final_state=output_final_state, activation="silu",

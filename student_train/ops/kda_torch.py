@@ -16,7 +16,7 @@ module wherever fla cannot (no CUDA) and the GPU tests hold the two to each othe
   system (the WY/UT form): with the in-chunk cumulative decay ``G`` and
   ``A[s, r] = sum_d k_s[d] k_r[d] exp(G_s[d] - G_r[d])`` for ``r < s``, the corrected values are
   ``U = (I + diag(beta) A)^{-1} diag(beta) (V - (K * exp G) S_0)``. Only the loop over chunks is
-  sequential, so a CPU forward of a few thousand tokens takes milliseconds per layer.
+  sequential: 2048 tokens with 4 heads of 128 take about half a second on one CPU core.
   Every ``exp`` takes a non-positive argument (sub-chunks of 16 use a reference row between the
   two tokens), so strong decay underflows to zero instead of overflowing.
 
@@ -124,7 +124,8 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """
     if cu_seqlens is not None:
         rows = _DocumentRows(cu_seqlens, x)
-        y, state = _short_conv_rows(rows.pad(x), weight, bias, cache, rows.lengths, output_final_state)
+        y, state = _short_conv_rows(rows.pad(x), weight, bias, cache, rows.lengths,
+                                    output_final_state)
         return rows.unpad(y), state
     lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
     return _short_conv_rows(x, weight, bias, cache, lengths, output_final_state)
@@ -152,7 +153,8 @@ def _short_conv_rows(x, weight, bias, cache, lengths, output_final_state):
 def recurrent_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                   beta: torch.Tensor, *, scale: float | None = None,
                   initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-                  cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  cu_seqlens: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule one token at a time (normalised q/k, log decay g, beta in (0, 1))."""
     if cu_seqlens is not None:
         return _over_documents(recurrent_kda, cu_seqlens, q, k, v, g, beta, scale=scale,
@@ -191,13 +193,15 @@ def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor,
     neg_inf = torch.tensor(float("-inf"), dtype=G.dtype, device=device)
     Gb = G.reshape(*lead, nb, c, K)
     ref = Gb[..., :1, :]                                                      # [..., nb, 1, K]
-    earlier = (torch.arange(C, device=device) // c)[None, :] < torch.arange(nb, device=device)[:, None]
+    block_of_column = torch.arange(C, device=device) // c
+    earlier = block_of_column[None, :] < torch.arange(nb, device=device)[:, None]   # [nb, C]
     to_ref = torch.where(earlier[..., None], ref - G[..., None, :, :], neg_inf)  # [..., nb, C, K]
     k_earlier = (k[..., None, :, :] * to_ref.exp()).transpose(-1, -2)          # [..., nb, K, C]
     from_ref = (Gb - ref).exp()                                               # [..., nb, c, K]
     # Within a sub-chunk: exp(min(G_s - G_r, 0)); entries with r > s are dropped by the tril below.
     kb = k.reshape(*lead, nb, c, K)
-    k_pairwise = kb[..., None, :, :] * (Gb[..., :, None, :] - Gb[..., None, :, :]).clamp(max=0).exp()
+    pairwise_decay = (Gb[..., :, None, :] - Gb[..., None, :, :]).clamp(max=0).exp()
+    k_pairwise = kb[..., None, :, :] * pairwise_decay                        # [..., nb, c, c, K]
     # Scatter each sub-chunk's diagonal block to its own columns: [nb, c, c] -> [nb, c, nb, c].
     own_block = torch.eye(nb, dtype=G.dtype, device=device).view(nb, 1, nb, 1)
 
@@ -232,7 +236,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     q, k, v, g = (F.pad(x.to(acc), (0, 0, 0, 0, 0, pad)) for x in (q, k, v, g))
     beta = F.pad(beta.to(acc), (0, 0, 0, pad))
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:                 # [B, NT*C, H, D] -> [B, H, NT, C, D]
+    def chunks(x: torch.Tensor) -> torch.Tensor:     # [B, NT*C, H, D] -> [B, H, NT, C, D]
         return x.reshape(B, NT, C, H, -1).permute(0, 3, 1, 2, 4)
 
     q, k, v, g = chunks(q) * scale, chunks(k), chunks(v), chunks(g)

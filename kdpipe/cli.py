@@ -22,6 +22,10 @@ COMMANDS: dict[str, str] = {
     "verify": "compress.dataset_cli:verify_cmd",
     "dump": "compress.dataset_cli:dump_cmd",
     "student": "student_train.cli:student",
+    "compress": "compress.cli:compress_cmd",
+    "fidelity": "compress.cli:fidelity_cmd",
+    "import": "compress.cli:import_",
+    "export": "compress.cli:export",
 }
 
 _HELP = {
@@ -31,6 +35,10 @@ _HELP = {
     "inspect": "Summarize a dataset: teacher, settings, codec, sizes.",
     "verify": "Check a dataset's checksums and schema (--deep: decode every row).",
     "dump": "Write decoded arrays of a dataset to an .npz file.",
+    "compress": "Re-encode a dataset with another codec.",
+    "fidelity": "Compare codecs on an exact dataset: bytes/token, KL, speed.",
+    "import": "Read another tool's dataset (DistillKit) into a kdpipe dataset.",
+    "export": "Write a dataset in DistillKit's or axolotl's format.",
 }
 
 

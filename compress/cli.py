@@ -1,0 +1,117 @@
+"""Commands of the codec library: compress, fidelity, import, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from schemas import ConfigError
+
+from .codec import load_codec_config, preset_names
+
+
+@click.command("compress")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--codec", required=True, help="Codec preset name or YAML/JSON file.")
+def compress_cmd(src: str, dst: str, codec: str) -> None:
+    """Re-encode dataset SRC (any codec) into DST with another codec.
+
+    Rerunning the same command after an interruption resumes where it stopped.
+    """
+    from .reader import Dataset
+    from .writer import PartWriter
+
+    config = load_codec_config(codec)
+    if config.hidden.kind == "lowrank" and "projection" not in config.hidden.params:
+        raise ConfigError("the lowrank hidden codec needs a fitted projection stored as a "
+                          "dataset artifact, which the dataset writer does not write yet; "
+                          "`kdpipe fidelity` evaluates it in memory")
+    source = Dataset(src)
+    m = source.manifest
+    writer = PartWriter(dst, teacher=m.teacher, capture=m.capture, codec=config, index=0,
+                        count=1)
+    try:
+        for i, doc in enumerate(source.iter_documents()):
+            if i >= writer.next_record:
+                writer.add_record(i, [doc])
+        manifest = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    if manifest is not None:
+        click.echo(f"{dst}: {manifest.documents} documents, {manifest.tokens} tokens, "
+                   f"{manifest.total_bytes / 1e6:.1f} MB (source {m.total_bytes / 1e6:.1f} MB), "
+                   f"codec {config.name}")
+
+
+@click.command("fidelity")
+@click.argument("dataset")
+@click.option("--codecs", default=None,
+              help="Comma-separated preset names or codec files (default: every preset).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of bytes/token against KL.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the rows as a JSON list of objects.")
+@click.option("--max-rows", type=click.IntRange(1), default=None,
+              help="Evaluate on the first documents holding this many teacher rows.")
+@click.option("--device", default="cpu", show_default=True, help="Decode device (cpu, cuda).")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(1),
+              help="Time encode/decode this many times, keep the best.")
+def fidelity_cmd(dataset: str, codecs: str | None, plot_path: str | None,
+                 json_path: str | None, max_rows: int | None, device: str, repeats: int) -> None:
+    """Compare codecs on an exact dataset: size, divergence, speed."""
+    from . import fidelity
+    from .reader import Dataset
+
+    names = codecs.split(",") if codecs else preset_names()
+    configs = [load_codec_config(n.strip()) for n in names if n.strip()]
+    sample = fidelity.load_sample(Dataset(dataset), max_rows=max_rows)
+    rows = [fidelity.evaluate(sample, c, device=device, repeats=repeats) for c in configs]
+    click.echo(f"{dataset}: {sum(sample.rows)} positions, {len(sample.rows)} documents, "
+               f"captured k={sample.k}, decode on {device}")
+    click.echo(fidelity.format_table(rows))
+    if json_path:
+        Path(json_path).write_text(json.dumps([r.to_dict() for r in rows], indent=1))
+    if plot_path:
+        fidelity.plot(rows, plot_path)
+
+
+@click.command("import")
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(["distillkit"]))
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst")
+@click.option("--codec", default="exact", show_default=True,
+              help="Codec of the kdpipe dataset written (preset or file).")
+@click.option("--vocab-size", type=click.IntRange(1), default=None,
+              help="The teacher's vocabulary (default: DistillKit's d).")
+def import_(fmt: str, src: str, dst: str, codec: str, vocab_size: int | None) -> None:
+    """Read a dataset of another tool (FORMAT: distillkit) into a kdpipe dataset.
+
+    DistillKit rows are decoded exactly as DistillKit decodes them.
+    """
+    from .interop import distillkit
+
+    n = distillkit.import_dataset(src, dst, codec=load_codec_config(codec), vocab_size=vocab_size)
+    click.echo(f"{dst}: imported {n} documents from {src}")
+
+
+@click.command("export")
+@click.option("--format", "fmt", required=True, type=click.Choice(["distillkit", "axolotl"]))
+@click.option("--codec", default="distillkit-recommended", show_default=True,
+              help="distillkit only: a codec in DistillKit's layout (preset or file).")
+@click.argument("dataset")
+@click.argument("out", type=click.Path(file_okay=False))
+def export(fmt: str, codec: str, dataset: str, out: str) -> None:
+    """Write a kdpipe dataset in another tool's format."""
+    from .interop import axolotl, distillkit
+    from .reader import Dataset
+
+    source = Dataset(dataset)
+    if fmt == "distillkit":
+        n = distillkit.export_dataset(source, out, codec=load_codec_config(codec))
+    else:
+        n = axolotl.export_dataset(source, out)
+    click.echo(f"{out}: {n} documents in {fmt} format")

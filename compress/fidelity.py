@@ -1,0 +1,295 @@
+"""Fidelity of codecs against an exact dataset: bytes, divergences, speed.
+
+Every codec re-encodes the same exact rows (document by document, as capture does) and
+decodes them again (all documents in one batch, as a training reader does). Measured
+per codec:
+
+* bytes per token of ids and of values (encoded blobs / rows with a teacher row), and
+  of hidden states per token and layer;
+* KL(exact || decoded) over the top-k renormalized to 1 (k = the codec's k, against
+  the exact top-k of the same k): mean and p99 over positions;
+* KL against the full distribution: the exact top-K captured plus its missing mass
+  spread evenly over the rest of the vocabulary, against the decoded top-k plus the
+  decoded (or derived) missing mass spread likewise -- truncation and codec together;
+* mean |delta log-prob| over the top-k entries, top-1 agreement;
+* hidden-state cosine per token, also without the massive-activation dimensions (the
+  1% of dimensions, at least one, with the largest mean |x| in the sample);
+* encode and decode throughput of ids + values, in rows (tokens) per second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from schemas import CodecConfig, ComponentSpec, ConfigError
+
+from .codec import Codec
+from .codecs.hidden import fit_lowrank
+from .reader import Dataset
+
+MASSIVE_FRACTION = 0.01
+LOWRANK_ARTIFACT = "artifacts/hidden_lowrank.safetensors"
+
+
+@dataclass
+class Sample:
+    """Exact rows and hidden states of a set of documents, as captured."""
+
+    ids: list[np.ndarray]                 # per document [N_d, K] int64
+    logprobs: list[np.ndarray]            # per document [N_d, K] float32
+    hidden: dict[int, list[torch.Tensor]]  # layer -> per document [T_d, H]
+    vocab_size: int
+    hidden_size: int
+    hidden_dtype: str
+
+    @property
+    def rows(self) -> list[int]:
+        return [a.shape[0] for a in self.ids]
+
+    @property
+    def k(self) -> int:
+        return self.ids[0].shape[1]
+
+
+@dataclass
+class FidelityRow:
+    codec: str
+    k: int
+    bytes_per_token: float            # ids + values
+    ids_bytes_per_token: float
+    values_bytes_per_token: float
+    hidden_bytes_per_token_layer: float | None
+    kl_topk_mean: float
+    kl_topk_p99: float
+    kl_full_mean: float
+    abs_logprob_err_mean: float
+    top1_agreement: float
+    hidden_cosine: float | None
+    hidden_cosine_no_massive: float | None
+    encode_tokens_per_s: float
+    decode_tokens_per_s: float
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return {**d, **self.extra}
+
+
+def load_sample(dataset: Dataset, *, max_rows: int | None = None,
+                hidden_layers: Sequence[int] | None = None) -> Sample:
+    """The first documents of an exact dataset (up to ``max_rows`` teacher rows)."""
+    m = dataset.manifest
+    if m.codec.ids.kind != "int32" or m.codec.values.kind != "float32":
+        raise ConfigError(f"fidelity needs an exact dataset (ids int32, values float32); "
+                          f"{dataset.uri} uses {m.codec.ids.kind}/{m.codec.values.kind}")
+    layers = dataset.hidden_layers if hidden_layers is None else list(hidden_layers)
+    ids, lps, hidden, total = [], [], {layer: [] for layer in layers}, 0
+    for doc in dataset.iter_documents(hidden_layers=layers):
+        if doc.topk_ids.shape[0] == 0:
+            continue
+        ids.append(doc.topk_ids.numpy().astype(np.int64))
+        lps.append(doc.topk_logprobs.numpy())
+        for layer in layers:
+            hidden[layer].append(doc.hidden[layer])
+        total += ids[-1].shape[0]
+        if max_rows is not None and total >= max_rows:
+            break
+    if not ids:
+        raise ConfigError(f"{dataset.uri} has no teacher rows to evaluate")
+    return Sample(ids, lps, hidden, m.teacher.vocab_size, m.teacher.hidden_size,
+                  m.teacher.dtype)
+
+
+def resolve_lowrank(config: CodecConfig, calibration: dict[int, torch.Tensor]
+                    ) -> tuple[CodecConfig, dict[str, bytes]]:
+    """For a low-rank hidden codec without a projection: fit one per layer on the
+    calibration hidden states [T, H]; returns the completed config and its artifacts."""
+    if config.hidden.kind != "lowrank" or "projection" in config.hidden.params:
+        return config, {}
+    if not calibration:
+        raise ConfigError("a low-rank hidden codec needs captured hidden layers")
+    artifact = fit_lowrank(calibration, config.hidden.params.get("rank"))
+    params = {**config.hidden.params, "projection": LOWRANK_ARTIFACT,
+              "projection_sha256": hashlib.sha256(artifact).hexdigest()}
+    resolved = CodecConfig(name=config.name, ids=config.ids, values=config.values,
+                           hidden=ComponentSpec("lowrank", params), top_k=config.top_k)
+    return resolved, {LOWRANK_ARTIFACT: artifact}
+
+
+def split_calibration(sample: Sample, tokens: int) -> tuple[dict[int, torch.Tensor], int]:
+    """Hidden states of the first documents (about ``tokens`` per layer) for fitting a
+    projection, and how many documents that takes (they are left out of the cosine)."""
+    lengths = [x.shape[0] for x in next(iter(sample.hidden.values()), [])]
+    n_docs = min(int(np.searchsorted(np.cumsum(lengths), tokens)) + 1, max(len(lengths) - 1, 1))
+    return {layer: torch.cat(docs[:n_docs]).float() for layer, docs in sample.hidden.items()}, \
+        n_docs
+
+
+def _aligned(ref_ids: np.ndarray, ids: np.ndarray, lps: np.ndarray) -> np.ndarray:
+    """Decoded log-probs reordered to the reference's id order (same id set per row)."""
+    ref_order, order = np.argsort(ref_ids, 1), np.argsort(ids, 1)
+    if not np.array_equal(np.take_along_axis(ref_ids, ref_order, 1),
+                          np.take_along_axis(ids, order, 1)):
+        raise ConfigError("decoded ids differ from the exact top-k ids; fidelity compares "
+                          "codecs that keep the id set")
+    out = np.empty_like(lps)
+    np.put_along_axis(out, ref_order, np.take_along_axis(lps, order, 1), 1)
+    return out
+
+
+def _kl_rows(p_log: np.ndarray, q_log: np.ndarray) -> np.ndarray:
+    """KL between rows of log-probs, each renormalized to 1 (float64)."""
+    p = p_log - np.logaddexp.reduce(p_log, axis=1, keepdims=True)
+    q = q_log - np.logaddexp.reduce(q_log, axis=1, keepdims=True)
+    return (np.exp(p) * (p - q)).sum(1)
+
+
+def _kl_full(ref: np.ndarray, ref_tail: np.ndarray, k_ref: int, dec_full: np.ndarray,
+             dec_in_topk: np.ndarray, dec_tail: np.ndarray, k_dec: int, vocab: int
+             ) -> np.ndarray:
+    """KL over the vocabulary, each side's missing mass spread evenly over its non-top-k.
+
+    ``ref`` [N, K] exact log-probs; ``dec_full`` [N, K] the decoded log-probs of the same
+    ids where the codec kept them (``dec_in_topk``), anything elsewhere.
+    """
+    p_tail = np.clip(ref_tail, 1e-30, 1.0)
+    q_tail = np.clip(dec_tail, 1e-30, 1.0)
+    q_top = np.where(dec_in_topk, np.exp(dec_full), 0.0)
+    z = q_top.sum(1) + q_tail                       # decoded mass need not sum to 1
+    q_other = q_tail / z / max(vocab - k_dec, 1)    # per token outside the decoded top-k
+    q = np.where(dec_in_topk, q_top / z[:, None], q_other[:, None])
+    p = np.exp(ref)
+    kl = (p * (ref - np.log(q))).sum(1)
+    return kl + p_tail * (np.log(p_tail / max(vocab - k_ref, 1)) - np.log(q_other))
+
+
+def _cosines(ref: torch.Tensor, dec: torch.Tensor) -> tuple[float, float]:
+    ref, dec = ref.double(), dec.double()
+    n_massive = max(1, math.ceil(MASSIVE_FRACTION * ref.shape[1]))
+    keep = torch.ones(ref.shape[1], dtype=torch.bool)
+    keep[torch.topk(ref.abs().mean(0), n_massive).indices] = False
+    cos = torch.nn.functional.cosine_similarity
+    return (float(cos(ref, dec, dim=1).mean()),
+            float(cos(ref[:, keep], dec[:, keep], dim=1).mean()))
+
+
+def evaluate(sample: Sample, config: CodecConfig, *, device: torch.device | str = "cpu",
+             repeats: int = 1, calibration_tokens: int = 8192) -> FidelityRow:
+    """One codec against the sample; throughput is the best of ``repeats`` runs.
+
+    A low-rank hidden codec without a projection gets one fitted on the first
+    documents (``calibration_tokens``); its cosine is measured on the others.
+    """
+    held_out = 0
+    if config.hidden.kind == "lowrank" and "projection" not in config.hidden.params:
+        calibration, held_out = split_calibration(sample, calibration_tokens)
+        config, artifacts = resolve_lowrank(config, calibration)
+    else:
+        artifacts = {}
+    codec = Codec(config, vocab_size=sample.vocab_size, top_k=sample.k,
+                  hidden_size=sample.hidden_size, hidden_dtype=sample.hidden_dtype,
+                  artifacts=artifacts.__getitem__)
+    rows, k = sample.rows, codec.k
+    enc_s = dec_s = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        blobs = [codec.encode_rows(i, v) for i, v in zip(sample.ids, sample.logprobs)]
+        enc_s = min(enc_s, time.perf_counter() - t0)
+        ids_b, vals_b = [b[0] for b in blobs], [b[1] for b in blobs]
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ids, lps, tail = codec.decode_rows_with_tail(ids_b, vals_b, rows, device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        dec_s = min(dec_s, time.perf_counter() - t0)
+    n = sum(rows)
+    ids, lps, tail = ids.cpu().numpy(), lps.cpu().double().numpy(), tail.cpu().double().numpy()
+
+    ref_ids = np.concatenate(sample.ids)
+    ref = np.concatenate(sample.logprobs).astype(np.float64)
+    dec = _aligned(ref_ids[:, :k], ids, lps)
+    kl = _kl_rows(ref[:, :k], dec)
+    ref_tail = np.clip(1.0 - np.exp(ref).sum(1), 0.0, 1.0)
+    dec_full = np.concatenate([dec, np.zeros((n, sample.k - k))], axis=1)
+    in_topk = np.arange(sample.k) < k
+    kl_full = _kl_full(ref, ref_tail, sample.k, dec_full, np.broadcast_to(in_topk, ref.shape),
+                       tail, k, sample.vocab_size)
+
+    hidden_bytes = cos = cos_nm = None
+    if sample.hidden:
+        total_bytes, cosines = 0, []
+        for layer, docs in sample.hidden.items():
+            docs = docs[held_out:]
+            hb = [codec.encode_hidden(x, layer) for x in docs]
+            total_bytes += sum(map(len, hb))
+            out = codec.decode_hidden(hb, [x.shape[0] for x in docs], device, layer).cpu()
+            cosines.append(_cosines(torch.cat(docs), out))
+        tokens = sum(x.shape[0] for x in next(iter(sample.hidden.values()))[held_out:])
+        hidden_bytes = total_bytes / tokens / len(sample.hidden)
+        cos = float(np.mean([c[0] for c in cosines]))
+        cos_nm = float(np.mean([c[1] for c in cosines]))
+
+    ids_bytes, vals_bytes = sum(map(len, ids_b)) / n, sum(map(len, vals_b)) / n
+    return FidelityRow(
+        codec=config.name, k=k, bytes_per_token=ids_bytes + vals_bytes,
+        ids_bytes_per_token=ids_bytes, values_bytes_per_token=vals_bytes,
+        hidden_bytes_per_token_layer=hidden_bytes,
+        kl_topk_mean=float(kl.mean()), kl_topk_p99=float(np.percentile(kl, 99)),
+        kl_full_mean=float(kl_full.mean()),
+        abs_logprob_err_mean=float(np.abs(dec - ref[:, :k]).mean()),
+        top1_agreement=float((ids[:, 0] == ref_ids[:, 0]).mean()),
+        hidden_cosine=cos, hidden_cosine_no_massive=cos_nm,
+        encode_tokens_per_s=n / enc_s, decode_tokens_per_s=n / dec_s)
+
+
+def format_table(rows: Sequence[FidelityRow]) -> str:
+    """A Markdown table of the rows."""
+    head = ("| codec | k | B/token ids+values | ids | values | hidden B/token/layer | "
+            "KL top-k mean | KL top-k p99 | KL full mean | mean abs dlogp | top-1 | "
+            "hidden cos | cos w/o massive | encode tok/s | decode tok/s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def opt(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    for r in rows:
+        lines.append(
+            f"| {r.codec} | {r.k} | {r.bytes_per_token:.1f} | {r.ids_bytes_per_token:.1f} | "
+            f"{r.values_bytes_per_token:.1f} | {opt(r.hidden_bytes_per_token_layer, '.0f')} | "
+            f"{r.kl_topk_mean:.2e} | {r.kl_topk_p99:.2e} | {r.kl_full_mean:.2e} | "
+            f"{r.abs_logprob_err_mean:.3g} | {r.top1_agreement:.4f} | "
+            f"{opt(r.hidden_cosine, '.5f')} | {opt(r.hidden_cosine_no_massive, '.5f')} | "
+            f"{r.encode_tokens_per_s:,.0f} | {r.decode_tokens_per_s:,.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[FidelityRow], path: str) -> None:
+    """Bytes per token (ids + values) against mean top-k KL, one point per codec."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        kl = max(r.kl_topk_mean, 1e-9)
+        ax.scatter(r.bytes_per_token, kl)
+        ax.annotate(r.codec, (r.bytes_per_token, kl), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes per token (ids + values)")
+    ax.set_ylabel("mean KL over the renormalized top-k")
+    ax.set_title("codec size against fidelity (exact rows = KL 0, drawn at 1e-9)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

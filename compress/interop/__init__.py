@@ -1,0 +1,1 @@
+"""Reading and writing the formats of neighbouring tools (DistillKit, axolotl)."""

@@ -37,6 +37,7 @@ def compress_cmd(src: str, dst: str, codec: str) -> None:
         for i, doc in enumerate(source.iter_documents()):
             if i >= writer.next_record:
                 writer.add_record(i, [doc])
+                writer.end_window()
         manifest = writer.finish()
     except BaseException:
         writer.abort()

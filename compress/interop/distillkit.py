@@ -187,8 +187,10 @@ def import_dataset(src: str | Path, dst: str, *, codec: CodecConfig,
     written = 0
     try:
         for i, doc in enumerate(docs):
-            writer.add_record(i, [doc])
-            written += 1
+            if i >= writer.next_record:  # a rerun resumes after what is committed
+                writer.add_record(i, [doc])
+                writer.end_window()
+                written += 1
         writer.finish()
     except BaseException:
         writer.abort()

@@ -1,0 +1,211 @@
+"""The codec facade and presets through the dataset writer and reader; refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from compress import Codec, Dataset, PartWriter, load_codec_config, preset_names
+from compress.codec import rank_sort
+from schemas import (CaptureSettings, CodecConfig, CodecError, CodecMismatchError, ConfigError,
+                     DatasetError, TeacherDocument, TeacherInfo)
+
+VOCAB, K, H, LAYERS = 5000, 128, 48, (0, 3)
+PRESETS = ["exact", "default", "small", "distillkit-recommended", "distillkit-budget"]
+
+
+def topk_rows(n: int, k: int, seed: int, vocab: int = VOCAB) -> tuple[np.ndarray, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, vocab, generator=g) * (torch.rand(n, 1, generator=g) * 6 + 0.6)
+    vals, ids = torch.topk(torch.log_softmax(logits, -1), k, dim=-1)
+    return ids.numpy(), vals.numpy()
+
+
+def make_documents(n_docs: int, seed: int = 0, k: int = K) -> list[TeacherDocument]:
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n_docs):
+        t = int(rng.integers(1, 60))
+        tmask = None if i % 3 else rng.random(t) < 0.8
+        n = t if tmask is None else int(tmask.sum())
+        ids, lps = topk_rows(n, k, seed * 1000 + i)
+        docs.append(TeacherDocument(
+            doc_id=f"{i:09d}", input_ids=rng.integers(0, VOCAB, t).astype(np.int32),
+            topk_ids=torch.from_numpy(ids), topk_logprobs=torch.from_numpy(lps),
+            loss_mask=None if i % 2 else rng.random(t) < 0.6, teacher_mask=tmask,
+            hidden={layer: torch.randn(t, H) * (1 + 30 * (torch.arange(H) == 5))
+                    for layer in LAYERS},
+            record_index=i))
+    return docs
+
+
+def write_dataset(path, docs: list[TeacherDocument], codec: CodecConfig | str = "exact",
+                  k: int = K) -> str:
+    config = load_codec_config(codec) if isinstance(codec, str) else codec
+    teacher = TeacherInfo("synthetic", "LlamaForCausalLM", "0" * 64, VOCAB, H, 4, "1" * 64,
+                          {"bos": 1, "eos": 2, "pad": None, "unk": None}, "float32")
+    capture = CaptureSettings("hf", k, 64, "float32", False, list(LAYERS), "text",
+                              "truncate", "synthetic")
+    writer = PartWriter(str(path), teacher=teacher, capture=capture, codec=config, index=0,
+                        count=1, docs_per_shard=4)
+    for doc in docs:
+        writer.add_record(doc.record_index, [doc])
+        writer.end_window()
+    writer.finish()
+    return str(path)
+
+
+def test_every_preset_loads_and_the_required_ones_exist():
+    assert set(PRESETS) <= set(preset_names())
+    for name in preset_names():
+        config = load_codec_config(name)
+        Codec(config, vocab_size=VOCAB, top_k=128, hidden_size=H, hidden_dtype="float32")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_round_trip_through_a_dataset(tmp_path, preset):
+    docs = make_documents(9, seed=1)
+    ds = Dataset(write_dataset(tmp_path / preset, docs, preset))
+    out = list(ds.iter_documents())
+    assert [d.doc_id for d in out] == [d.doc_id for d in docs]
+    k = ds.codec.k
+    for a, b in zip(docs, out):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        got_ids, want_ids = b.topk_ids.numpy(), a.topk_ids.numpy()[:, :k]
+        if preset == "exact":
+            np.testing.assert_array_equal(got_ids, want_ids)
+            np.testing.assert_array_equal(b.topk_logprobs.numpy(), a.topk_logprobs.numpy())
+            for layer in LAYERS:
+                assert torch.equal(b.hidden[layer], a.hidden[layer])
+            continue
+        # ids are lossless for every preset (as sets; lossy values may reorder near-ties)
+        np.testing.assert_array_equal(np.sort(got_ids, 1), np.sort(want_ids, 1))
+        lps = b.topk_logprobs.numpy()
+        assert (np.diff(lps, axis=1) <= 0).all() or preset.startswith("distillkit")
+        for layer in LAYERS:
+            cos = torch.nn.functional.cosine_similarity(b.hidden[layer], a.hidden[layer], dim=1)
+            assert cos.min() > 0.998
+
+
+def test_rank_sort_orders_by_value_then_id():
+    ids = torch.tensor([[7, 3, 9, 1, 4], [2, 8, 6, 5, 0]])
+    lps = torch.tensor([[-1.0, -0.5, -1.0, float("-inf"), -0.0],
+                        [-2.0, -2.0, -2.0, -1e-30, -3.0]])
+    got_ids, got_lps = rank_sort(ids, lps)
+    for row in range(2):
+        want = sorted(zip(lps[row].tolist(), ids[row].tolist()), key=lambda p: (-p[0], p[1]))
+        assert got_ids[row].tolist() == [i for _, i in want]
+        assert got_lps[row].tolist() == [v for v, _ in want]
+    assert got_ids.dtype == torch.int64 and got_lps.dtype == torch.float32
+
+
+def test_facade_keeps_rank_order_and_tail_mass():
+    ids, lps = topk_rows(200, 128, seed=3)
+    codec = Codec(load_codec_config("default"), vocab_size=VOCAB, top_k=128, hidden_size=H,
+                  hidden_dtype="float32")
+    blob_ids, blob_vals = codec.encode_rows(ids, lps)
+    out_ids, out_lps, tail = codec.decode_rows_with_tail([blob_ids], [blob_vals], [200])
+    out_ids2, out_lps2 = codec.decode_rows([blob_ids], [blob_vals], [200])
+    assert torch.equal(out_ids, out_ids2) and torch.equal(out_lps, out_lps2)
+    assert (out_lps[:, 1:] <= out_lps[:, :-1]).all()
+    mass = 1 - np.exp(lps.astype(np.float64)).sum(1)
+    assert np.abs(np.sqrt(tail.numpy()) - np.sqrt(mass)).max() <= 0.55 * 0.0019 + 1e-6
+
+
+def test_decoding_with_another_codec_is_refused(tmp_path):
+    path = write_dataset(tmp_path / "d", make_documents(3), "default")
+    shard = sorted((tmp_path / "d" / "shards").iterdir())[0]
+    table = pq.read_table(shard)
+    other = Codec(CodecConfig.from_dict({"ids": "gaps", "values": {
+        "kind": "grid", "transform": "sqrt", "step": 0.004}, "hidden": "fp8"}),
+        vocab_size=VOCAB, top_k=K, hidden_size=H, hidden_dtype="float32")
+    rows = [int(n) for n in table.column("num_tokens").to_numpy()]
+    masks = table.column("teacher_mask").to_pylist()
+    rows = [n if m is None else sum(m) for n, m in zip(rows, masks)]
+    with pytest.raises(CodecMismatchError):
+        other.decode_rows(table.column("topk_ids").to_pylist(),
+                          table.column("topk_values").to_pylist(), rows)
+    # and at the dataset level: a shard whose metadata names another codec
+    meta = dict(table.schema.metadata)
+    meta[b"kdpipe.codec"] = other.config.to_json().encode()
+    pq.write_table(table.replace_schema_metadata(meta), shard)
+    ds = Dataset(path)
+    with pytest.raises((CodecMismatchError, DatasetError)):
+        list(ds.iter_documents())
+
+
+@pytest.mark.parametrize("preset", ["default", "distillkit-recommended"])
+def test_corrupt_or_truncated_blobs_are_refused(preset):
+    ids, lps = topk_rows(50, 128, seed=4)
+    codec = Codec(load_codec_config(preset), vocab_size=VOCAB, top_k=128, hidden_size=H,
+                  hidden_dtype="float32")
+    blob_ids, blob_vals = codec.encode_rows(ids, lps)
+    for bad_ids, bad_vals in [(blob_ids[:-1], blob_vals), (blob_ids, blob_vals[:-2]),
+                              (blob_ids + b"\0", blob_vals)]:
+        with pytest.raises(CodecError):
+            codec.decode_rows([bad_ids], [bad_vals], [50])
+    with pytest.raises(CodecError):   # a wrong row count is a wrong length too
+        codec.decode_rows([blob_ids], [blob_vals], [49])
+    if preset == "default":           # checksummed: any flipped bit is caught
+        flipped = bytearray(blob_vals)
+        flipped[len(flipped) // 2] ^= 0x10
+        with pytest.raises(CodecError, match="checksum"):
+            codec.decode_rows([blob_ids], [bytes(flipped)], [50])
+
+
+def test_vocabulary_and_id_range_refusals():
+    ids, lps = topk_rows(5, 64, seed=5)
+    for preset in ("default", "exact", "distillkit-budget"):
+        codec = Codec(load_codec_config(preset), vocab_size=VOCAB, top_k=64, hidden_size=H,
+                      hidden_dtype="float32")
+        bad = ids.copy()
+        bad[2, 3] = VOCAB
+        with pytest.raises(CodecError, match="outside the vocabulary"):
+            codec.encode_rows(bad, lps)
+        small = Codec(load_codec_config(preset), vocab_size=int(ids[:, :codec.k].max()),
+                      top_k=64, hidden_size=H, hidden_dtype="float32")
+        with pytest.raises(CodecError, match="outside the vocabulary"):
+            small.decode_rows(*([b] for b in codec.encode_rows(ids, lps)), [5])
+    with pytest.raises(ConfigError, match="vocabulary"):
+        Codec(CodecConfig.from_dict({"ids": {"kind": "packed", "bits": 12}, "values": "float32",
+                                     "hidden": "native"}),
+              vocab_size=VOCAB, top_k=16, hidden_size=H, hidden_dtype="float32")
+    with pytest.raises(ConfigError, match="top_k"):
+        Codec(load_codec_config("distillkit-recommended"), vocab_size=VOCAB, top_k=100,
+              hidden_size=H, hidden_dtype="float32")
+
+
+def test_codec_files_and_unknown_names(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text('{"ids": "gaps", "values": {"kind": "grid", "transform": "log", '
+                    '"step": 0.05, "delta": true}, "hidden": "int8", "top_k": 32}')
+    config = load_codec_config(str(path))
+    assert config.name == "mine" and config.top_k == 32
+    with pytest.raises(ConfigError):
+        load_codec_config("no-such-preset")
+    with pytest.raises(ConfigError, match="unknown"):
+        Codec(CodecConfig.from_dict({"ids": "gaps", "values": "zip", "hidden": "native"}),
+              vocab_size=VOCAB, top_k=8, hidden_size=H, hidden_dtype="float32")
+
+
+def test_compress_command_reencodes_and_resumes(tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import compress_cmd
+
+    docs = make_documents(7, seed=6)
+    src = write_dataset(tmp_path / "exact", docs)
+    runner = CliRunner()
+    for codec in ("default", "default"):   # the second run finds the work done
+        result = runner.invoke(compress_cmd, [src, str(tmp_path / "small"), "--codec", codec])
+        assert result.exit_code == 0, result.output
+    ds = Dataset(str(tmp_path / "small"))
+    assert ds.manifest.codec.name == "default" and ds.manifest.documents == 7
+    back = runner.invoke(compress_cmd, [str(tmp_path / "small"), str(tmp_path / "again"),
+                                        "--codec", "exact"])
+    assert back.exit_code == 0, back.output
+    for a, b in zip(ds.iter_documents(), Dataset(str(tmp_path / "again")).iter_documents()):
+        assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_logprobs,
+                                                                     b.topk_logprobs)

@@ -1,0 +1,255 @@
+"""Reading a kdpipe dataset as a stream of packed micro-batches.
+
+``build_index`` reads only what ordering needs (row-group sizes and the ``num_tokens``
+column); ``DistillStream`` is a ``torch.utils.data.IterableDataset`` that, for each of its
+micro-batches (``stream.py`` says which), reads the row groups holding the documents it
+needs (a few cached per reader), takes those rows, decodes them in one vectorized batch
+with the dataset's codec (``compress.Dataset.decode_table``) and packs them
+(``packing.assemble``). Decoding runs in the DataLoader worker (``decode_on: worker``) or,
+with ``decode_on: device``, the worker ships the encoded rows and the training process
+decodes them on its device (``materialize``). Nothing holds more than a few row groups.
+
+``TrainBatches`` strings epochs together and yields one optimizer step of micro-batches at a
+time with the ``StreamState`` reached after it: the state a checkpoint saves.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from compress import Dataset
+from schemas import DatasetError
+from schemas import arrow as cols
+
+from .packing import PackedBatch, assemble
+from .stream import (EpochPlan, StreamState, advance, global_batch, micro_batches_left,
+                     plan_epoch, rank_sequences, worker_micro_batches)
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """Where every document is: row groups in dataset order and each document's length."""
+
+    rg_shard: np.ndarray      # [G] shard number (index into the manifest's shards)
+    rg_number: np.ndarray     # [G] row group number within its shard
+    rg_docs: np.ndarray       # [G] documents per row group
+    doc_tokens: np.ndarray    # [D] tokens per document
+
+    @property
+    def rg_first_doc(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.rg_docs)])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.rg_docs.sum())
+
+    def locate(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global document ids -> (row group, row within it)."""
+        first = self.rg_first_doc
+        rg = np.searchsorted(first, docs, side="right") - 1
+        return rg, docs - first[rg]
+
+
+def build_index(ds: Dataset) -> DatasetIndex:
+    """Row-group sizes from the Parquet footers and ``num_tokens`` (one int32 column)."""
+    rg_shard, rg_number, rg_docs, tokens = [], [], [], []
+    for s, entry in enumerate(ds.shards):
+        pf = ds.open_shard(entry)
+        for rg in range(pf.num_row_groups):
+            n = ds.read_row_group(entry, pf, rg, [cols.NUM_TOKENS]).column(0).to_numpy()
+            rg_shard.append(s)
+            rg_number.append(rg)
+            rg_docs.append(len(n))
+            tokens.append(n.astype(np.int64))
+    if not rg_docs or sum(rg_docs) == 0:
+        raise DatasetError("dataset holds no documents", file=ds.storage.describe(""))
+    return DatasetIndex(np.array(rg_shard), np.array(rg_number), np.array(rg_docs, np.int64),
+                        np.concatenate(tokens))
+
+
+class RowGroupCache:
+    """The last ``capacity`` row groups read (encoded Arrow tables), per process."""
+
+    def __init__(self, ds: Dataset, index: DatasetIndex, columns: list[str], capacity: int):
+        self.ds, self.index, self.columns, self.capacity = ds, index, columns, capacity
+        self._tables: OrderedDict[int, pa.Table] = OrderedDict()
+        self._files: dict[int, object] = {}
+
+    def get(self, rg: int) -> pa.Table:
+        if rg in self._tables:
+            self._tables.move_to_end(rg)
+            return self._tables[rg]
+        shard = int(self.index.rg_shard[rg])
+        entry = self.ds.shards[shard]
+        if shard not in self._files:
+            if len(self._files) >= self.capacity:
+                self._files.pop(next(iter(self._files)))
+            self._files[shard] = self.ds.open_shard(entry)
+        table = self.ds.read_row_group(entry, self._files[shard], int(self.index.rg_number[rg]),
+                                       self.columns)
+        self._tables[rg] = table
+        while len(self._tables) > self.capacity:
+            self._tables.popitem(last=False)
+        return table
+
+
+@dataclass
+class RawBatch:
+    """A micro-batch still encoded: the rows of its documents and its pieces over them."""
+
+    table: pa.Table | None
+    pieces: list[tuple[int, int, int]]        # (row in table, start, length)
+
+
+class DistillStream(IterableDataset):
+    """Packed micro-batches of one rank for one epoch at a time (see ``stream.py``)."""
+
+    def __init__(self, uri: str, index: DatasetIndex, *, seq_len: int, packing: str,
+                 shuffle: bool, shuffle_block: int, streams: int, seed: int,
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1, micro_batch: int = 1,
+                 hidden_layers: list[int] = (), decode_in_worker: bool = True,
+                 cache_row_groups: int = 8, limit_tokens: int = 0) -> None:
+        self.uri, self.index = uri, index
+        self.seq_len, self.packing, self.shuffle = seq_len, packing, shuffle
+        self.shuffle_block, self.streams, self.seed = shuffle_block, streams, seed
+        self.rank, self.world_size = rank, world_size
+        self.grad_accum, self.micro_batch = grad_accum, micro_batch
+        self.hidden_layers = list(hidden_layers)
+        self.decode_in_worker = decode_in_worker
+        self.cache_row_groups = cache_row_groups
+        self.limit_tokens = limit_tokens
+        self._ds: Dataset | None = None
+        self._cache: RowGroupCache | None = None
+        self.set_state(StreamState(seed=seed))
+
+    # -- plan -------------------------------------------------------------------------------
+
+    def set_state(self, state: StreamState) -> None:
+        """Position the stream at ``state`` (its epoch's plan is recomputed, not replayed)."""
+        if state.seed != self.seed:
+            raise DatasetError(f"resume state has data seed {state.seed}, config has {self.seed}")
+        self.state = state
+        self.plan: EpochPlan = plan_epoch(
+            self.index.rg_docs, self.index.doc_tokens, seed=self.seed, epoch=state.epoch,
+            seq_len=self.seq_len, packing=self.packing, streams=self.streams,
+            block=self.shuffle_block, shuffle=self.shuffle)
+        self.num_sequences = self.plan.num_sequences
+        if self.limit_tokens > 0:                 # evaluation on a prefix of the data
+            per_seq = np.add.reduceat(self.plan.length, self.plan.seq_ptr[:-1]) \
+                if len(self.plan.length) else np.zeros(0, np.int64)
+            self.num_sequences = int(np.searchsorted(np.cumsum(per_seq), self.limit_tokens) + 1)
+            self.num_sequences = min(self.num_sequences, self.plan.num_sequences)
+
+    @property
+    def global_batch(self) -> int:
+        return global_batch(world_size=self.world_size, grad_accum=self.grad_accum,
+                            micro_batch=self.micro_batch)
+
+    def micro_batches(self) -> int:
+        """Micro-batches this rank runs from the current state to the end of the epoch."""
+        return micro_batches_left(self.num_sequences, self.state.sample_in_epoch,
+                                  world_size=self.world_size, grad_accum=self.grad_accum,
+                                  micro_batch=self.micro_batch)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_ds"] = state["_cache"] = None     # reopened in each worker
+        return state
+
+    @property
+    def dataset(self) -> Dataset:
+        if self._ds is None:
+            self._ds = Dataset(self.uri)
+        return self._ds
+
+    def _reader(self) -> RowGroupCache:
+        if self._cache is None:
+            self._cache = RowGroupCache(self.dataset, self.index,
+                                        self.dataset.columns(self.hidden_layers),
+                                        self.cache_row_groups)
+        return self._cache
+
+    def __iter__(self) -> Iterator[PackedBatch | RawBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for m in worker_micro_batches(self.micro_batches(), worker=worker, num_workers=workers):
+            yield self.read_micro_batch(m)
+
+    def pieces_of(self, m: int) -> list[tuple[int, int, int]]:
+        """(global document, start, length) of every piece of micro-batch ``m``, in order."""
+        seqs = rank_sequences(m, sample_in_epoch=self.state.sample_in_epoch,
+                              world_size=self.world_size, rank=self.rank,
+                              grad_accum=self.grad_accum, micro_batch=self.micro_batch)
+        out = []
+        for g in seqs[seqs < self.num_sequences].tolist():
+            sl = self.plan.pieces(g)
+            out += zip(self.plan.doc[sl].tolist(), self.plan.start[sl].tolist(),
+                       self.plan.length[sl].tolist())
+        return out
+
+    def read_micro_batch(self, m: int) -> PackedBatch | RawBatch:
+        pieces = self.pieces_of(m)
+        if not pieces:                                 # a filler of the epoch's last step
+            return self.materialize(RawBatch(None, []), "cpu")
+        docs = np.unique(np.array([p[0] for p in pieces], np.int64))
+        rgs, rows = self.index.locate(docs)
+        reader = self._reader()
+        parts = []
+        for rg in np.unique(rgs).tolist():             # one take per row group
+            parts.append(reader.get(rg).take(pa.array(rows[rgs == rg])))
+        table = pa.concat_tables(parts)
+        # rows of `table` follow (row group, row) order, which is the order of `docs`
+        key = {int(d): i for i, d in enumerate(docs.tolist())}
+        raw = RawBatch(table, [(key[d], s, n) for d, s, n in pieces])
+        return self.materialize(raw, "cpu") if self.decode_in_worker else raw
+
+    def materialize(self, raw: RawBatch, device: torch.device | str) -> PackedBatch:
+        """Decode a raw micro-batch on ``device`` and pack it."""
+        ds = self.dataset
+        decoded = ds.decode_table(raw.table, hidden_layers=self.hidden_layers, device=device) \
+            if raw.pieces else []
+        return assemble(dict(enumerate(decoded)), raw.pieces, k=ds.codec.k,
+                        hidden_layers=self.hidden_layers,
+                        hidden_size=ds.manifest.teacher.hidden_size)
+
+
+def make_loader(stream: DistillStream, *, workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over one epoch of the stream (micro-batches arrive in rank order)."""
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=2 if workers else None, persistent_workers=False)
+
+
+class TrainBatches:
+    """Optimizer steps of micro-batches over consecutive epochs, from a resume state."""
+
+    def __init__(self, stream: DistillStream, state: StreamState, *, workers: int,
+                 device: torch.device) -> None:
+        self.stream, self.workers, self.device = stream, workers, device
+        self.state = state                  # after the steps handed out so far
+        self._it: Iterator | None = None
+
+    def next_step(self) -> tuple[list[PackedBatch], StreamState]:
+        """The micro-batches of the next optimizer step and the state after it."""
+        if self._it is None:                # a loader runs from its start state to epoch end
+            self.stream.set_state(self.state)
+            self._it = iter(make_loader(self.stream, workers=self.workers,
+                                        pin_memory=self.device.type == "cuda"))
+        batches = []
+        for _ in range(self.stream.grad_accum):
+            item = next(self._it)
+            if isinstance(item, RawBatch):
+                item = self.stream.materialize(item, self.device)
+            batches.append(item)
+        self.state = advance(self.state, self.stream.num_sequences, self.stream.global_batch)
+        if self.state.epoch != self.stream.state.epoch:
+            self._it = None                 # every micro-batch of the epoch has been taken
+        return batches, self.state

@@ -181,6 +181,25 @@ def _cosines(ref: torch.Tensor, dec: torch.Tensor) -> tuple[float, float]:
             float(cos(ref[:, keep], dec[:, keep], dim=1).mean()))
 
 
+def score_rows(sample: Sample, k: int, ids: torch.Tensor, lps: torch.Tensor,
+               tail: torch.Tensor) -> dict[str, float]:
+    """Divergences of decoded rank-ordered rows (top-k of every sample row, in sample
+    order) and their missing mass from the sample's exact rows."""
+    ids, lps, tail = ids.cpu().numpy(), lps.cpu().double().numpy(), tail.cpu().double().numpy()
+    ref_ids = np.concatenate(sample.ids)
+    ref = np.concatenate(sample.logprobs).astype(np.float64)
+    dec = _aligned(ref_ids[:, :k], ids, lps)
+    kl = _kl_rows(ref[:, :k], dec)
+    ref_tail = np.clip(1.0 - np.exp(ref).sum(1), 0.0, 1.0)
+    dec_full = np.concatenate([dec, np.zeros((dec.shape[0], sample.k - k))], axis=1)
+    in_topk = np.broadcast_to(np.arange(sample.k) < k, ref.shape)
+    kl_full = _kl_full(ref, ref_tail, sample.k, dec_full, in_topk, tail, k, sample.vocab_size)
+    return {"kl_topk_mean": float(kl.mean()), "kl_topk_p99": float(np.percentile(kl, 99)),
+            "kl_full_mean": float(kl_full.mean()),
+            "abs_logprob_err_mean": float(np.abs(dec - ref[:, :k]).mean()),
+            "top1_agreement": float((ids[:, 0] == ref_ids[:, 0]).mean())}
+
+
 def evaluate(sample: Sample, config: CodecConfig, *, device: torch.device | str = "cpu",
              repeats: int = 1, calibration_tokens: int = 8192) -> FidelityRow:
     """One codec against the sample; throughput is the best of ``repeats`` runs.
@@ -212,17 +231,7 @@ def evaluate(sample: Sample, config: CodecConfig, *, device: torch.device | str 
             torch.cuda.synchronize()
         dec_s = min(dec_s, time.perf_counter() - t0)
     n = sum(rows)
-    ids, lps, tail = ids.cpu().numpy(), lps.cpu().double().numpy(), tail.cpu().double().numpy()
-
-    ref_ids = np.concatenate(sample.ids)
-    ref = np.concatenate(sample.logprobs).astype(np.float64)
-    dec = _aligned(ref_ids[:, :k], ids, lps)
-    kl = _kl_rows(ref[:, :k], dec)
-    ref_tail = np.clip(1.0 - np.exp(ref).sum(1), 0.0, 1.0)
-    dec_full = np.concatenate([dec, np.zeros((n, sample.k - k))], axis=1)
-    in_topk = np.arange(sample.k) < k
-    kl_full = _kl_full(ref, ref_tail, sample.k, dec_full, np.broadcast_to(in_topk, ref.shape),
-                       tail, k, sample.vocab_size)
+    scores = score_rows(sample, k, ids, lps, tail)
 
     hidden_bytes = cos = cos_nm = None
     if sample.hidden:
@@ -243,11 +252,7 @@ def evaluate(sample: Sample, config: CodecConfig, *, device: torch.device | str 
         codec=config.name, k=k, bytes_per_token=ids_bytes + vals_bytes,
         ids_bytes_per_token=ids_bytes, values_bytes_per_token=vals_bytes,
         hidden_bytes_per_token_layer=hidden_bytes,
-        kl_topk_mean=float(kl.mean()), kl_topk_p99=float(np.percentile(kl, 99)),
-        kl_full_mean=float(kl_full.mean()),
-        abs_logprob_err_mean=float(np.abs(dec - ref[:, :k]).mean()),
-        top1_agreement=float((ids[:, 0] == ref_ids[:, 0]).mean()),
-        hidden_cosine=cos, hidden_cosine_no_massive=cos_nm,
+        **scores, hidden_cosine=cos, hidden_cosine_no_massive=cos_nm,
         encode_tokens_per_s=n / enc_s, decode_tokens_per_s=n / dec_s)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compress import Codec, Dataset, PartWriter, load_codec_config, preset_names
-from compress.codec import rank_sort
+from compress.codec import _rank_sort_torch, rank_sort
 from schemas import (CaptureSettings, CodecConfig, CodecError, CodecMismatchError, ConfigError,
                      DatasetError, TeacherDocument, TeacherInfo)
 
@@ -99,6 +99,12 @@ def test_rank_sort_orders_by_value_then_id():
         assert got_ids[row].tolist() == [i for _, i in want]
         assert got_lps[row].tolist() == [v for v, _ in want]
     assert got_ids.dtype == torch.int64 and got_lps.dtype == torch.float32
+    # the torch path (GPUs) agrees with the numpy path (CPU), on rows with many ties too
+    big_ids, big_lps = topk_rows(300, 128, seed=9)
+    big_lps = np.round(big_lps, 1)
+    for a, b in zip(rank_sort(torch.from_numpy(big_ids), torch.from_numpy(big_lps)),
+                    _rank_sort_torch(torch.from_numpy(big_ids), torch.from_numpy(big_lps))):
+        assert torch.equal(a, b)
 
 
 def test_facade_keeps_rank_order_and_tail_mass():

@@ -152,28 +152,24 @@ def decode_planes(streams: Sequence[bytes], counts: Sequence[int] | None, device
     and document (in C); combining the planes is one shift-or per plane over everything.
     """
     docs = [_split_planes(s, f"{what} document {i}") for i, s in enumerate(streams)]
-    n_planes = max((len(p) for p in docs), default=1)
-    lengths: list[int] = []
-    planes: list[list[bytes]] = [[] for _ in range(n_planes)]
-    for i, doc in enumerate(docs):
-        where = f"{what} document {i}"
-        first = zstd_decompress(doc[0], None if counts is None else counts[i], where,
-                                limit=0 if counts is not None else limits[i])
-        lengths.append(len(first))
-        planes[0].append(first)
-        for p in range(1, n_planes):
-            planes[p].append(zstd_decompress(doc[p], len(first), where) if p < len(doc)
-                             else bytes(len(first)))
-    out = _bytes_tensor(b"".join(planes[0]), device).int()
-    for p in range(1, n_planes):
-        out |= _bytes_tensor(b"".join(planes[p]), device).int().bitwise_left_shift_(8 * p)
-    return out, lengths
-
-
-def _bytes_tensor(data: bytes, device: torch.device) -> torch.Tensor:
-    if not data:
-        return torch.empty(0, dtype=torch.uint8, device=device)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    firsts = [zstd_decompress(doc[0], None if counts is None else counts[i],
+                              f"{what} document {i}",
+                              limit=0 if counts is not None else limits[i])
+              for i, doc in enumerate(docs)]
+    lengths = [len(f) for f in firsts]
+    # the planes of every document land in one little-endian int32 buffer
+    buf = np.zeros((sum(lengths), 4), np.uint8)
+    start = 0
+    for i, (doc, first) in enumerate(zip(docs, firsts)):
+        end = start + lengths[i]
+        buf[start:end, 0] = np.frombuffer(first, np.uint8)
+        for p in range(1, len(doc)):
+            buf[start:end, p] = np.frombuffer(
+                zstd_decompress(doc[p], lengths[i], f"{what} document {i}"), np.uint8)
+        start = end
+    if buf.size and buf[:, 3].max() >= 0x80:
+        raise CodecError(f"{what}: value beyond 2**31 (corrupt data)")
+    return torch.from_numpy(buf.view("<i4").reshape(-1)).to(device), lengths
 
 
 def unpack_documents(blobs: Sequence[bytes], rows: Sequence[int], tag: int, k: int,

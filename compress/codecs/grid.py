@@ -106,12 +106,18 @@ class GridValues(ValuesCodec):
         values = np.asarray(values, dtype=np.float32)
         if np.isnan(values).any():
             raise CodecError("values grid: log-probs contain NaN")
-        q = quantize(values, self.transform, self.step)
+        lp = np.minimum(values.astype(np.float64), 0.0)
+        if self.transform == "sqrt":
+            root = np.exp(0.5 * lp)
+            q = np.rint(root * (1.0 / self.step)).astype(np.int64)
+            mass = 1.0 - np.einsum("ij,ij->i", root, root) if self.tail else None
+        else:
+            q = quantize(lp, "log", self.step)
+            mass = 1.0 - np.exp(lp).sum(axis=1) if self.tail else None
         if self.delta:
             q = zigzag(np.diff(q, axis=1, prepend=0))
         streams = [entropy.encode_planes(q, self.level)]
-        if self.tail:
-            mass = 1.0 - np.exp(values.astype(np.float64)).sum(axis=1)
+        if mass is not None:
             streams.append(entropy.encode_planes(quantize_mass(mass, self.transform, self.step),
                                                  self.level))
         return entropy.pack_container(self.tag, values.shape[0], self.k, streams)

@@ -1,0 +1,216 @@
+"""Codec benchmark on real teacher distributions: size, fidelity, throughput, targets.
+
+Needs an exact capture of the embedded teacher (>= 20k positions, k=128), e.g.::
+
+    kdpipe corpus build --out runs/corpus/train.jsonl
+    kdpipe capture --model embedded --data runs/corpus/train.jsonl --out runs/exact40 \\
+        --codec exact --limit 40 --hidden-layers 1,10,20,30
+
+then::
+
+    python bench/bench_codecs.py --data runs/exact40 --json bench/results/codecs.json \\
+        [--distillkit-src DIR]
+
+``--distillkit-src`` points at a checkout of DistillKit (the directory holding the
+``distillkit`` package; it needs pydantic): its own compressor is then timed and scored
+on the same rows, which gives the speed ratios. Throughput is measured with
+``--threads`` torch threads (default 1: comparable across machines and immune to
+oversubscription), best of ``--repeats`` runs. With CUDA present, every codec's decode
+is also timed on the GPU (blobs start in host memory; zstd runs on the CPU, the rest on
+the device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress import Codec, Dataset, load_codec_config  # noqa: E402
+from compress.fidelity import (FidelityRow, Sample, evaluate, format_table,  # noqa: E402
+                               load_sample, score_rows)
+from schemas import CodecConfig  # noqa: E402
+
+PRESETS = ["exact", "default", "small", "distillkit-recommended", "distillkit-budget"]
+
+
+def variants(hidden_size: int) -> list[CodecConfig]:
+    """Alternatives the presets were chosen against, and the hidden-state options."""
+    grid = {"kind": "grid", "transform": "sqrt", "step": 0.0019}
+    quarter = hidden_size // 4   # a quarter byte per dimension
+    rows = [
+        {"name": "default-no-dictionary", "ids": {"kind": "gaps", "dictionary": False},
+         "values": grid, "hidden": "native"},
+        {"name": "default-zstd9", "ids": {"kind": "gaps", "level": 9},
+         "values": {**grid, "level": 9}, "hidden": "native"},
+        {"name": "rank-ids-log-grid", "ids": "packed",
+         "values": {"kind": "grid", "transform": "log", "step": 0.05, "delta": True},
+         "hidden": "native"},
+        {"name": "poly-recommended", "top_k": 128, "ids": "packed",
+         "values": {"kind": "poly", "exact_k": 16, "exact_dtype": "bfloat16",
+                    "polynomial_terms": [0, 1, 2, 3, 4, "sqrt"], "term_dtype": "float32"},
+         "hidden": "native"},
+        {"name": "hidden-bf16", "ids": "int32", "values": "float32", "hidden": "bf16"},
+        {"name": "hidden-int8", "ids": "int32", "values": "float32", "hidden": "int8"},
+        {"name": f"hidden-lowrank-fp8-r{quarter - 2}", "ids": "int32", "values": "float32",
+         "hidden": {"kind": "lowrank", "rank": quarter - 2, "coeff_dtype": "fp8"}},
+        {"name": f"hidden-lowrank-bf16-r{quarter // 2}", "ids": "int32", "values": "float32",
+         "hidden": {"kind": "lowrank", "rank": quarter // 2, "coeff_dtype": "bfloat16"}},
+    ]
+    return [CodecConfig.from_dict(r) for r in rows]
+
+
+def gpu_decode_rate(sample: Sample, config: CodecConfig, repeats: int) -> float:
+    """Rows per second of ``decode_rows_with_tail`` on CUDA, blobs in host memory."""
+    codec = Codec(config, vocab_size=sample.vocab_size, top_k=sample.k, hidden_size=0,
+                  hidden_dtype="float32")
+    blobs = [codec.encode_rows(i, v) for i, v in zip(sample.ids, sample.logprobs)]
+    args = ([b[0] for b in blobs], [b[1] for b in blobs], sample.rows, "cuda")
+    codec.decode_rows_with_tail(*args)   # warm-up: kernels, allocator
+    best = math.inf
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        codec.decode_rows_with_tail(*args)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return sum(sample.rows) / best
+
+
+def distillkit_rows(sample: Sample, src: str, repeats: int) -> tuple[list[FidelityRow], dict]:
+    """DistillKit's own compressor on the same rows: speed and fidelity of its presets,
+    and the speed of its bit packing alone."""
+    sys.path.insert(0, src)
+    from distillkit.compression import (DistributionQuantizationConfig, LogprobCompressor,
+                                        pack_to_bytes, unpack_from_bytes)
+
+    rows, results = [], {}
+    for preset in ("distillkit-recommended", "distillkit-budget"):
+        ours = load_codec_config(preset)
+        cfg = DistributionQuantizationConfig(d=sample.vocab_size, k=ours.top_k,
+                                             **ours.values.params)
+        comp = LogprobCompressor(config=cfg)
+        k = ours.top_k
+        enc_s = dec_s = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            packed = [comp.compress_from_sparse(torch.from_numpy(i[None, :, :k]),
+                                                torch.from_numpy(v[None, :, :k]))
+                      for i, v in zip(sample.ids, sample.logprobs)]
+            enc_s = min(enc_s, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = [comp.decompress_to_sparse(p) for p in packed]
+            dec_s = min(dec_s, time.perf_counter() - t0)
+        ids = torch.cat([o[0][0] for o in out])
+        lps = torch.cat([o[1][0].float() for o in out])
+        order = torch.argsort(-lps, dim=1, stable=True)  # its fit need not stay monotone
+        ids, lps = ids.gather(1, order), lps.gather(1, order)
+        tail = (1 - lps.double().exp().sum(1)).clamp(min=0)
+        n = sum(sample.rows)
+        nbytes = sum(p["compressed_logprobs"].numel() + p["bytepacked_indices"].numel()
+                     for p in packed) / n
+        ids_bytes = sum(p["bytepacked_indices"].numel() for p in packed) / n
+        rows.append(FidelityRow(
+            codec=f"{preset} (DistillKit's code)", k=k, bytes_per_token=nbytes,
+            ids_bytes_per_token=ids_bytes, values_bytes_per_token=nbytes - ids_bytes,
+            hidden_bytes_per_token_layer=None, **score_rows(sample, k, ids, lps, tail),
+            hidden_cosine=None, hidden_cosine_no_massive=None,
+            encode_tokens_per_s=n / enc_s, decode_tokens_per_s=n / dec_s))
+    ids = torch.from_numpy(np.concatenate(sample.ids))
+    bits = math.ceil(math.log2(sample.vocab_size))
+    t0 = time.perf_counter()
+    packed_ids = pack_to_bytes(ids, bits)
+    pack_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    unpack_from_bytes(packed_ids, bits, ids.shape[1])
+    unpack_s = time.perf_counter() - t0
+    results["bitpack_pack_tokens_per_s"] = ids.shape[0] / pack_s
+    results["bitpack_unpack_tokens_per_s"] = ids.shape[0] / unpack_s
+    return rows, results
+
+
+def targets(rows: dict[str, FidelityRow], dk: dict[str, FidelityRow]) -> list[tuple]:
+    """(target, measured, met) for every target of the codec work."""
+    d, s = rows["default"], rows["small"]
+    out = [("default: <= 200 B/token (ids + values)", f"{d.bytes_per_token:.1f}",
+            d.bytes_per_token <= 200),
+           ("default: mean top-k KL <= 1e-4", f"{d.kl_topk_mean:.2e}", d.kl_topk_mean <= 1e-4),
+           ("small (k=50): <= 90 B/token", f"{s.bytes_per_token:.1f}", s.bytes_per_token <= 90),
+           ("small: mean top-k KL <= 1.5e-4", f"{s.kl_topk_mean:.2e}",
+            s.kl_topk_mean <= 1.5e-4),
+           ("fp8 hidden: cosine >= 0.999", f"{d.hidden_cosine:.5f}" if d.hidden_cosine else "-",
+            bool(d.hidden_cosine and d.hidden_cosine >= 0.999))]
+    ref = dk.get("distillkit-recommended (DistillKit's code)")
+    if ref is not None:
+        for name in ("default", "small"):
+            for what in ("encode", "decode"):
+                ratio = getattr(rows[name], f"{what}_tokens_per_s") / \
+                    getattr(ref, f"{what}_tokens_per_s")
+                out.append((f"{name}: CPU {what} >= 20x DistillKit's (recommended)",
+                            f"{ratio:.1f}x", ratio >= 20))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, help="exact kdpipe dataset")
+    ap.add_argument("--json", default="bench/results/codecs.json")
+    ap.add_argument("--distillkit-src", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-rows", type=int, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    sample = load_sample(Dataset(args.data), max_rows=args.max_rows)
+    configs = [load_codec_config(p) for p in PRESETS] + variants(sample.hidden_size)
+    rows = [evaluate(sample, c, repeats=args.repeats) for c in configs]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        for row, config in zip(rows, configs):
+            row.extra["decode_tokens_per_s_cuda"] = gpu_decode_rate(sample, config, args.repeats)
+    dk_rows, dk_extra = ([], {}) if args.distillkit_src is None else \
+        distillkit_rows(sample, args.distillkit_src, args.repeats)
+    by_name = {r.codec: r for r in rows + dk_rows}
+    met = targets(by_name, {r.codec: r for r in dk_rows})
+
+    machine = {"platform": platform.platform(), "processor": platform.processor(),
+               "cpus": os.cpu_count(), "torch": torch.__version__,
+               "torch_threads": args.threads,
+               "cuda": torch.cuda.get_device_name(0) if cuda else None}
+    print(f"data: {args.data}: {sum(sample.rows)} positions in {len(sample.rows)} documents, "
+          f"k={sample.k}, vocab {sample.vocab_size}, hidden {sample.hidden_size} x "
+          f"{len(sample.hidden)} layers")
+    print(f"machine: {machine}")
+    print(format_table(rows + dk_rows))
+    if cuda:
+        print("\nGPU decode (tokens/s): " + ", ".join(
+            f"{r.codec} {r.extra['decode_tokens_per_s_cuda']:,.0f}" for r in rows))
+    if dk_extra:
+        print(f"\nDistillKit bit packing alone: pack {dk_extra['bitpack_pack_tokens_per_s']:,.0f}"
+              f" tokens/s, unpack {dk_extra['bitpack_unpack_tokens_per_s']:,.0f} tokens/s")
+    print("\n| target | measured | met |\n|---|---|---|")
+    for name, value, ok in met:
+        print(f"| {name} | {value} | {'yes' if ok else 'NO'} |")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "data": args.data, "positions": sum(sample.rows), "documents": len(sample.rows),
+        "k": sample.k, "machine": machine, "rows": [r.to_dict() for r in rows + dk_rows],
+        "distillkit_bitpack": dk_extra,
+        "targets": [{"target": n, "measured": v, "met": ok} for n, v, ok in met]}, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

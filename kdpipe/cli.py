@@ -26,6 +26,10 @@ COMMANDS: dict[str, str] = {
     "fidelity": "compress.cli:fidelity_cmd",
     "import": "compress.cli:import_",
     "export": "compress.cli:export",
+    "train": "student_train.train_cli:train",
+    "eval": "student_train.train_cli:eval_cmd",
+    "plot": "student_train.train_cli:plot",
+    "demo-summary": "student_train.train_cli:demo_summary",
 }
 
 _HELP = {
@@ -39,6 +43,10 @@ _HELP = {
     "fidelity": "Compare codecs on an exact dataset: bytes/token, KL, speed.",
     "import": "Read another tool's dataset (DistillKit) into a kdpipe dataset.",
     "export": "Write a dataset in DistillKit's or axolotl's format.",
+    "train": "Distill a captured dataset into a KDA hybrid student (YAML config, torchrun).",
+    "eval": "Held-out KL, top-1 agreement and cross-entropy of a student checkpoint.",
+    "plot": "Draw a training run's curves to a PNG.",
+    "demo-summary": "Summarize a capture and a training run (make demo).",
 }
 
 

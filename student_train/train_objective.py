@@ -1,0 +1,135 @@
+"""What training optimizes: the student, its hidden-state projections and the loss terms.
+
+``DistillModule`` wraps the student so that everything touching parameters (the decoder,
+the chunked LM head, the projections) runs inside one ``forward``, which is what DDP and
+FSDP2 wrap. It returns per-term sums over the micro-batch; ``weighted_loss`` turns them
+into the optimized scalar with normalizers counted over the whole global batch, so the
+result does not depend on how the batch is split over ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .losses import hidden_loss
+from .packing import PackedBatch
+from .sparse_kl import HeadTerm, head_losses
+from .train_config import HIDDEN_LOSSES, SPARSE_LOSSES, LossConfig
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    kind: str
+    weight: float
+    temperature: float = 1.0
+    missing: str = "zero"
+
+    @property
+    def normalizer(self) -> str:
+        """The count this term's sum is divided by (see ``PackedBatch.counts``)."""
+        if self.kind in SPARSE_LOSSES:
+            return "kd_rows"
+        return "ce_rows" if self.kind == "ce" else "hidden_tokens"
+
+
+@dataclass(frozen=True)
+class Objective:
+    terms: tuple[Term, ...]
+    layer_map: tuple[tuple[int, int], ...] = ()      # (student layer, teacher layer)
+    chunk_size: int = 1024
+    top1: bool = False
+
+    @property
+    def head_terms(self) -> list[HeadTerm]:
+        return [HeadTerm(t.name, t.kind, t.temperature, t.missing) for t in self.terms
+                if t.kind not in HIDDEN_LOSSES]
+
+    @property
+    def hidden_terms(self) -> list[Term]:
+        return [t for t in self.terms if t.kind in HIDDEN_LOSSES] if self.layer_map else []
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        return sorted({t for _, t in self.layer_map}) if self.hidden_terms else []
+
+
+def training_objective(loss: LossConfig, *, layer_map: list[tuple[int, int]]) -> Objective:
+    names: dict[str, int] = {}
+    terms = []
+    for t in loss.terms:
+        base = t.kind if t.temperature == 1.0 else f"{t.kind}_t{t.temperature:g}"
+        names[base] = names.get(base, 0) + 1
+        name = base if names[base] == 1 else f"{base}_{names[base]}"
+        terms.append(Term(name, t.kind, t.weight, t.temperature, t.missing or loss.missing))
+    uses_hidden = any(t.kind in HIDDEN_LOSSES for t in terms)
+    return Objective(tuple(terms), tuple(layer_map) if uses_hidden else (), loss.chunk_size)
+
+
+def eval_objective(chunk_size: int = 1024) -> Objective:
+    """Held-out metrics: KL(teacher || student) on the top-k plus the tail bucket at T=1,
+    the same KL with the teacher renormalized on its top-k, next-token cross-entropy, and
+    top-1 agreement."""
+    return Objective((Term("kl", "kl", 1.0, 1.0, "tail"), Term("kl_topk", "kl", 0.0, 1.0, "zero"),
+                      Term("ce", "ce", 1.0)), (), chunk_size, top1=True)
+
+
+def weighted_loss(sums: dict[str, torch.Tensor], objective: Objective,
+                  counts: dict[str, float]) -> torch.Tensor:
+    """Sum of ``weight * sum / count`` over the terms (counts of the global batch)."""
+    total = None
+    for t in objective.terms:
+        denom = counts[t.normalizer] * (len(objective.layer_map) if t.kind in HIDDEN_LOSSES else 1)
+        part = sums[t.name] * (t.weight / max(denom, 1))
+        total = part if total is None else total + part
+    return total
+
+
+class DistillModule(nn.Module):
+    """The student plus what distillation adds: projections into the teacher's hidden size."""
+
+    def __init__(self, student: nn.Module, *, objective: Objective, teacher_hidden_size: int,
+                 projection: str = "auto") -> None:
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        width = student.config.hidden_size
+        self.projections = nn.ModuleDict()
+        if objective.hidden_terms and (projection == "always" or
+                                       (projection == "auto" and width != teacher_hidden_size)):
+            for s, _ in objective.layer_map:
+                if str(s) in self.projections:
+                    continue
+                proj = nn.Linear(width, teacher_hidden_size, bias=False)
+                if width == teacher_hidden_size:
+                    with torch.no_grad():
+                        proj.weight.copy_(torch.eye(width))
+                self.projections[str(s)] = proj
+
+    def forward(self, batch: PackedBatch, objective: Objective | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Per-term sums over the micro-batch's loss rows (hidden terms over positions)."""
+        obj = objective or self.objective
+        hidden_terms = obj.hidden_terms
+        out = self.student(batch.input_ids, cu_seqlens=batch.cu_seqlens, return_logits=False,
+                           output_hidden_states=bool(hidden_terms), use_cache=False)
+        final = out.last_hidden_state[0]                                 # [N, H]
+        sums = head_losses(final[batch.row_pos], self.student.get_output_embeddings().weight,
+                           topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
+                           tail=batch.tail, has_teacher=batch.has_teacher, labels=batch.labels,
+                           terms=obj.head_terms, chunk_size=obj.chunk_size, top1=obj.top1)
+        if hidden_terms:
+            mask = batch.hidden_mask
+            for t in hidden_terms:
+                sums[t.name] = final.new_zeros((), dtype=torch.float32)
+            for s, tl in obj.layer_map:
+                h_s = out.hidden_states[s][0][mask]                      # [n, H_s]
+                if str(s) in self.projections:
+                    h_s = self.projections[str(s)](h_s)
+                h_t = batch.hidden[tl][mask]                             # [n, H_t]
+                for t in hidden_terms:
+                    sums[t.name] = sums[t.name] + hidden_loss(t.kind, h_s, h_t).sum()
+        return sums

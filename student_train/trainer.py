@@ -1,0 +1,317 @@
+"""The distillation trainer: components built from the config in one place, then the loop.
+
+``Trainer.__init__`` builds, in dependency order: process group and device, output
+directory, dataset index, student (a checkpoint, or converted from the teacher), the checks
+that the dataset fits it, the objective and projections, frozen parameters, parallelism,
+optimizer and schedule, resume state, data stream, held-out stream and metrics.
+``Trainer.train`` is the loop: step, log, evaluate, checkpoint.
+
+One optimizer step takes ``grad_accum`` micro-batches per rank. Loss terms are normalized by
+counts over the whole global batch (all-reduced before the first backward), so a step is the
+same computation on any number of ranks (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from compress import Dataset
+from schemas import ConfigError
+
+from . import checkpoint as ckpt
+from .evaluate import autocast_for, eval_stream, evaluate, load_student
+from .metrics import MetricsLog
+from .packing import PackedBatch
+from .stream import StreamState, global_batch
+from .stream_loader import DistillStream, TrainBatches, build_index
+from .train_checks import check_dataset, check_same_teacher, resolve_layer_map
+from .train_config import Config, OptimConfig, StudentConfig, dump_config
+from .train_dist import init_distributed, no_sync, parallelize, unwrap
+from .train_objective import DistillModule, training_objective, weighted_loss
+
+
+def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float,
+                  schedule: str) -> float:
+    """Linear warmup over ``warmup`` steps, then constant or cosine down to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def freeze(model: torch.nn.Module, patterns: list[str]) -> tuple[int, int]:
+    """Freeze parameters whose name matches any regex; returns (trainable, frozen) counts."""
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as e:
+            raise ConfigError(f"train.frozen: {p!r} is not a valid regex ({e})") from e
+    used = set()
+    trainable = frozen = 0
+    for name, param in model.named_parameters():
+        hits = [c.pattern for c in compiled if c.search(name)]
+        used.update(hits)
+        if hits:
+            param.requires_grad_(False)
+        if param.requires_grad:
+            trainable += param.numel()
+        else:
+            frozen += param.numel()
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        raise ConfigError(f"train.frozen: {unused} match no parameter of the student")
+    if trainable == 0:
+        raise ConfigError("train.frozen freezes every parameter")
+    return trainable, frozen
+
+
+def build_optimizer(module: torch.nn.Module, *, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on vectors (norms, biases) and parameters marked
+    ``_no_weight_decay`` (KDA's A_log and dt_bias)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr,
+                             betas=tuple(optim.betas), eps=optim.eps)
+
+
+def prepare_student(student: StudentConfig, out: Path, *, is_main: bool, barrier) -> str:
+    """The student checkpoint directory: ``student.path``, or the teacher converted once into
+    ``OUT/student-init``."""
+    if student.path is not None:
+        if not (Path(student.path) / "config.json").exists():
+            raise ConfigError(f"student.path {student.path}: no config.json (not a checkpoint)")
+        return student.path
+    target = out / "student-init"
+    if is_main and not (target / "config.json").exists():
+        from .convert import convert_teacher
+        teacher = student.teacher
+        if teacher in ("embedded", ""):
+            from capture.teacher import prepare_embedded_teacher
+            teacher = str(prepare_embedded_teacher())
+        convert_teacher(teacher, student.pattern, target, seed=student.init_seed, overwrite=True)
+    barrier()
+    return str(target)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False) -> None:
+        self.cfg = cfg
+        self.dist = dist = init_distributed(parallel=cfg.parallel, device=cfg.train.device)
+        self.device = dist.device
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto"
+                                                      and self.device.type == "cuda")
+        self.out = Path(cfg.out)
+        self.resume_from = self._prepare_out(resume=resume, overwrite=overwrite)
+        torch.manual_seed(cfg.train.seed)
+
+        # data index and the student
+        self.dataset = Dataset(cfg.data.path)
+        index = build_index(self.dataset)
+        init_dir = prepare_student(cfg.student, self.out, is_main=dist.is_main,
+                                   barrier=dist.barrier)
+        self.tokenizer_src = init_dir
+        student_dir = str(self.resume_from / "model") if self.resume_from else init_dir
+        student = load_student(student_dir, kda_backend=cfg.student.kda_backend)
+
+        # the dataset must fit the student before step 1
+        manifest = self.dataset.manifest
+        layer_map = resolve_layer_map(cfg.loss.layer_map,
+                                      student_layers=student.config.num_hidden_layers,
+                                      captured=manifest.capture.hidden_layers)
+        check_dataset(manifest, where=cfg.data.path, student_config=student.config,
+                      student_dir=init_dir, data=cfg.data, loss=cfg.loss, layer_map=layer_map)
+        if cfg.eval.data:
+            check_same_teacher(manifest, Dataset(cfg.eval.data).manifest,
+                               train_where=cfg.data.path, other_where=cfg.eval.data)
+
+        # objective, projections, frozen parameters, memory savers
+        self.objective = training_objective(cfg.loss, layer_map=layer_map)
+        module = DistillModule(student, objective=self.objective,
+                               teacher_hidden_size=manifest.teacher.hidden_size,
+                               projection=cfg.loss.projection)
+        if self.resume_from:
+            ckpt.load_projections(module, self.resume_from)
+        self.trainable, self.frozen = freeze(module, cfg.train.frozen)
+        if cfg.train.gradient_checkpointing:
+            student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.to(self.device)
+
+        # parallelism, then the optimizer over the (possibly sharded) parameters
+        self.model = parallelize(module, parallel=cfg.parallel, dist=dist)
+        self.module = unwrap(self.model)
+        self.optimizer = build_optimizer(self.module, optim=cfg.optim)
+        self.seq_per_step = global_batch(world_size=dist.world_size,
+                                         grad_accum=cfg.train.grad_accum,
+                                         micro_batch=cfg.train.micro_batch)
+        self.total_steps = cfg.train.max_steps or math.ceil(
+            cfg.train.max_tokens / (self.seq_per_step * cfg.data.seq_len))
+        warmup = cfg.optim.warmup_steps or int(cfg.optim.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            lr_multiplier, warmup=warmup, total=self.total_steps,
+            min_ratio=cfg.optim.min_lr_ratio, schedule=cfg.optim.schedule))
+
+        # resume state
+        self.step, self.tokens_seen = 0, 0
+        state = StreamState(seed=cfg.data.seed)
+        if self.resume_from:
+            meta = ckpt.read_meta(self.resume_from)
+            self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+            state = StreamState(**meta["data_state"])
+            self._check_resumable(meta)
+            ckpt.load_training_state(self.resume_from, module=self.module,
+                                     optimizer=self.optimizer, scheduler=self.scheduler,
+                                     dist=dist)
+
+        # data streams and metrics
+        d = cfg.data
+        stream = DistillStream(
+            d.path, index, seq_len=d.seq_len, packing=d.packing, shuffle=d.shuffle,
+            shuffle_block=d.shuffle_block, streams=d.streams, seed=d.seed, rank=dist.rank,
+            world_size=dist.world_size, grad_accum=cfg.train.grad_accum,
+            micro_batch=cfg.train.micro_batch, hidden_layers=self.objective.teacher_layers,
+            decode_in_worker=d.decode_on == "worker" or self.device.type != "cuda",
+            cache_row_groups=d.cache_row_groups)
+        self.batches = TrainBatches(stream, state, workers=d.workers, device=self.device)
+        self.eval_stream = None
+        if cfg.eval.data:
+            self.eval_stream = eval_stream(cfg.eval.data, seq_len=cfg.eval.seq_len or d.seq_len,
+                                           micro_batch=cfg.eval.micro_batch,
+                                           max_tokens=cfg.eval.max_tokens, dist=dist)
+        self.metrics = MetricsLog(self.out, enabled=dist.is_main, tensorboard=cfg.log.tensorboard,
+                                  resume_step=self.step if self.resume_from else None)
+
+    # -- setup helpers ----------------------------------------------------------------------
+
+    def _prepare_out(self, *, resume: bool, overwrite: bool) -> Path | None:
+        existing = ckpt.latest_checkpoint(self.out)
+        if resume and existing is not None:
+            return existing
+        if self.dist.is_main:
+            if overwrite and self.out.exists():
+                shutil.rmtree(self.out)
+            elif existing is not None and not resume:
+                raise ConfigError(f"{self.out} already holds checkpoints (latest "
+                                  f"{existing.name}); pass --resume to continue that run or "
+                                  f"--overwrite to start over")
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        self.dist.barrier()
+        return None
+
+    def _check_resumable(self, meta: dict) -> None:
+        old = meta.get("config", {}).get("data", {})
+        changed = [k for k in ("path", "seq_len", "packing", "shuffle", "shuffle_block",
+                               "streams", "seed") if k in old and old[k] != getattr(self.cfg.data, k)]
+        if changed:
+            raise ConfigError(f"cannot resume {self.resume_from}: data settings {changed} differ "
+                              f"from the checkpoint's, so its position in the data means nothing")
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg, dist = self.cfg, self.dist
+        last_eval: dict = {}
+        if self.eval_stream is not None and cfg.eval.at_start and self.step == 0:
+            last_eval = self.evaluate()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (dist.is_main and cfg.log.progress), desc="train")
+        last: dict = {}
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            batches, state = self.batches.next_step()
+            last = self.train_step(batches)
+            self.step += 1
+            self.tokens_seen += int(last["tokens"])
+            last["tokens_per_s"] = last["tokens"] / max(time.perf_counter() - t0, 1e-9)
+            last["epoch"], last["sample_in_epoch"] = state.epoch, state.sample_in_epoch
+            if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                self.metrics.log("train", self.step, dict(last, tokens_seen=self.tokens_seen))
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if self.eval_stream is not None and cfg.eval.every and \
+                    self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+                last_eval = self.evaluate()
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and \
+                    self.step < self.total_steps:
+                self.save(state, last)
+        bar.close()
+        if self.eval_stream is not None and cfg.eval.at_end and \
+                (not last_eval or last_eval.get("step") != self.step):
+            last_eval = self.evaluate()
+        self.save(self.batches.state, last)
+        ckpt.save_model(self.module, self.out / "final", dist=dist, tokenizer_src=self.tokenizer_src)
+        self.metrics.close()
+        return {"step": self.step, "train": last, "eval": last_eval}
+
+    def train_step(self, batches: list[PackedBatch]) -> dict:
+        """One optimizer step over this rank's micro-batches; returns global metrics."""
+        counts = defaultdict(float)
+        for b in batches:
+            for k, v in b.counts().items():
+                counts[k] += v
+        counts = self.dist.all_reduce_sum(counts)            # normalizers of the global batch
+        self.model.train()
+        sums: dict[str, float] = defaultdict(float)
+        for i, b in enumerate(batches):
+            b = b.to(self.device)
+            with no_sync(self.model, skip=i < len(batches) - 1):
+                with autocast_for(self.device, self.bf16):
+                    out = self.model(b)
+                    loss = weighted_loss(out, self.objective, counts) * self.dist.world_size
+                loss.backward()
+            for k, v in out.items():
+                sums[k] += float(v.detach())
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        max_norm = self.cfg.optim.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):                 # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = self.dist.all_reduce_sum(sums)
+        metrics = {"loss": 0.0}
+        for t in self.objective.terms:
+            layers = len(self.objective.layer_map) if t.normalizer == "hidden_tokens" else 1
+            value = sums[t.name] / max(counts[t.normalizer] * layers, 1)
+            metrics[f"loss_{t.name}"] = value
+            metrics["loss"] += t.weight * value
+        metrics.update(grad_norm=float(grad_norm), lr=lr, tokens=counts["tokens"])
+        return metrics
+
+    def evaluate(self) -> dict:
+        result = evaluate(self.model, self.eval_stream, dist=self.dist, bf16=self.bf16,
+                          chunk_size=self.cfg.loss.chunk_size or 1024)
+        result["step"] = self.step
+        self.metrics.log("eval", self.step, result)
+        if self.dist.is_main and self.cfg.log.progress:
+            tqdm.write(f"eval step {self.step}: kl {result['kl']:.4f} "
+                       f"top1 {result['top1']:.3f} ce {result['ce']:.4f}")
+        return result
+
+    def save(self, state: StreamState, last: dict) -> None:
+        meta = {"tokens_seen": self.tokens_seen, "data_state": state.to_dict(),
+                "metrics": last, "config": self.cfg.to_dict()}
+        ckpt.save_checkpoint(self.out, self.step, module=self.module, optimizer=self.optimizer,
+                             scheduler=self.scheduler, meta=meta, dist=self.dist,
+                             keep_last=self.cfg.checkpoint.keep_last,
+                             tokenizer_src=self.tokenizer_src)

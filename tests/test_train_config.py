@@ -1,0 +1,192 @@
+"""Training config: YAML + --set overrides, unknown keys refused with the valid ones listed,
+the reference config documenting every key, the recipes loading, the schedule, and the
+checks that stop a run before step 1 when the dataset does not fit the student."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from schemas import ConfigError
+from student_train.train_config import Config, from_dict, load_config
+from student_train.trainer import freeze, lr_multiplier
+from test_train_fixtures import tiny_config, write_dataset, write_student
+
+CONFIGS = Path(__file__).resolve().parents[1] / "student_train" / "configs"
+
+
+def _keys(cls, prefix=""):
+    out = set()
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            out |= _keys(type(default), f"{prefix}{f.name}.")
+        else:
+            out.add(f"{prefix}{f.name}")
+    return out
+
+
+def _yaml_keys(d, prefix=""):
+    out = set()
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _yaml_keys(v, f"{prefix}{k}.")
+        else:
+            out.add(f"{prefix}{k}")
+    return out
+
+
+def test_reference_config_documents_every_key_with_its_default():
+    raw = yaml.safe_load((CONFIGS / "reference.yaml").read_text())
+    assert _yaml_keys(raw) == _keys(Config)
+    defaults = Config().to_dict()
+    documented = from_dict(Config, raw).to_dict()
+    differ = {f"{s}.{k}" for s in defaults if isinstance(defaults[s], dict)
+              for k in defaults[s] if defaults[s][k] != documented[s][k]}
+    assert differ == {"student.teacher", "train.max_steps"}     # set so the file runs as is
+
+
+@pytest.mark.parametrize("name", ["reference", "demo", "stage1", "stage2"])
+def test_recipes_load(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.loss.terms
+
+
+def test_stage1_is_the_blog_recipe():
+    cfg = load_config(CONFIGS / "stage1.yaml")
+    terms = {(t.kind, t.weight, t.temperature) for t in cfg.loss.terms}
+    assert terms == {("ce", 0.2, 1.0), ("kl", 0.2, 2.0), ("hidden_cosine", 0.6, 1.0)}
+    assert cfg.loss.layer_map == "all" and cfg.data.seq_len == 2048
+    assert cfg.train.gradient_checkpointing and cfg.optim.max_grad_norm == 0.5
+    assert load_config(CONFIGS / "stage2.yaml").data.seq_len == 32768
+
+
+def test_set_overrides_and_unknown_keys():
+    cfg = load_config(CONFIGS / "demo.yaml", ["train.max_steps=7", "loss.terms.0.weight=0.5",
+                                              "optim.betas=[0.8, 0.9]", "eval.data=null"])
+    assert cfg.train.max_steps == 7 and cfg.loss.terms[0].weight == 0.5
+    assert cfg.optim.betas == [0.8, 0.9] and cfg.eval.data is None
+    with pytest.raises(ConfigError, match=r"train has no key 'max_stepz'; valid keys: max_steps"):
+        load_config(CONFIGS / "demo.yaml", ["train.max_stepz=1"])
+    with pytest.raises(ConfigError, match="no key 'bogus'; valid keys: out, student, data"):
+        load_config(None, ["bogus=1"])
+    with pytest.raises(ConfigError, match="is a list of 2 entries"):
+        load_config(CONFIGS / "demo.yaml", ["loss.terms.5.weight=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(CONFIGS / "demo.yaml", ["train.max_steps"])
+
+
+def test_unknown_keys_in_yaml_are_refused(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("student: {teacher: embedded}\ntrain: {max_steps: 3, lr: 1}\n")
+    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) \['lr'\]; valid keys:"):
+        load_config(f)
+    f.write_text("student: {teacher: embedded}\ntrain: {max_steps: 3}\n"
+                 "loss: {terms: [{kind: kl, temp: 2}]}\n")
+    with pytest.raises(ConfigError, match=r"loss.terms.0: unknown key\(s\) \['temp'\]"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("loss.terms.0.kind=kld", "unknown loss 'kld'"),
+    ("loss.terms.0.temperature=0", "must be positive"),
+    ("loss.missing=uniform", "loss.missing must be one of zero, tail"),
+    ("data.packing=greedy", "data.packing must be one of whole, concat"),
+    ("optim.lr=fast", "optim.lr: expected a number"),
+    ("student.path=somewhere", "exactly one of student.path"),
+])
+def test_invalid_values_are_refused(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(CONFIGS / "demo.yaml", [override])
+
+
+def test_lr_schedule():
+    f = dict(warmup=4, total=20, min_ratio=0.1, schedule="cosine")
+    assert [lr_multiplier(s, **f) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_multiplier(4, **f) == 1.0
+    assert lr_multiplier(12, **f) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert lr_multiplier(20, **f) == pytest.approx(0.1) and lr_multiplier(50, **f) == \
+        pytest.approx(0.1)
+    assert lr_multiplier(10, **dict(f, schedule="constant")) == 1.0
+
+
+def test_frozen_patterns(tmp_path):
+    from student_train.evaluate import load_student
+    student = load_student(str(write_student(tmp_path / "s")))
+    trainable, frozen = freeze(student, ["embed_tokens", r"^model\.layers\.\d+\.mlp\."])
+    names = {n for n, p in student.named_parameters() if not p.requires_grad}
+    assert "model.embed_tokens.weight" in names and "model.layers.1.mlp.up_proj.weight" in names
+    assert all("mlp" in n or "embed" in n for n in names) and trainable > 0 and frozen > 0
+    with pytest.raises(ConfigError, match="match no parameter"):
+        freeze(student, ["no_such_module"])
+    with pytest.raises(ConfigError, match="not a valid regex"):
+        freeze(student, ["(unclosed"])
+
+
+# -- the dataset must fit the student before step 1 --------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("checks")
+    write_dataset(tmp / "ds", n_docs=6)
+    write_student(tmp / "student")
+    return tmp
+
+
+def _trainer(tmp, toy, *sets, student=None):
+    from student_train.trainer import Trainer
+    cfg = load_config(None, tiny_config(tmp, toy / "ds", student or toy / "student") + list(sets))
+    return Trainer(cfg)
+
+
+def test_vocabulary_mismatch_names_both_sides(toy, tmp_path):
+    from test_train_fixtures import VOCAB
+    import student_train  # noqa: F401
+    from student_train import KDAHybridConfig, KDAHybridForCausalLM
+    cfg = KDAHybridConfig(vocab_size=VOCAB + 1, hidden_size=16, intermediate_size=16,
+                          num_hidden_layers=1, num_attention_heads=2, layer_types=["full_nope"])
+    KDAHybridForCausalLM(cfg).save_pretrained(tmp_path / "wide")
+    with pytest.raises(ConfigError, match=rf"vocab_size {VOCAB}, student .*wide has vocab_size "
+                                          rf"{VOCAB + 1}"):
+        _trainer(tmp_path, toy, student=tmp_path / "wide")
+
+
+def test_codec_mismatch_names_both_sides(toy, tmp_path):
+    with pytest.raises(ConfigError, match=r"encoded with 'exact' .*requires 'default'"):
+        _trainer(tmp_path, toy, "data.codec=default")
+
+
+def test_missing_hidden_layers_name_both_sides(toy, tmp_path):
+    with pytest.raises(ConfigError, match=r"teacher layer 7, dataset .* captured only \[0, 1, 2\]"):
+        _trainer(tmp_path, toy, "loss.terms=[{kind: hidden_cosine}]", "loss.layer_map=[[1, 7]]")
+    with pytest.raises(ConfigError, match=r"student layer 5, student .* has layers 0..2"):
+        _trainer(tmp_path, toy, "loss.terms=[{kind: hidden_mse}]", "loss.layer_map=[[5, 1]]")
+    with pytest.raises(ConfigError, match=r"hidden_size 16, student .* has 32"):
+        _trainer(tmp_path, toy, "loss.terms=[{kind: hidden_mse}]", "loss.projection=none")
+
+
+def test_tokenizer_is_checked(toy, tmp_path, teacher_dir):
+    from transformers import AutoTokenizer
+    with pytest.raises(ConfigError, match="has no tokenizer to compare"):
+        _trainer(tmp_path, toy, "data.check_tokenizer=true")
+    student = tmp_path / "with-tok"
+    write_student(student)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(student)
+    with pytest.raises(ConfigError, match=r"captured with tokenizer 111111111111\.\.\., student "
+                                          r".*with-tok has [0-9a-f]{12}\.\.\."):
+        _trainer(tmp_path, toy, "data.check_tokenizer=true", student=student)
+
+
+def test_heldout_from_another_teacher_is_refused(toy, tmp_path):
+    import json
+    other = tmp_path / "other"
+    write_dataset(other, n_docs=3)
+    m = json.loads((other / "manifest.json").read_text())
+    m["teacher"]["config_sha256"] = "f" * 64
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match="held-out data comes from another teacher"):
+        _trainer(tmp_path, toy, f"eval.data={other}")

@@ -1,0 +1,101 @@
+"""`kdpipe train` killed with SIGKILL and resumed with --resume reproduces the uninterrupted
+run exactly: the same per-step losses, held-out metrics and final weights (CPU, bitwise)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train_fixtures import tiny_config, write_dataset, write_student
+
+LAUNCH = "from kdpipe.cli import main; main()"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    write_dataset(tmp / "ds", n_docs=30, teacher_mask_every=5, loss_mask_every=4)
+    write_dataset(tmp / "held", n_docs=6, seed=9)
+    write_student(tmp / "student")
+    return tmp
+
+
+def _args(inputs, out, steps=24) -> list[str]:
+    sets = tiny_config(out, inputs / "ds", inputs / "student", heldout=inputs / "held",
+                       **{"train.max_steps": steps, "train.grad_accum": 2,
+                          "checkpoint.every": 3, "checkpoint.keep_last": 2, "eval.every": 6,
+                          "data.workers": 1, "optim.weight_decay": 0.01})
+    sets += ["loss.terms=[{kind: kl, weight: 0.6, temperature: 2.0, missing: tail}, "
+             "{kind: ce, weight: 0.2}, {kind: hidden_cosine, weight: 0.2}]"]
+    cmd = [sys.executable, "-c", LAUNCH, "train"]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(inputs, tmp_path):
+    full = tmp_path / "full"
+    subprocess.run(_args(inputs, full), check=True, env=_env(), capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_args(inputs, killed), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    target = killed / "run" / "checkpoints" / "step-00000006" / "meta.json"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (killed / "run" / "checkpoints").iterdir())
+    assert "step-00000024" not in done
+
+    result = subprocess.run(_args(inputs, killed) + ["--resume"], env=_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    a, b = _records(full / "run"), _records(killed / "run")
+    assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss_kl_t2", "loss_ce", "loss_hidden_cosine", "grad_norm", "lr",
+                    "kl", "top1", "ce", "epoch", "sample_in_epoch", "tokens_seen"):
+            if key in ra:
+                assert ra[key] == rb[key], (ra["kind"], ra["step"], key, ra[key], rb[key])
+    wa = load_file(full / "run" / "final" / "model.safetensors")
+    wb = load_file(killed / "run" / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # only the last keep_last checkpoints remain
+    kept = sorted(p.name for p in (killed / "run" / "checkpoints").iterdir())
+    assert kept == ["step-00000021", "step-00000024"]
+
+
+def test_existing_run_needs_resume_or_overwrite(inputs, tmp_path):
+    from schemas import ConfigError
+    from student_train.train_config import load_config
+    from student_train.trainer import Trainer
+
+    cfg = load_config(None, tiny_config(tmp_path, inputs / "ds", inputs / "student",
+                                        **{"train.max_steps": 2}))
+    Trainer(cfg).train()
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(cfg)
+    assert Trainer(cfg, resume=True).train()["step"] == 2     # nothing left to do
+    assert Trainer(cfg, overwrite=True).train()["step"] == 2

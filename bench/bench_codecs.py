@@ -113,8 +113,6 @@ def distillkit_rows(sample: Sample, src: str, repeats: int) -> tuple[list[Fideli
             dec_s = min(dec_s, time.perf_counter() - t0)
         ids = torch.cat([o[0][0] for o in out])
         lps = torch.cat([o[1][0].float() for o in out])
-        order = torch.argsort(-lps, dim=1, stable=True)  # its fit need not stay monotone
-        ids, lps = ids.gather(1, order), lps.gather(1, order)
         tail = (1 - lps.double().exp().sum(1)).clamp(min=0)
         n = sum(sample.rows)
         nbytes = sum(p["compressed_logprobs"].numel() + p["bytepacked_indices"].numel()

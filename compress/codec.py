@@ -125,7 +125,8 @@ class Codec:
     def decode_rows(self, ids_blobs: Sequence[bytes], values_blobs: Sequence[bytes],
                     rows: Sequence[int], device: torch.device | str = "cpu"
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blobs of several documents -> ([N, k] int64 ids, [N, k] float32 log-probs), rank order."""
+        """Blobs of several documents -> ([N, k] int64 ids, [N, k] float32 log-probs) in rank
+        order."""
         device = torch.device(device)
         ids = self.ids.decode(ids_blobs, rows, device)
         return self._rank_order(ids, self.values.decode(values_blobs, rows, device))

@@ -39,6 +39,7 @@ _HELP = {
     "inspect": "Summarize a dataset: teacher, settings, codec, sizes.",
     "verify": "Check a dataset's checksums and schema (--deep: decode every row).",
     "dump": "Write decoded arrays of a dataset to an .npz file.",
+    "student": "Build a KDA hybrid student from a teacher (student init).",
     "compress": "Re-encode a dataset with another codec.",
     "fidelity": "Compare codecs on an exact dataset: bytes/token, KL, speed.",
     "import": "Read another tool's dataset (DistillKit) into a kdpipe dataset.",

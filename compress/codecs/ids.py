@@ -4,9 +4,10 @@ Ids are most of the bytes of a top-k row (16 bits each at a 49k vocabulary, 80-9
 a DistillKit row). In rank order they are nearly incompressible: zstd over them saves
 about 13% on real teacher data. But the rank order is redundant with the values: once
 the values are stored alongside, the *set* of ids is enough, and a sorted set is
-cheap -- its gaps are small and skewed (teachers favour frequent, low-id tokens), about
-half the bits of the packed form. ``gaps`` stores the set sorted by id; the facade
-hands the values over in the same order and restores rank order from them on decode.
+cheap -- its gaps are small and skewed. ``gaps`` stores each row's set in ascending
+order (of id, or of rank in a per-document dictionary: 103 of the packed form's 256
+bytes at k=128 on the embedded teacher, 137 without the dictionary); the facade hands
+the values over in the same order and restores rank order from them on decode.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ kdpipe's row j of the same document, whose last position has no row (``teacher_m
 
 Import decodes with the ``distillkit`` value kind (DistillKit's own decoder arithmetic)
 and writes any kdpipe codec (``exact`` by default: what DistillKit's trainer would see,
-kept losslessly). Export encodes with a ``distillkit`` codec (fitted in float64).
+kept losslessly). Export encodes with a ``distillkit`` codec (fitted in float64); loss
+masks and hidden states have no place in the format and are not written, and every
+position but the last must have a teacher row.
 """
 
 from __future__ import annotations
@@ -151,7 +153,10 @@ def _decode_batch(codec: Codec, table: pa.Table, file: str, stem: str, first: in
                                f"rows are one fewer than ids)", file=file, row=first + i)
     ends = np.cumsum(n_values)
     rows = n_values.tolist()
-    blobs = lambda arr: [arr[e - n:e].tobytes() for e, n in zip(ends, rows)]  # noqa: E731
+
+    def blobs(arr: np.ndarray) -> list[bytes]:   # one document's rows, concatenated
+        return [arr[e - n:e].tobytes() for e, n in zip(ends, rows)]
+
     top_ids, top_lps = codec.decode_rows(blobs(ids), blobs(values), rows)
     for i, (toks, e, n) in enumerate(zip(input_ids, ends, rows)):
         toks = np.asarray(toks, dtype=np.uint64)

@@ -215,3 +215,30 @@ def test_compress_command_reencodes_and_resumes(tmp_path):
     for a, b in zip(ds.iter_documents(), Dataset(str(tmp_path / "again")).iter_documents()):
         assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_logprobs,
                                                                      b.topk_logprobs)
+
+
+@pytest.mark.parametrize("preset", ["default", "distillkit-recommended"])
+def test_a_flipped_byte_in_coded_columns_never_decodes_silently(tmp_path, preset):
+    import random
+
+    path = write_dataset(tmp_path / "d", make_documents(4, seed=10), preset)
+    shard = sorted((tmp_path / "d" / "shards").iterdir())[0]
+    data = shard.read_bytes()
+    meta = pq.ParquetFile(shard).metadata
+    names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+    spans = []
+    for column in ("topk_ids", "topk_values"):
+        chunk = meta.row_group(0).column(names.index(column))
+        start = chunk.dictionary_page_offset or chunk.data_page_offset
+        spans.append((start, start + chunk.total_compressed_size))
+    rng = random.Random(1)
+    for _ in range(12):
+        start, end = rng.choice(spans)
+        pos = rng.randrange(start, end)
+        flipped = bytearray(data)
+        flipped[pos] ^= 1 << rng.randrange(8)
+        shard.write_bytes(bytes(flipped))
+        with pytest.raises(DatasetError):
+            list(Dataset(path).iter_documents())
+    shard.write_bytes(data)
+    assert len(list(Dataset(path).iter_documents())) == 4

@@ -89,6 +89,14 @@ def test_presets_round_trip_through_a_dataset(tmp_path, preset):
             assert cos.min() > 0.998
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_an_empty_batch_decodes_to_empty_tensors(preset):
+    codec = Codec(load_codec_config(preset), vocab_size=VOCAB, top_k=K, hidden_size=H,
+                  hidden_dtype="float32")
+    ids, lps, tail = codec.decode_rows_with_tail([], [], [])
+    assert ids.shape == lps.shape == (0, codec.k) and tail.shape == (0,)
+
+
 def test_rank_sort_orders_by_value_then_id():
     ids = torch.tensor([[7, 3, 9, 1, 4], [2, 8, 6, 5, 0]])
     lps = torch.tensor([[-1.0, -0.5, -1.0, float("-inf"), -0.0],

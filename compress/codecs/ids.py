@@ -148,7 +148,8 @@ class GapIds(IdsCodec):
             return check_ids(x, self.vocab_size, what)
         table, starts, sizes = self._dictionaries(docs, rows, device, what)
         doc_of_row = torch.repeat_interleave(torch.arange(len(rows), device=device),
-                                             torch.tensor(list(rows), device=device))
+                                             torch.tensor(list(rows), dtype=torch.int64,
+                                                          device=device))
         if x.numel() and bool((x[:, -1] >= sizes[doc_of_row]).any()):
             raise CodecError(f"{what}: a row refers past its document's dictionary (corrupt data)")
         x += starts[doc_of_row, None]

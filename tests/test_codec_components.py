@@ -215,6 +215,14 @@ def test_poly_delta_bins_run_closed_loop(bits):
     assert err[:, 4:34].max() < resid[:, 4:34].max()
 
 
+def test_poly_decodes_a_single_row():
+    _, lps = topk_rows(1, 50, seed=12)   # one row: every field slice is already contiguous
+    codec = DistillKitValues({"exact_k": 1, "exact_dtype": "bfloat16",
+                              "polynomial_terms": [0, 1, "sqrt"], "delta_encoding": False}, k=50)
+    out = codec.decode([codec.encode(lps)], [1], CPU)
+    assert out.shape == (1, 50) and torch.isfinite(out).all()
+
+
 def test_poly_matches_the_per_row_reference():
     _, lps = topk_rows(5, 24, seed=10)
     params = {"exact_k": 3, "exact_dtype": "float16", "polynomial_terms": [0, 1, 2, "exp"],

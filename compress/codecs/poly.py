@@ -160,17 +160,21 @@ def split_rows(layout: Layout, data: torch.Tensor) -> RowParts:
     """[N, row_bytes] uint8 -> the fields of every row."""
     pos = 0
 
-    def take(nbytes: int) -> torch.Tensor:
+    def take(nbytes: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        # a copy, not .contiguous(): a one-row slice is contiguous already but starts at
+        # an offset that a view as a wider dtype refuses
         nonlocal pos
-        part = data[:, pos:pos + nbytes].contiguous()
+        part = data[:, pos:pos + nbytes]
         pos += nbytes
-        return part
+        if not nbytes:
+            return torch.empty(data.shape[0], 0, dtype=dtype, device=data.device)
+        return part.clone(memory_format=torch.contiguous_format).view(dtype)
 
-    exact = take(layout.exact_k * _itemsize(layout.exact_dtype)).view(DTYPES[layout.exact_dtype])
-    coeffs = take(len(layout.terms) * _itemsize(layout.term_dtype)).view(DTYPES[layout.term_dtype])
+    exact = take(layout.exact_k * _itemsize(layout.exact_dtype), DTYPES[layout.exact_dtype])
+    coeffs = take(len(layout.terms) * _itemsize(layout.term_dtype), DTYPES[layout.term_dtype])
     bins = []
     for b in layout.bins:
-        scale = take(_itemsize(b.scale_dtype)).view(DTYPES[b.scale_dtype])
+        scale = take(_itemsize(b.scale_dtype), DTYPES[b.scale_dtype])
         bins.append((scale, unpack_rows(take(b.packed_bytes), b.num_elements, b.element_bits)))
     return RowParts(exact, coeffs, bins)
 

@@ -11,6 +11,7 @@ files an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from contextlib import ExitStack
 
 import numpy as np
@@ -29,6 +30,23 @@ from .reader import load_manifest_or_fragments
 PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=[cols.DOC_ID],
                        write_statistics=[cols.DOC_ID, cols.NUM_TOKENS],
                        write_page_checksum=True)
+
+
+def _io_guard(method):
+    """Turn an I/O failure (disk full, lost mount, object-store error) into a DatasetError that
+    says what was kept, after dropping the shard in progress so nothing partial is visible."""
+    @functools.wraps(method)
+    def guarded(self: "PartWriter", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            self.abort()
+            raise DatasetError(
+                f"write failed ({e}); the shard in progress was discarded and nothing partial "
+                f"is listed; fix the cause (e.g. free space) and rerun the same command to "
+                f"resume from record {self.next_record}",
+                file=self.storage.describe("")) from e
+    return guarded
 
 
 def _describe_diff(a, b) -> list[str]:
@@ -130,6 +148,7 @@ class PartWriter:
         self._pending = RecordCounts()
         self._last_record = -1
 
+    @_io_guard
     def add_record(self, index: int, docs: list[TeacherDocument], *, skipped: str | None = None,
                    truncated: bool = False, split: bool = False) -> None:
         """Account for input record ``index`` (in input order) and write its documents."""
@@ -151,6 +170,7 @@ class PartWriter:
         if self._buf_bytes >= self.row_group_bytes:
             self._write_row_group()
 
+    @_io_guard
     def end_window(self) -> None:
         """A point where the caller may be resumed from: commit the shard if it is full.
 
@@ -241,6 +261,7 @@ class PartWriter:
         finally:
             self._pq = self._stack = None
 
+    @_io_guard
     def finish(self) -> Manifest | None:
         """Commit the last shard, mark the part complete; returns the whole manifest if every
         part is now complete (and writes it), else None."""

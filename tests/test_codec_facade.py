@@ -6,6 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from compress import Codec, Dataset, PartWriter, load_codec_config, preset_names
 from compress.codec import _rank_sort_torch, rank_sort
@@ -250,3 +252,20 @@ def test_a_flipped_byte_in_coded_columns_never_decodes_silently(tmp_path, preset
             list(Dataset(path).iter_documents())
     shard.write_bytes(data)
     assert len(list(Dataset(path).iter_documents())) == 4
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=4), st.sampled_from(PRESETS))
+def test_any_batch_shape_round_trips(sizes, preset):
+    codec = Codec(load_codec_config(preset), vocab_size=VOCAB, top_k=K, hidden_size=H,
+                  hidden_dtype="float32")
+    docs = [topk_rows(n, K, seed=n * 7 + i) for i, n in enumerate(sizes)]
+    blobs = [codec.encode_rows(i, v) for i, v in docs]
+    ids, lps = codec.decode_rows([b[0] for b in blobs], [b[1] for b in blobs], sizes)
+    want = np.concatenate([i[:, :codec.k] for i, _ in docs])
+    assert ids.shape == lps.shape == (sum(sizes), codec.k)
+    np.testing.assert_array_equal(np.sort(ids.numpy(), 1), np.sort(want, 1))
+    x = torch.randn(sum(sizes), H)
+    hidden = codec.decode_hidden([codec.encode_hidden(x[:n]) for n in (sum(sizes),)],
+                                 [sum(sizes)])
+    assert hidden.shape == x.shape

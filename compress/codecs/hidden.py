@@ -44,8 +44,10 @@ def _scaled_encode(x: torch.Tensor, limit: float, to_codes: Callable) -> bytes:
     scale = (x.abs().amax(dim=1, keepdim=True) / limit).to(torch.bfloat16)
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale.float()))
     codes = to_codes((x / safe).clamp(-limit, limit))
-    row = torch.cat([scale.view(torch.uint8), codes.view(torch.uint8)], dim=1)
-    return row.contiguous().numpy().tobytes()
+    rows = x.shape[0]   # explicit shapes: zero-token documents have no strides to view by
+    row = torch.cat([scale.reshape(-1).view(torch.uint8).reshape(rows, 2),
+                     codes.reshape(-1).view(torch.uint8).reshape(rows, x.shape[1])], dim=1)
+    return row.numpy().tobytes()
 
 
 def _scaled_decode(data: torch.Tensor, code_dtype: torch.dtype) -> torch.Tensor:

@@ -61,18 +61,25 @@ def compress_cmd(src: str, dst: str, codec: str) -> None:
 @click.option("--device", default="cpu", show_default=True, help="Decode device (cpu, cuda).")
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(1),
               help="Time encode/decode this many times, keep the best.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
+              help="torch CPU threads while timing (one: comparable across machines and "
+                   "not slowed down by other processes).")
 def fidelity_cmd(dataset: str, codecs: str | None, plot_path: str | None,
-                 json_path: str | None, max_rows: int | None, device: str, repeats: int) -> None:
+                 json_path: str | None, max_rows: int | None, device: str, repeats: int,
+                 threads: int) -> None:
     """Compare codecs on an exact dataset: size, divergence, speed."""
+    import torch
+
     from . import fidelity
     from .reader import Dataset
 
+    torch.set_num_threads(threads)
     names = codecs.split(",") if codecs else preset_names()
     configs = [load_codec_config(n.strip()) for n in names if n.strip()]
     sample = fidelity.load_sample(Dataset(dataset), max_rows=max_rows)
     rows = [fidelity.evaluate(sample, c, device=device, repeats=repeats) for c in configs]
     click.echo(f"{dataset}: {sum(sample.rows)} positions, {len(sample.rows)} documents, "
-               f"captured k={sample.k}, decode on {device}")
+               f"captured k={sample.k}, decode on {device}, {threads} CPU thread(s)")
     click.echo(fidelity.format_table(rows))
     if json_path:
         Path(json_path).write_text(json.dumps([r.to_dict() for r in rows], indent=1))

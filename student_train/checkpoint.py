@@ -103,11 +103,11 @@ def save_checkpoint(out: str | Path, step: int, *, module, optimizer, scheduler,
         tmp.mkdir(parents=True)
     dist.barrier()
     save_model(module, tmp / "model", dist=dist, tokenizer_src=tokenizer_src)
+    # gathering sharded (FSDP) tensors is collective: every rank takes part
     optim_state = get_optimizer_state_dict(module, optimizer, options=_FULL)
+    projections = get_model_state_dict(module.projections, options=_FULL)
     torch.save(rng_state(), tmp / f"rng-rank{dist.rank:05d}.pt")
     if dist.is_main:
-        projections = {k: v.detach().cpu() for k, v in
-                       get_model_state_dict(module.projections, options=_FULL).items()}
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
                     "projections": projections, "step": step}, tmp / "trainer_state.pt")
         meta = dict(meta, step=step, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -51,7 +51,8 @@ def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float,
 
 
 def freeze(model: torch.nn.Module, patterns: list[str]) -> tuple[int, int]:
-    """Freeze parameters whose name matches any regex; returns (trainable, frozen) counts."""
+    """Freeze parameters whose name (as in the student's state dict, tied aliases such as
+    ``lm_head.weight`` included) matches any regex; returns (trainable, frozen) counts."""
     compiled = []
     for p in patterns:
         try:
@@ -59,16 +60,13 @@ def freeze(model: torch.nn.Module, patterns: list[str]) -> tuple[int, int]:
         except re.error as e:
             raise ConfigError(f"train.frozen: {p!r} is not a valid regex ({e})") from e
     used = set()
-    trainable = frozen = 0
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters(remove_duplicate=False):
         hits = [c.pattern for c in compiled if c.search(name)]
         used.update(hits)
         if hits:
             param.requires_grad_(False)
-        if param.requires_grad:
-            trainable += param.numel()
-        else:
-            frozen += param.numel()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     unused = [p for p in patterns if p not in used]
     if unused:
         raise ConfigError(f"train.frozen: {unused} match no parameter of the student")
@@ -148,7 +146,7 @@ class Trainer:
                                projection=cfg.loss.projection)
         if self.resume_from:
             ckpt.load_projections(module, self.resume_from)
-        self.trainable, self.frozen = freeze(module, cfg.train.frozen)
+        self.trainable, self.frozen = freeze(student, cfg.train.frozen)
         if cfg.train.gradient_checkpointing:
             student.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -229,6 +227,10 @@ class Trainer:
     def train(self) -> dict:
         cfg, dist = self.cfg, self.dist
         last_eval: dict = {}
+        if dist.is_main and cfg.log.progress:
+            tqdm.write(f"student: {self.trainable:,} trainable and {self.frozen:,} frozen "
+                       f"parameters; {self.total_steps} steps of {self.seq_per_step} sequences "
+                       f"x {cfg.data.seq_len} tokens on {dist.world_size} x {self.device}")
         if self.eval_stream is not None and cfg.eval.at_start and self.step == 0:
             last_eval = self.evaluate()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,

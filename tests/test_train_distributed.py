@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -30,11 +31,13 @@ def inputs(tmp_path_factory):
     return tmp
 
 
-def _run(inputs, out, *, procs: int, accum: int, resume: bool = False) -> None:
+def _run(inputs, out, *, procs: int, accum: int, resume: bool = False,
+         strategy: str = "auto") -> None:
     sets = tiny_config(out, inputs / "ds", inputs / "student", heldout=inputs / "held",
                        **{"train.max_steps": STEPS, "train.grad_accum": accum,
                           "train.micro_batch": 2, "eval.every": 2, "checkpoint.every": 2,
-                          "parallel.backend": "gloo", "optim.lr": 1e-2})
+                          "parallel.backend": "gloo", "parallel.strategy": strategy,
+                          "optim.lr": 1e-2})
     sets += ["loss.terms=[{kind: kl, weight: 0.7, temperature: 2.0}, {kind: ce, weight: 0.1}, "
              "{kind: hidden_mse, weight: 0.2}]"]
     launcher = [sys.executable, str(inputs / "launch.py")] if procs == 1 else \
@@ -43,8 +46,16 @@ def _run(inputs, out, *, procs: int, accum: int, resume: bool = False) -> None:
     cmd = launcher + ["train"] + (["--resume"] if resume else []) + \
         [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # a session of its own, so a hung run's worker processes are killed with it
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"training did not finish in 300 s: {err[-4000:]}")
+    assert proc.returncode == 0, err[-4000:]
 
 
 def _records(run):
@@ -52,16 +63,26 @@ def _records(run):
 
 
 @pytest.fixture(scope="module")
-def single_and_pair(inputs, tmp_path_factory):
+def single(inputs, tmp_path_factory):
     one = tmp_path_factory.mktemp("one")
-    two = tmp_path_factory.mktemp("two")
     _run(inputs, one, procs=1, accum=4)
-    _run(inputs, two, procs=2, accum=2)
-    return one / "run", two / "run"
+    return one / "run"
 
 
-def test_two_ranks_equal_one_process_with_the_same_global_batch(single_and_pair):
-    one, two = single_and_pair
+@pytest.fixture(scope="module")
+def pair(inputs, tmp_path_factory):
+    two = tmp_path_factory.mktemp("two")
+    _run(inputs, two, procs=2, accum=2, strategy="ddp")
+    return two / "run"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process_with_the_same_global_batch(inputs, single, pair, strategy,
+                                                                tmp_path):
+    one, two = single, pair
+    if strategy == "fsdp":
+        _run(inputs, tmp_path, procs=2, accum=2, strategy="fsdp")
+        two = tmp_path / "run"
     a, b = _records(one), _records(two)
     assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
     for ra, rb in zip(a, b):
@@ -78,9 +99,9 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(single_and_pair)
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_checkpoint_of_two_ranks_resumes_on_one(inputs, single_and_pair, tmp_path):
+def test_checkpoint_of_two_ranks_resumes_on_one(inputs, single, pair, tmp_path):
     """Drop the two-rank run's last checkpoint and finish it in one process."""
-    one, two = single_and_pair
+    one, two = single, pair
     shutil.copytree(two, tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "checkpoints" / f"step-{STEPS:08d}")
     _run(inputs, tmp_path, procs=1, accum=4, resume=True)

@@ -67,9 +67,10 @@ def test_stage1_is_the_blog_recipe():
 
 def test_set_overrides_and_unknown_keys():
     cfg = load_config(CONFIGS / "demo.yaml", ["train.max_steps=7", "loss.terms.0.weight=0.5",
-                                              "optim.betas=[0.8, 0.9]", "eval.data=null"])
+                                              "optim.betas=[0.8, 0.9]", "eval.data=null",
+                                              "optim.lr=3e-3"])
     assert cfg.train.max_steps == 7 and cfg.loss.terms[0].weight == 0.5
-    assert cfg.optim.betas == [0.8, 0.9] and cfg.eval.data is None
+    assert cfg.optim.betas == [0.8, 0.9] and cfg.eval.data is None and cfg.optim.lr == 0.003
     with pytest.raises(ConfigError, match=r"train has no key 'max_stepz'; valid keys: max_steps"):
         load_config(CONFIGS / "demo.yaml", ["train.max_stepz=1"])
     with pytest.raises(ConfigError, match="no key 'bogus'; valid keys: out, student, data"):

@@ -165,11 +165,11 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
         return _filler(k, hidden_layers, hidden_size)
     keys = sorted({p[0] for p in pieces})
     # Everything of the used documents, concatenated once: tokens, teacher rows, hidden.
-    tok_off, row_off, tok_parts, row_idx_parts, loss_parts = {}, {}, [], [], []
+    tok_off, tok_parts, row_idx_parts, loss_parts = {}, [], [], []
     t_total = r_total = 0
     for key in keys:
         d = docs[key]
-        tok_off[key], row_off[key] = t_total, r_total
+        tok_off[key] = t_total
         tok_parts.append(np.asarray(d.input_ids, np.int64))
         ridx = _teacher_row_index(d)
         row_idx_parts.append(np.where(ridx >= 0, ridx + r_total, -1))
@@ -198,16 +198,17 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
     topk_ids = torch.cat([docs[key].topk_ids for key in keys]).long()
     topk_lps = torch.cat([docs[key].topk_logprobs for key in keys]).float()
     sel = rows[row_pos]
-    has_teacher = torch.from_numpy(sel >= 0)
-    sel_t = torch.from_numpy(np.where(sel >= 0, sel, 0))
+    dev = topk_ids.device              # decoded on the training device or on the CPU
+    has_teacher = torch.from_numpy(sel >= 0).to(dev)
+    sel_t = torch.from_numpy(np.where(sel >= 0, sel, 0)).to(dev)
     if len(topk_ids):
         r_ids = topk_ids[sel_t] * has_teacher[:, None]
         r_lps = topk_lps[sel_t] * has_teacher[:, None]
     else:
-        r_ids = torch.zeros(len(sel), k, dtype=torch.long)
-        r_lps = torch.zeros(len(sel), k)
+        r_ids = torch.zeros(len(sel), k, dtype=torch.long, device=dev)
+        r_lps = torch.zeros(len(sel), k, device=dev)
     hidden = {}
-    gather_t = torch.from_numpy(gather)
+    gather_t = torch.from_numpy(gather).to(dev)
     for layer in hidden_layers:
         h = torch.cat([docs[key].hidden[layer] for key in keys])
         hidden[layer] = h[gather_t]
@@ -218,7 +219,7 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
         labels=torch.from_numpy(labels[row_pos]),
         has_teacher=has_teacher,
         topk_ids=r_ids, topk_logprobs=r_lps,
-        tail=torch.where(has_teacher, missing_mass(r_lps), torch.zeros(())),
+        tail=torch.where(has_teacher, missing_mass(r_lps), 0.0),
         hidden_mask=torch.from_numpy(loss),
         hidden=hidden,
         doc_ids=[docs[key].doc_id for key, _, _ in pieces],

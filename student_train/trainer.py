@@ -148,8 +148,8 @@ class Trainer:
             ckpt.load_projections(module, self.resume_from)
         self.trainable, self.frozen = freeze(student, cfg.train.frozen)
         if cfg.train.gradient_checkpointing:
-            student.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            student.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
         module.to(self.device)
 
         # parallelism, then the optimizer over the (possibly sharded) parameters

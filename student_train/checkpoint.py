@@ -17,6 +17,7 @@ be resumed on another world size. Multi-node runs need ``OUT`` on a shared files
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -79,6 +80,20 @@ def copy_tokenizer(src: str | Path | None, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (Path(src) / name).exists() and not (dst / name).exists():
             shutil.copy2(Path(src) / name, dst / name)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Replace ``dst`` with ``src``'s files, hard-linked where the filesystem allows."""
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
 
 
 def save_model(module, out_dir: Path, *, dist: DistInfo, tokenizer_src: str | None) -> None:

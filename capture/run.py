@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -49,6 +49,8 @@ class CaptureOptions:
     shard_mb: float = 512.0
     trust_remote_code: bool = False
     progress: bool = True
+    # --backend vllm only: VLLMBackend keyword arguments (tensor_parallel_size, ...)
+    vllm_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -68,9 +70,17 @@ class CaptureSummary:
 
 def _make_backend(opts: CaptureOptions, model_path: str, device: str, dtype: str, layers):
     if opts.backend == "hf":
+        if opts.vllm_options:
+            raise ConfigError(f"{sorted(opts.vllm_options)}: vLLM options need --backend vllm")
         return HFBackend(model_path, device=device, dtype=dtype, top_k=opts.top_k,
                          hidden_layers=layers, trust_remote_code=opts.trust_remote_code)
-    raise ConfigError(f"--backend {opts.backend!r}: available backends: hf")
+    if opts.backend == "vllm":
+        from .vllm_backend import VLLMBackend  # imports vllm only here
+        return VLLMBackend(model_path, device=device, dtype=dtype, top_k=opts.top_k,
+                           hidden_layers=layers, trust_remote_code=opts.trust_remote_code,
+                           max_seq_len=opts.max_seq_len, max_num_batched_tokens=opts.batch_tokens,
+                           **opts.vllm_options)
+    raise ConfigError(f"--backend {opts.backend!r}: available backends: hf, vllm")
 
 
 def _pieces(ids: np.ndarray, mask, max_len: int, mode: str):
@@ -129,6 +139,11 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
     if opts.max_seq_len < 1 or opts.top_k < 1 or opts.window < 1:
         raise ConfigError("--max-seq-len, --top-k and --window must be positive")
     codec_cfg = load_codec_config(opts.codec)
+    if codec_cfg.hidden.kind == "lowrank" and "projection" not in codec_cfg.hidden.params:
+        raise ConfigError(f"--codec {opts.codec}: the lowrank hidden codec fits its projection "
+                          f"on captured hidden states, so capture cannot write it; capture "
+                          f"with --codec exact (or default), then run `kdpipe compress "
+                          f"CAPTURED OUT --codec {opts.codec}`")
     model_path = resolve_model(opts.model)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
@@ -143,7 +158,9 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
         chat_template=opts.chat_template, hidden_layers=layers, text_field=opts.text_field,
         long_documents=opts.long_documents, data_source=opts.data, num_shards=opts.num_shards,
         limit=opts.limit)
-    writer = PartWriter(opts.out, teacher=teacher_info(opts.model, backend.model, tok, dtype),
+    info = (backend.teacher_info(opts.model, dtype) if hasattr(backend, "teacher_info")
+            else teacher_info(opts.model, backend.model, tok, dtype))
+    writer = PartWriter(opts.out, teacher=info,
                         capture=settings, codec=codec_cfg, index=opts.shard_index,
                         count=opts.num_shards, docs_per_shard=opts.docs_per_shard,
                         shard_bytes=int(opts.shard_mb * (1 << 20)))
@@ -205,7 +222,10 @@ def _process_window(window, backend, writer: PartWriter, opts: CaptureOptions) -
             seqs.append(ids)
         prepared.append((index, docs, cut))
     outputs = [None] * len(seqs)
-    for batch in _batches([len(s) for s in seqs], opts.batch_tokens):
+    # a backend with its own scheduler (vLLM) takes the whole window at once
+    groups = ([list(range(len(seqs)))] if seqs and getattr(backend, "schedules_batches", False)
+              else _batches([len(s) for s in seqs], opts.batch_tokens))
+    for batch in groups:
         for i, res in zip(batch, backend.forward_batch([seqs[i] for i in batch])):
             outputs[i] = res
     tokens = 0

@@ -19,7 +19,8 @@ from student_train.ops import kda_fla, kda_torch
 
 pytestmark = pytest.mark.gpu
 
-DTYPES = [torch.bfloat16, torch.float16]
+# bf16 is the training dtype; fp16 matched too when last run on an H100 (see README)
+DTYPES = [torch.bfloat16]
 
 
 def rel_rms(ref: torch.Tensor, got: torch.Tensor) -> float:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from schemas import ConfigError
+from schemas import CodecConfig, ConfigError
 
 from .codec import load_codec_config, preset_names
 
@@ -16,23 +16,27 @@ from .codec import load_codec_config, preset_names
 @click.argument("src")
 @click.argument("dst")
 @click.option("--codec", required=True, help="Codec preset name or YAML/JSON file.")
-def compress_cmd(src: str, dst: str, codec: str) -> None:
+@click.option("--calibration-tokens", default=8192, show_default=True, type=click.IntRange(1),
+              help="Low-rank hidden codec: fit its projection on the hidden states of SRC's "
+                   "first documents, about this many tokens per layer.")
+def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int) -> None:
     """Re-encode dataset SRC (any codec) into DST with another codec.
 
-    Rerunning the same command after an interruption resumes where it stopped.
+    A low-rank hidden codec gets its projection fitted on SRC's first documents; the
+    projection is stored in DST as an artifact. Rerunning the same command after an
+    interruption resumes where it stopped (with the projection fitted the first time).
     """
     from .reader import Dataset
     from .writer import PartWriter
 
     config = load_codec_config(codec)
-    if config.hidden.kind == "lowrank" and "projection" not in config.hidden.params:
-        raise ConfigError("the lowrank hidden codec needs a fitted projection stored as a "
-                          "dataset artifact, which the dataset writer does not write yet; "
-                          "`kdpipe fidelity` evaluates it in memory")
     source = Dataset(src)
     m = source.manifest
+    artifacts = None
+    if config.hidden.kind == "lowrank" and "projection" not in config.hidden.params:
+        config, artifacts = _resolve_lowrank(source, config, dst, calibration_tokens)
     writer = PartWriter(dst, teacher=m.teacher, capture=m.capture, codec=config, index=0,
-                        count=1)
+                        count=1, artifacts=artifacts)
     try:
         for i, doc in enumerate(source.iter_documents()):
             if i >= writer.next_record:
@@ -46,6 +50,57 @@ def compress_cmd(src: str, dst: str, codec: str) -> None:
         click.echo(f"{dst}: {manifest.documents} documents, {manifest.tokens} tokens, "
                    f"{manifest.total_bytes / 1e6:.1f} MB (source {m.total_bytes / 1e6:.1f} MB), "
                    f"codec {config.name}")
+
+
+_PROJECTION_KEYS = ("projection", "projection_sha256")
+
+
+def _without_projection(config: CodecConfig) -> dict:
+    d = config.to_dict()
+    d.pop("name")
+    d["hidden"] = {k: v for k, v in d["hidden"].items() if k not in _PROJECTION_KEYS}
+    return d
+
+
+def _resolve_lowrank(source, config: CodecConfig, dst: str, calibration_tokens: int
+                     ) -> tuple[CodecConfig, dict[str, bytes] | None]:
+    """The low-rank codec completed with a projection: the one DST already holds when this
+    run resumes an earlier one with the same codec, else one fitted on SRC's first
+    documents (returned with its artifact)."""
+    from schemas import Storage
+
+    from .fidelity import resolve_lowrank
+    from .reader import load_manifest_or_fragments
+
+    existing = load_manifest_or_fragments(Storage(dst), allow_incomplete=True, missing_ok=True)
+    if existing is not None and existing.codec.hidden.kind == "lowrank" and \
+            _without_projection(existing.codec) == _without_projection(config):
+        click.echo(f"{dst}: resuming with its projection "
+                   f"{existing.codec.hidden.params.get('projection')}")
+        return existing.codec, None
+    layers = source.hidden_layers
+    if not layers:
+        raise ConfigError(f"codec {config.name!r}: the lowrank hidden codec needs hidden "
+                          f"states, but {source.uri} captured no hidden layers")
+    states: dict[int, list] = {layer: [] for layer in layers}
+    tokens = 0
+    for doc in source.iter_documents():
+        if doc.num_tokens == 0:
+            continue
+        for layer in layers:
+            states[layer].append(doc.hidden[layer].float())
+        tokens += doc.num_tokens
+        if tokens >= calibration_tokens:
+            break
+    if tokens == 0:
+        raise ConfigError(f"{source.uri} has no tokens to fit a low-rank projection on")
+    import torch
+
+    calibration = {layer: torch.cat(xs) for layer, xs in states.items()}
+    resolved, artifacts = resolve_lowrank(config, calibration)
+    click.echo(f"fitted a rank-{resolved.hidden.params.get('rank')} projection for layers "
+               f"{layers} on {tokens} tokens of {source.uri}")
+    return resolved, artifacts
 
 
 @click.command("fidelity")

@@ -8,6 +8,7 @@ Full-file sha256 checks are ``kdpipe verify``'s job (``compress.verify``).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from schemas import (CodecConfig, DatasetError, Manifest, ShardEntry, Storage, TeacherDocument,
                      hidden_column, merge_fragments)
 from schemas import arrow as cols
-from schemas.layout import MANIFEST, PARTS_DIR, is_fragment_name, safe_relpath
+from schemas.layout import ARTIFACTS_DIR, MANIFEST, PARTS_DIR, is_fragment_name, safe_relpath
 
 from .codec import Codec
 
@@ -41,6 +42,7 @@ def load_manifest_or_fragments(storage: Storage, *, allow_incomplete: bool = Fal
         raise DatasetError("no manifest.json and no part fragments: not a kdpipe dataset "
                            "(or a capture that has not committed anything yet)",
                            file=storage.describe(""))
+    check_fragment_artifacts(frags)
     merged = merge_fragments(frags)
     if not merged.complete and not allow_incomplete:
         count = merged.parts[0].count
@@ -49,6 +51,52 @@ def load_manifest_or_fragments(storage: Storage, *, allow_incomplete: bool = Fal
         raise DatasetError(f"incomplete dataset: parts {missing} of {count} are missing or "
                            f"still running", file=storage.describe(""))
     return merged
+
+
+def check_fragment_artifacts(fragments: Sequence[tuple[str, Manifest]]) -> None:
+    """Part fragments that list the same artifact must list the same file content."""
+    seen: dict[str, tuple[str, str]] = {}
+    for name, frag in fragments:
+        for rel, entry in frag.artifacts.items():
+            digest = entry.get("sha256") if isinstance(entry, dict) else None
+            if rel in seen and seen[rel][1] != digest:
+                raise DatasetError(f"artifact {rel} has sha256 {str(digest)[:16]}... here but "
+                                   f"{str(seen[rel][1])[:16]}... in {seen[rel][0]} (parts "
+                                   f"encoded with different codec side data)", file=name)
+            seen.setdefault(rel, (name, digest))
+
+
+def artifact_relpath(rel: str, where: str = "codec") -> str:
+    """An artifact path, normalized and checked to lie under ``artifacts/``."""
+    norm = safe_relpath(rel, where)
+    if not norm.startswith(ARTIFACTS_DIR + "/"):
+        raise DatasetError(f"artifact path {rel!r} is not under {ARTIFACTS_DIR}/", file=where)
+    return norm
+
+
+class ArtifactLoader:
+    """Reads a codec artifact from the dataset, checked against its sha256 in ``recorded``
+    (the manifest's ``artifacts``; looked up at every call, so a writer may add to it)."""
+
+    def __init__(self, storage: Storage, recorded: dict[str, dict]) -> None:
+        self.storage, self.recorded = storage, recorded
+
+    def __call__(self, rel: str) -> bytes:
+        storage = self.storage
+        rel = artifact_relpath(rel, storage.describe(MANIFEST))
+        where = storage.describe(rel)
+        entry = self.recorded.get(rel)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise DatasetError("the codec needs this artifact but the manifest does not list "
+                               "it", file=where)
+        if not storage.exists(rel):
+            raise DatasetError("codec artifact listed in the manifest is missing", file=where)
+        data = storage.read_bytes(rel)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            raise DatasetError(f"codec artifact has sha256 {digest[:16]}..., the manifest says "
+                               f"{entry['sha256'][:16]}... (corrupt or replaced)", file=where)
+        return data
 
 
 class Dataset:
@@ -60,9 +108,12 @@ class Dataset:
         self.manifest = load_manifest_or_fragments(self.storage, allow_incomplete=allow_incomplete)
         m = self.manifest
         self.codec = Codec(m.codec, vocab_size=m.teacher.vocab_size, top_k=m.capture.top_k,
-                           hidden_size=m.teacher.hidden_size, hidden_dtype=m.teacher.dtype)
+                           hidden_size=m.teacher.hidden_size, hidden_dtype=m.teacher.dtype,
+                           artifacts=ArtifactLoader(self.storage, m.artifacts))
         for s in m.shards:
             safe_relpath(s.file, self.storage.describe(MANIFEST))
+        for rel in m.artifacts:
+            artifact_relpath(rel, self.storage.describe(MANIFEST))
 
     @property
     def shards(self) -> list[ShardEntry]:
@@ -139,7 +190,8 @@ class Dataset:
         try:
             topk_ids, topk_lps = self.codec.decode_rows(ids_b, val_b, rows, device)
             hidden = {layer: self.codec.decode_hidden(table.column(hidden_column(layer))
-                                                      .to_pylist(), n_tok.tolist(), device)
+                                                      .to_pylist(), n_tok.tolist(), device,
+                                                      layer=layer)
                       for layer in layers}
         except DatasetError as e:
             raise type(e)(str(e), file=where) from e

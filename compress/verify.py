@@ -26,6 +26,7 @@ class ShardProblem:
 class VerifyReport:
     shards_checked: int = 0
     documents_checked: int = 0
+    artifacts_checked: int = 0
     problems: list[ShardProblem] = field(default_factory=list)
 
     @property
@@ -78,10 +79,36 @@ def _check_rows(ds: Dataset, entry: ShardEntry, pf: pq.ParquetFile) -> int:
     return n_docs
 
 
+def _check_artifact(ds: Dataset, rel: str, entry) -> None:
+    where = ds.storage.describe(rel)
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise DatasetError("artifact entry in the manifest has no sha256", file=where)
+    if not ds.storage.exists(rel):
+        raise DatasetError("codec artifact listed in the manifest is missing", file=where)
+    size = ds.storage.size(rel)
+    if "bytes" in entry and size != entry["bytes"]:
+        raise DatasetError(f"artifact has {size} bytes, the manifest says {entry['bytes']} "
+                           f"(truncated or replaced)", file=where)
+    digest = ds.storage.sha256(rel)
+    if digest != entry["sha256"]:
+        raise DatasetError(f"sha256 {digest[:16]}... differs from the manifest's "
+                           f"{entry['sha256'][:16]}... (corrupt or replaced)", file=where)
+
+
 def verify_dataset(uri: str, *, deep: bool = False) -> VerifyReport:
-    """Check every shard's presence, size, sha256, schema and codec (and rows, if deep)."""
+    """Check every codec artifact's presence and sha256, and every shard's presence, size,
+    sha256, schema and codec (and rows, if deep)."""
     ds = Dataset(uri)
     report = VerifyReport()
+    for rel, entry in sorted(ds.manifest.artifacts.items()):
+        report.artifacts_checked += 1
+        try:
+            _check_artifact(ds, rel, entry)
+        except KdpipeError as e:
+            report.problems.append(ShardProblem(rel, str(e)))
+        except Exception as e:  # anything a damaged file makes a library raise
+            report.problems.append(ShardProblem(rel, f"{ds.storage.describe(rel)}: "
+                                                     f"unreadable: {e}"))
     for entry in ds.shards:
         where = ds.storage.describe(entry.file)
         report.shards_checked += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from contextlib import ExitStack
 
 import numpy as np
@@ -25,11 +26,42 @@ from schemas import arrow as cols
 from schemas.layout import MANIFEST, PARTS_DIR, SHARDS_DIR, fragment_path, shard_path
 
 from .codec import Codec
-from .reader import load_manifest_or_fragments
+from .reader import ArtifactLoader, artifact_relpath, load_manifest_or_fragments
 
-PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=[cols.DOC_ID],
-                       write_statistics=[cols.DOC_ID, cols.NUM_TOKENS],
-                       write_page_checksum=True)
+PARQUET_ZSTD_LEVEL = 3
+
+
+def parquet_options(schema: pa.Schema, codec: Codec) -> dict:
+    """ParquetWriter options: zstd per column, except the columns whose codec component
+    entropy-codes its bytes itself (zstd over zstd frames costs time and saves nothing)."""
+    raw = {name for name, component in ((cols.TOPK_IDS, codec.ids),
+                                        (cols.TOPK_VALUES, codec.values))
+           if component.entropy_coded}
+    if codec.hidden.entropy_coded:
+        raw |= {f.name for f in schema if f.name.startswith(cols.HIDDEN_PREFIX)}
+    compression, level = {}, {}
+    for path in _leaf_paths(schema):
+        if path.split(".")[0] in raw:
+            compression[path] = "none"
+        else:
+            compression[path], level[path] = "zstd", PARQUET_ZSTD_LEVEL
+    return dict(compression=compression, compression_level=level,
+                use_dictionary=[cols.DOC_ID], write_statistics=[cols.DOC_ID, cols.NUM_TOKENS],
+                write_page_checksum=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _leaf_paths_cached(schema: pa.Schema) -> tuple[str, ...]:
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink)
+    meta = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
+    return tuple(meta.column(i).path for i in range(len(meta)))
+
+
+def _leaf_paths(schema: pa.Schema) -> tuple[str, ...]:
+    """Parquet column paths of a schema (``input_ids.list.element``...), which is what
+    per-column writer options are keyed by."""
+    return _leaf_paths_cached(schema.remove_metadata())
 
 
 def _io_guard(method):
@@ -55,12 +87,26 @@ def _describe_diff(a, b) -> list[str]:
             for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
 
 
+def _artifact_refs(codec: CodecConfig) -> set[str]:
+    """Dataset files a codec configuration names (the low-rank codec's ``projection``)."""
+    return {spec.params["projection"] for spec in (codec.ids, codec.values, codec.hidden)
+            if isinstance(spec.params.get("projection"), str)}
+
+
 class PartWriter:
-    """Writes part ``index`` of ``count`` of a dataset; resumable, one process per part."""
+    """Writes part ``index`` of ``count`` of a dataset; resumable, one process per part.
+
+    ``artifacts`` are codec side data (relative path under ``artifacts/`` -> bytes, e.g.
+    the low-rank projection that ``compress.fidelity.resolve_lowrank`` returns). They
+    are written before the first shard and listed in the fragment with their sha256;
+    every part of a dataset must carry the same ones. A resumed writer, or a part of a
+    dataset whose other parts already wrote them, may leave ``artifacts`` out.
+    """
 
     def __init__(self, uri: str, *, teacher: TeacherInfo, capture: CaptureSettings,
                  codec: CodecConfig, index: int, count: int, docs_per_shard: int = 0,
-                 shard_bytes: int = 512 << 20, row_group_bytes: int = 32 << 20) -> None:
+                 shard_bytes: int = 512 << 20, row_group_bytes: int = 32 << 20,
+                 artifacts: dict[str, bytes] | None = None) -> None:
         if not 0 <= index < count:
             raise ConfigError(f"--shard-index {index} must be in [0, {count})")
         self.storage = Storage(uri)
@@ -69,8 +115,6 @@ class PartWriter:
         self.row_group_bytes = row_group_bytes
         self.frag_rel = fragment_path(index, count)
         self.manifest = self._open_fragment(teacher, capture, codec)
-        self.codec = Codec(codec, vocab_size=teacher.vocab_size, top_k=capture.top_k,
-                           hidden_size=teacher.hidden_size, hidden_dtype=teacher.dtype)
         self.hidden_layers = list(capture.hidden_layers)
         self.schema = shard_schema(self.hidden_layers, codec=codec,
                                    teacher=dataclasses.asdict(teacher),
@@ -79,6 +123,11 @@ class PartWriter:
         self._pq: pq.ParquetWriter | None = None
         self._reset_shard()
         self._clean_leftovers()
+        self._store_artifacts(artifacts or {}, codec)
+        self.codec = Codec(codec, vocab_size=teacher.vocab_size, top_k=capture.top_k,
+                           hidden_size=teacher.hidden_size, hidden_dtype=teacher.dtype,
+                           artifacts=ArtifactLoader(self.storage, self.manifest.artifacts))
+        self.parquet_options = parquet_options(self.schema, self.codec)
 
     # -- opening / resuming ---------------------------------------------------------
 
@@ -114,6 +163,48 @@ class PartWriter:
             return existing
         return Manifest(teacher=teacher, capture=capture, codec=codec,
                         parts=[PartState(index=self.index, count=self.count)])
+
+    @_io_guard
+    def _store_artifacts(self, given: dict[str, bytes], codec: CodecConfig) -> None:
+        """Write the given artifacts (kept if already there with the same content) and list
+        them; take the records of artifacts the codec needs from other parts' fragments."""
+        where = self.storage.describe("")
+        union = load_manifest_or_fragments(self.storage, allow_incomplete=True,
+                                           missing_ok=True, prefer_fragments=True)
+        known = dict(union.artifacts) if union is not None else {}
+        recorded = self.manifest.artifacts
+        checked = {}
+        for rel, data in given.items():   # every path checked before anything is written
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise ConfigError(f"artifact {rel}: expected bytes, got {type(data).__name__}")
+            checked[artifact_relpath(rel, "artifacts given to the writer")] = bytes(data)
+        for rel, data in checked.items():
+            digest = hashlib.sha256(data).hexdigest()
+            listed = known.get(rel) or recorded.get(rel)
+            if listed is not None and listed.get("sha256") != digest:
+                raise ConfigError(
+                    f"{where} already lists the artifact {rel} with sha256 "
+                    f"{str(listed.get('sha256'))[:16]}..., this run's has {digest[:16]}... "
+                    f"(codec side data fitted differently); use another --out or the same "
+                    f"artifact")
+            if self.storage.exists(rel):
+                if self.storage.sha256(rel) != digest:
+                    raise ConfigError(
+                        f"{self.storage.describe(rel)} exists with other content than this "
+                        f"run's artifact (sha256 {digest[:16]}...); use another --out, or "
+                        f"delete the file if no part of this dataset has committed a shard")
+            else:
+                self.storage.write_bytes(rel, data)
+            recorded[rel] = {"sha256": digest, "bytes": len(data)}
+        for rel in sorted(_artifact_refs(codec)):
+            rel = artifact_relpath(rel, "codec")
+            if rel in recorded:
+                continue
+            if rel not in known:
+                raise ConfigError(
+                    f"codec {codec.name!r} needs the dataset artifact {rel}, which was neither "
+                    f"given to the writer nor written by another part of {where}")
+            recorded[rel] = dict(known[rel])
 
     def _clean_leftovers(self) -> None:
         """Remove temporary files and shards of this part that its fragment does not list."""
@@ -201,7 +292,7 @@ class PartWriter:
             raise DatasetError(f"hidden layers {sorted(missing)} missing", row=doc.record_index,
                                field="hidden")
         for layer in self.hidden_layers:
-            h = self.codec.encode_hidden(doc.hidden[layer])
+            h = self.codec.encode_hidden(doc.hidden[layer], layer)
             b[hidden_column(layer)].append(h)
             size += len(h)
         self._buf_bytes += size
@@ -216,7 +307,7 @@ class PartWriter:
             self._stack = ExitStack()
             rel = shard_path(self.index, self.count, len(self.manifest.shards))
             sink = self._stack.enter_context(self.storage.atomic_output(rel))
-            self._pq = pq.ParquetWriter(sink, self.schema, **PARQUET_OPTIONS)
+            self._pq = pq.ParquetWriter(sink, self.schema, **self.parquet_options)
         arrays = [pa.array(self._buf[f.name], type=f.type) for f in self.schema]
         table = pa.Table.from_arrays(arrays, schema=self.schema)
         self._pq.write_table(table, row_group_size=len(table))

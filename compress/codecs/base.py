@@ -24,6 +24,9 @@ class IdsCodec(ABC):
     #: two the values are stored in the same order and the reader restores rank order
     #: from them.
     order = "rank"
+    #: True when the encoded bytes are already entropy-coded (zstd inside the codec), so
+    #: the dataset writer stores them without Parquet compression on top.
+    entropy_coded = False
 
     def __init__(self, params: dict[str, Any], *, vocab_size: int, k: int) -> None:
         self.params, self.vocab_size, self.k = params, vocab_size, k
@@ -49,6 +52,8 @@ class IdsCodec(ABC):
 
 class ValuesCodec(ABC):
     """Log-probabilities of the top-k of a run of positions."""
+
+    entropy_coded = False  # as for IdsCodec
 
     def __init__(self, params: dict[str, Any], *, k: int) -> None:
         self.params, self.k = params, k
@@ -85,6 +90,8 @@ class HiddenCodec(ABC):
     the states belong to; ``artifacts`` loads such side data from the dataset by relative
     path. Codecs without side data ignore both.
     """
+
+    entropy_coded = False  # as for IdsCodec
 
     def __init__(self, params: dict[str, Any], *, hidden_size: int, dtype: torch.dtype,
                  artifacts: Callable[[str], bytes] | None = None) -> None:

@@ -76,6 +76,8 @@ class GridValues(ValuesCodec):
     """Params: ``transform`` (sqrt|log), ``step`` (grid step in the transformed unit),
     ``delta`` (default false), ``tail_mass`` (default true), ``level`` (zstd, default 3)."""
 
+    entropy_coded = True
+
     def __init__(self, params: dict[str, Any], *, k: int) -> None:
         super().__init__(params, k=k)
         known = {"transform", "step", "delta", "tail_mass", "level"}

@@ -79,6 +79,8 @@ class GapIds(IdsCodec):
     and encodes 2x slower).
     """
 
+    entropy_coded = True
+
     def __init__(self, params: dict[str, Any], *, vocab_size: int, k: int) -> None:
         super().__init__(params, vocab_size=vocab_size, k=k)
         unknown = sorted(set(params) - {"dictionary", "level"})

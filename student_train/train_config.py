@@ -151,7 +151,7 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    strategy: str = "auto"           # auto (ddp when distributed) | ddp | fsdp | none
+    strategy: str = "auto"           # auto (fsdp if a replica does not fit a GPU, else ddp)
     backend: str = "auto"            # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
     def validate(self) -> None:

@@ -85,17 +85,33 @@ def shutdown_distributed() -> None:
         tdist.destroy_process_group()
 
 
-def strategy_of(parallel: ParallelConfig, dist: DistInfo) -> str:
-    if parallel.strategy == "auto":
-        return "ddp" if dist.distributed else "none"
-    if parallel.strategy in ("ddp", "fsdp") and not dist.distributed:
+# Share of a GPU's memory a replica's weights, gradients and AdamW state may take before
+# ``auto`` shards them: the rest is for activations, the LM-head chunks and the data.
+REPLICA_SHARE = 0.5
+
+
+def training_state_bytes(module: nn.Module) -> int:
+    """fp32 weights of every parameter, plus gradient and two AdamW moments of trainable ones."""
+    return sum(p.numel() * (16 if p.requires_grad else 4) for p in module.parameters())
+
+
+def strategy_of(parallel: ParallelConfig, dist: DistInfo, module: nn.Module | None = None) -> str:
+    """``auto``: nothing on one process; FSDP2 when a full replica's training state would
+    not fit in ``REPLICA_SHARE`` of a GPU, DDP otherwise."""
+    if not dist.distributed:
         return "none"
-    return parallel.strategy
+    if parallel.strategy != "auto":
+        return parallel.strategy
+    if module is not None and dist.device.type == "cuda":
+        total = torch.cuda.get_device_properties(dist.device).total_memory
+        if training_state_bytes(module) > REPLICA_SHARE * total:
+            return "fsdp"
+    return "ddp"
 
 
 def parallelize(module: nn.Module, *, parallel: ParallelConfig, dist: DistInfo) -> nn.Module:
     """Wrap ``module`` (a ``DistillModule`` on its device) for data parallelism."""
-    strategy = strategy_of(parallel, dist)
+    strategy = strategy_of(parallel, dist, module)
     if strategy == "ddp":
         return nn.parallel.DistributedDataParallel(
             module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)

@@ -35,7 +35,7 @@ from .stream import StreamState, global_batch
 from .stream_loader import DistillStream, TrainBatches, build_index
 from .train_checks import check_dataset, check_same_teacher, resolve_layer_map
 from .train_config import Config, OptimConfig, StudentConfig, dump_config
-from .train_dist import init_distributed, no_sync, parallelize, unwrap
+from .train_dist import init_distributed, no_sync, parallelize, strategy_of, unwrap
 from .train_objective import DistillModule, training_objective, weighted_loss
 
 
@@ -153,6 +153,7 @@ class Trainer:
         module.to(self.device)
 
         # parallelism, then the optimizer over the (possibly sharded) parameters
+        self.strategy = strategy_of(cfg.parallel, dist, module)
         self.model = parallelize(module, parallel=cfg.parallel, dist=dist)
         self.module = unwrap(self.model)
         self.optimizer = build_optimizer(self.module, optim=cfg.optim)
@@ -230,7 +231,8 @@ class Trainer:
         if dist.is_main and cfg.log.progress:
             tqdm.write(f"student: {self.trainable:,} trainable and {self.frozen:,} frozen "
                        f"parameters; {self.total_steps} steps of {self.seq_per_step} sequences "
-                       f"x {cfg.data.seq_len} tokens on {dist.world_size} x {self.device}")
+                       f"x {cfg.data.seq_len} tokens on {dist.world_size} x {self.device}"
+                       + (f" ({self.strategy})" if dist.distributed else ""))
         if self.eval_stream is not None and cfg.eval.at_start and self.step == 0:
             last_eval = self.evaluate()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,

@@ -28,10 +28,11 @@ def toy_teacher(seed: int = 0):
     return logprobs, hidden
 
 
-def write_dataset(out: Path, *, n_docs: int = 40, seed: int = 0, min_len: int = 3,
+def write_dataset(out: Path | str, *, n_docs: int = 40, seed: int = 0, min_len: int = 3,
                   max_len: int = 40, docs_per_shard: int = 9, row_group_bytes: int = 6000,
                   teacher_mask_every: int = 0, loss_mask_every: int = 0) -> list[TeacherDocument]:
-    """A dataset of ``n_docs`` toy-teacher documents in several shards and row groups."""
+    """A dataset of ``n_docs`` toy-teacher documents in several shards and row groups
+    (``out``: a directory or a filesystem URL)."""
     rng = np.random.default_rng(seed)
     logprobs, hidden = toy_teacher()
     teacher = TeacherInfo("toy", "ToyBigram", "0" * 64, VOCAB, HIDDEN, 2, "1" * 64,

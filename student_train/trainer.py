@@ -148,8 +148,13 @@ class Trainer:
             ckpt.load_projections(module, self.resume_from)
         self.trainable, self.frozen = freeze(student, cfg.train.frozen)
         if cfg.train.gradient_checkpointing:
-            student.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5.23 renamed the switch; older releases only have the old name
+            if hasattr(student, "activation_checkpointing_enable"):
+                student.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                student.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
         module.to(self.device)
 
         # parallelism, then the optimizer over the (possibly sharded) parameters
@@ -217,8 +222,8 @@ class Trainer:
 
     def _check_resumable(self, meta: dict) -> None:
         old = meta.get("config", {}).get("data", {})
-        changed = [k for k in ("path", "seq_len", "packing", "shuffle", "shuffle_block",
-                               "streams", "seed") if k in old and old[k] != getattr(self.cfg.data, k)]
+        keys = ("path", "seq_len", "packing", "shuffle", "shuffle_block", "streams", "seed")
+        changed = [k for k in keys if k in old and old[k] != getattr(self.cfg.data, k)]
         if changed:
             raise ConfigError(f"cannot resume {self.resume_from}: data settings {changed} differ "
                               f"from the checkpoint's, so its position in the data means nothing")
@@ -275,7 +280,7 @@ class Trainer:
                 counts[k] += v
         counts = self.dist.all_reduce_sum(counts)            # normalizers of the global batch
         self.model.train()
-        sums: dict[str, float] = defaultdict(float)
+        acc: dict[str, torch.Tensor] = {}
         for i, b in enumerate(batches):
             b = b.to(self.device)
             with no_sync(self.model, skip=i < len(batches) - 1):
@@ -283,8 +288,9 @@ class Trainer:
                     out = self.model(b)
                     loss = weighted_loss(out, self.objective, counts) * self.dist.world_size
                 loss.backward()
-            for k, v in out.items():
-                sums[k] += float(v.detach())
+            for k, v in out.items():                         # no device sync per micro-batch
+                acc[k] = acc[k] + v.detach().double() if k in acc else v.detach().double()
+        sums = {k: float(v) for k, v in acc.items()}
         params = [p for p in self.module.parameters() if p.requires_grad]
         max_norm = self.cfg.optim.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
@@ -317,7 +323,7 @@ class Trainer:
     def save(self, state: StreamState, last: dict) -> Path:
         meta = {"tokens_seen": self.tokens_seen, "data_state": state.to_dict(),
                 "metrics": last, "config": self.cfg.to_dict()}
-        return ckpt.save_checkpoint(self.out, self.step, module=self.module, optimizer=self.optimizer,
-                             scheduler=self.scheduler, meta=meta, dist=self.dist,
-                             keep_last=self.cfg.checkpoint.keep_last,
-                             tokenizer_src=self.tokenizer_src)
+        return ckpt.save_checkpoint(self.out, self.step, module=self.module,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, meta=meta,
+                                    dist=self.dist, keep_last=self.cfg.checkpoint.keep_last,
+                                    tokenizer_src=self.tokenizer_src)

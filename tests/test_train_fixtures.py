@@ -37,7 +37,8 @@ def write_dataset(out: Path | str, *, n_docs: int = 40, seed: int = 0, min_len: 
     logprobs, hidden = toy_teacher()
     teacher = TeacherInfo("toy", "ToyBigram", "0" * 64, VOCAB, HIDDEN, 2, "1" * 64,
                           {"bos": None, "eos": None, "pad": None, "unk": None}, "float32")
-    capture = CaptureSettings("hf", K, 64, "float32", False, list(LAYERS), "text", "truncate", "toy")
+    capture = CaptureSettings("hf", K, 64, "float32", False, list(LAYERS), "text", "truncate",
+                              "toy")
     w = PartWriter(str(out), teacher=teacher, capture=capture, codec=EXACT, index=0, count=1,
                    docs_per_shard=docs_per_shard, row_group_bytes=row_group_bytes)
     docs = []

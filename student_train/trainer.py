@@ -30,6 +30,7 @@ from schemas import ConfigError
 from . import checkpoint as ckpt
 from .evaluate import autocast_for, eval_stream, evaluate, load_student
 from .metrics import MetricsLog
+from .modeling import enable_activation_checkpointing
 from .packing import PackedBatch
 from .stream import StreamState, global_batch
 from .stream_loader import DistillStream, TrainBatches, build_index
@@ -148,13 +149,7 @@ class Trainer:
             ckpt.load_projections(module, self.resume_from)
         self.trainable, self.frozen = freeze(student, cfg.train.frozen)
         if cfg.train.gradient_checkpointing:
-            # transformers >= 5.23 renamed the switch; older releases only have the old name
-            if hasattr(student, "activation_checkpointing_enable"):
-                student.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                student.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(student)
         module.to(self.device)
 
         # parallelism, then the optimizer over the (possibly sharded) parameters

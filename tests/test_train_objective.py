@@ -8,6 +8,7 @@ import torch
 
 from compress import Dataset
 from student_train.evaluate import load_student
+from student_train.modeling import enable_activation_checkpointing
 from student_train.stream_loader import DistillStream, build_index
 from student_train.train_config import LossConfig, LossTerm
 from student_train.train_objective import DistillModule, training_objective, weighted_loss
@@ -64,8 +65,7 @@ def test_activation_checkpointing_changes_nothing(parts):
     batches = _batches(parts, 2)[:2]
     module, obj = _module(parts)
     plain = _grads(module, obj, batches)
-    module.student.activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(module.student)
     module.train()
     ckpt = _grads(module, obj, batches)
     for n in plain:

@@ -59,7 +59,11 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """RNG states as tensors and plain Python values, so they load with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "gauss": gauss},
              "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -68,7 +72,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -147,15 +153,15 @@ def read_meta(path: Path) -> dict:
 
 def load_projections(module, path: Path) -> None:
     """Before parallelization: the projections' weights from a checkpoint."""
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     module.projections.load_state_dict(state["projections"])
 
 
 def load_training_state(path: Path, *, module, optimizer, scheduler, dist: DistInfo) -> None:
     """After parallelization: optimizer, scheduler and this rank's RNG states."""
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     set_optimizer_state_dict(module, optimizer, state["optimizer"], options=_FULL)
     scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng-rank{dist.rank:05d}.pt"
     if rng.exists():                              # absent when resuming on more ranks
-        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))

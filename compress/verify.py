@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from schemas import DatasetError, KdpipeError, ShardEntry
+from schemas import DatasetError, KdpipeError, Manifest, ShardEntry, Storage
 from schemas import arrow as cols
+from schemas.layout import MANIFEST, PARTS_DIR, is_fragment_name
 
 from .reader import Dataset
 
@@ -97,9 +98,18 @@ def _check_artifact(ds: Dataset, rel: str, entry) -> None:
 
 def verify_dataset(uri: str, *, deep: bool = False) -> VerifyReport:
     """Check every codec artifact's presence and sha256, and every shard's presence, size,
-    sha256, schema and codec (and rows, if deep)."""
-    ds = Dataset(uri)
+    sha256, schema and codec (and rows, if deep), and that every manifest file is intact."""
     report = VerifyReport()
+    storage = Storage(uri)
+    fragments = [f"{PARTS_DIR}/{n}" for n in storage.listdir(PARTS_DIR) if is_fragment_name(n)]
+    for rel in [MANIFEST] * storage.exists(MANIFEST) + fragments:
+        try:
+            Manifest.from_json(storage.read_bytes(rel), storage.describe(rel))
+        except KdpipeError as e:
+            report.problems.append(ShardProblem(rel, str(e)))
+    if report.problems:  # the dataset's description itself is damaged: nothing to check against
+        return report
+    ds = Dataset(uri)
     for rel, entry in sorted(ds.manifest.artifacts.items()):
         report.artifacts_checked += 1
         try:

@@ -15,6 +15,7 @@ part says ``complete``. Readers take ``manifest.json`` when present, else the un
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -149,7 +150,10 @@ class Manifest:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+        """The on-disk form, with a checksum over everything else so that any damage is seen."""
+        d = self.to_dict()
+        d["checksum"] = _checksum(d)
+        return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> "Manifest":
@@ -182,7 +186,18 @@ class Manifest:
             d = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"not valid JSON ({e})", file=where) from e
+        if not isinstance(d, dict) or "checksum" not in d:
+            raise DatasetError("manifest has no checksum (damaged or not written by kdpipe)",
+                               file=where)
+        stored = d.pop("checksum")
+        if stored != _checksum(d):
+            raise DatasetError("manifest checksum mismatch: the file is damaged", file=where)
         return cls.from_dict(d, where)
+
+
+def _checksum(d: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
 
 
 def merge_fragments(fragments: list[tuple[str, Manifest]]) -> Manifest:

@@ -13,7 +13,7 @@ import torch
 from compress import Dataset, PartWriter
 from compress.verify import dump_arrays, verify_dataset
 from schemas import (CaptureSettings, CodecConfig, CodecMismatchError, DatasetError,
-                     TeacherDocument, TeacherInfo)
+                     Manifest, TeacherDocument, TeacherInfo)
 
 VOCAB, K, H = 500, 6, 8
 EXACT = CodecConfig.from_dict({"name": "exact", "ids": "int32", "values": "float32",
@@ -126,7 +126,7 @@ def test_mislabelled_shard_codec_is_refused(written):
     pq.write_table(table.replace_schema_metadata(meta), path)
     m = json.loads((out / "manifest.json").read_text())
     m["shards"][0]["bytes"] = path.stat().st_size  # an honest size: only the codec lies
-    (out / "manifest.json").write_text(json.dumps(m))
+    (out / "manifest.json").write_text(Manifest.from_dict(m).to_json())
     with pytest.raises(CodecMismatchError, match=entry.file):
         list(Dataset(str(out)).iter_documents())
 

@@ -17,8 +17,8 @@ from compress.cli import compress_cmd
 from compress.codec import load_codec_config
 from compress.fidelity import LOWRANK_ARTIFACT, resolve_lowrank
 from compress.verify import verify_dataset
-from schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetError, TeacherDocument,
-                     TeacherInfo)
+from schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetError, Manifest,
+                     TeacherDocument, TeacherInfo)
 
 VOCAB, K, H, RANK = 300, 8, 32, 6
 LAYERS = (0, 3)
@@ -155,7 +155,7 @@ def test_parts_carry_the_same_artifact(tmp_path):
     frag = out / "parts" / "part-00001-of-00002.json"
     bad = json.loads(frag.read_text())
     bad["artifacts"][LOWRANK_ARTIFACT]["sha256"] = "0" * 64
-    frag.write_text(json.dumps(bad))
+    frag.write_text(Manifest.from_dict(bad).to_json())  # a consistent, checksummed fragment
     (out / "manifest.json").unlink()
     with pytest.raises(DatasetError, match=f"part-00001-of-00002.json.*{LOWRANK_ARTIFACT}"):
         Dataset(str(out))

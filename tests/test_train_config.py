@@ -184,10 +184,12 @@ def test_tokenizer_is_checked(toy, tmp_path, teacher_dir):
 
 def test_heldout_from_another_teacher_is_refused(toy, tmp_path):
     import json
+
+    from schemas import Manifest
     other = tmp_path / "other"
     write_dataset(other, n_docs=3)
     m = json.loads((other / "manifest.json").read_text())
     m["teacher"]["config_sha256"] = "f" * 64
-    (other / "manifest.json").write_text(json.dumps(m))
+    (other / "manifest.json").write_text(Manifest.from_dict(m).to_json())
     with pytest.raises(ConfigError, match="held-out data comes from another teacher"):
         _trainer(tmp_path, toy, f"eval.data={other}")

@@ -45,7 +45,9 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
     try:
         trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
         result = trainer.train()
-        if trainer.dist.is_main:
+        if trainer.dist.is_main and result.get("stopped"):
+            click.echo(f"stopped after {result['step']} steps; rerun with --resume to continue")
+        elif trainer.dist.is_main:
             ev = result["eval"]
             tail = f"; held-out kl {ev['kl']:.4f}, top1 {ev['top1']:.3f}" if ev else ""
             click.echo(f"trained {result['step']} steps, final loss "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import signal
 import time
 from collections import defaultdict
 from functools import partial
@@ -107,6 +108,25 @@ def prepare_student(student: StudentConfig, out: Path, *, is_main: bool, barrier
         convert_teacher(teacher, student.pattern, target, seed=student.init_seed, overwrite=True)
     barrier()
     return str(target)
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (a scheduler's preemption notice) into a flag the loop checks between
+    steps, so the run can checkpoint and exit resumable instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self) -> "_SigtermFlag":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 class Trainer:
@@ -238,24 +258,19 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (dist.is_main and cfg.log.progress), desc="train")
         last: dict = {}
-        while self.step < self.total_steps:
-            t0 = time.perf_counter()
-            batches, state = self.batches.next_step()
-            last = self.train_step(batches)
-            self.step += 1
-            self.tokens_seen += int(last["tokens"])
-            last["tokens_per_s"] = last["tokens"] / max(time.perf_counter() - t0, 1e-9)
-            last["epoch"], last["sample_in_epoch"] = state.epoch, state.sample_in_epoch
-            if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                self.metrics.log("train", self.step, dict(last, tokens_seen=self.tokens_seen))
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            if self.eval_stream is not None and cfg.eval.every and \
-                    self.step % cfg.eval.every == 0 and self.step < self.total_steps:
-                last_eval = self.evaluate()
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and \
-                    self.step < self.total_steps:
-                self.save(state, last)
+        with _SigtermFlag() as sigterm:
+            while self.step < self.total_steps:
+                last, last_eval, state = self._one_step(bar, last_eval)
+                # every rank must stop at the same step: the flag is agreed like a metric
+                if self.dist.all_reduce_sum({"stop": float(sigterm.raised)})["stop"]:
+                    self.save(state, last)
+                    bar.close()
+                    self.metrics.close()
+                    if dist.is_main:
+                        tqdm.write(f"stopped by SIGTERM after step {self.step}; checkpoint "
+                                   f"saved, rerun with --resume to continue")
+                    return {"step": self.step, "train": last, "eval": last_eval,
+                            "stopped": True}
         bar.close()
         if self.eval_stream is not None and cfg.eval.at_end and \
                 (not last_eval or last_eval.get("step") != self.step):
@@ -266,6 +281,28 @@ class Trainer:
         dist.barrier()
         self.metrics.close()
         return {"step": self.step, "train": last, "eval": last_eval}
+
+    def _one_step(self, bar, last_eval: dict) -> tuple[dict, dict, StreamState]:
+        """One optimizer step with its logging, evaluation and periodic checkpoint."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batches, state = self.batches.next_step()
+        last = self.train_step(batches)
+        self.step += 1
+        self.tokens_seen += int(last["tokens"])
+        last["tokens_per_s"] = last["tokens"] / max(time.perf_counter() - t0, 1e-9)
+        last["epoch"], last["sample_in_epoch"] = state.epoch, state.sample_in_epoch
+        if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+            self.metrics.log("train", self.step, dict(last, tokens_seen=self.tokens_seen))
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        if self.eval_stream is not None and cfg.eval.every and \
+                self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+            last_eval = self.evaluate()
+        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and \
+                self.step < self.total_steps:
+            self.save(state, last)
+        return last, last_eval, state
 
     def train_step(self, batches: list[PackedBatch]) -> dict:
         """One optimizer step over this rank's micro-batches; returns global metrics."""

@@ -49,6 +49,22 @@ def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _assert_same_run(full, other) -> None:
+    """Per-step losses, held-out metrics and final weights are bitwise equal."""
+    a, b = _records(full / "run"), _records(other / "run")
+    assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss_kl_t2", "loss_ce", "loss_hidden_cosine", "grad_norm", "lr",
+                    "kl", "top1", "ce", "epoch", "sample_in_epoch", "tokens_seen"):
+            if key in ra:
+                assert ra[key] == rb[key], (ra["kind"], ra["step"], key, ra[key], rb[key])
+    wa = load_file(full / "run" / "final" / "model.safetensors")
+    wb = load_file(other / "run" / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 def test_sigkill_then_resume_equals_uninterrupted(inputs, tmp_path):
     full = tmp_path / "full"
     subprocess.run(_args(inputs, full), check=True, env=_env(), capture_output=True)
@@ -70,18 +86,7 @@ def test_sigkill_then_resume_equals_uninterrupted(inputs, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    a, b = _records(full / "run"), _records(killed / "run")
-    assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("loss", "loss_kl_t2", "loss_ce", "loss_hidden_cosine", "grad_norm", "lr",
-                    "kl", "top1", "ce", "epoch", "sample_in_epoch", "tokens_seen"):
-            if key in ra:
-                assert ra[key] == rb[key], (ra["kind"], ra["step"], key, ra[key], rb[key])
-    wa = load_file(full / "run" / "final" / "model.safetensors")
-    wb = load_file(killed / "run" / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    _assert_same_run(full, killed)
     # only the last keep_last checkpoints remain
     kept = sorted(p.name for p in (killed / "run" / "checkpoints").iterdir())
     assert kept == ["step-00000021", "step-00000024"]
@@ -99,3 +104,26 @@ def test_existing_run_needs_resume_or_overwrite(inputs, tmp_path):
         Trainer(cfg)
     assert Trainer(cfg, resume=True).train()["step"] == 2     # nothing left to do
     assert Trainer(cfg, overwrite=True).train()["step"] == 2
+
+
+def test_sigterm_checkpoints_and_resume_equals_uninterrupted(inputs, tmp_path):
+    full = tmp_path / "full"
+    subprocess.run(_args(inputs, full), check=True, env=_env(), capture_output=True)
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(_args(inputs, stopped), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = stopped / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (
+            metrics.exists() and '"step": 4' in metrics.read_text()):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    steps = sorted(p.name for p in (stopped / "run" / "checkpoints").iterdir())
+    assert steps and steps[-1] < "step-00000024"       # stopped early, with a checkpoint
+    assert not (stopped / "run" / "final").exists()
+    result = subprocess.run(_args(inputs, stopped) + ["--resume"], env=_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(full, stopped)

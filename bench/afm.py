@@ -1,0 +1,117 @@
+"""What the AFM-4.5B benchmarks share: a random-weight teacher, long documents, FLOP counts,
+the GPU's measured bf16 matmul rate, and the table/JSON output.
+
+Random weights are fine for speed (every FLOP and byte is the same as with AFM's real ones);
+the top-k distributions are flatter than a trained model's, so bytes/token here say nothing
+about compression on real data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from capture.teacher import afm_4p5b_config
+
+
+def random_afm_teacher(out: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """AFM-4.5B with random bf16 weights, built on the GPU and saved with a tokenizer, so that
+    capture and training load it as they load any checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(afm_4p5b_config(), dtype=torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, tmp / f.name)
+    del model
+    torch.cuda.empty_cache()
+    tmp.rename(out)
+    return out
+
+
+def long_documents(out: Path, tokenizer_dir: Path, *, n_docs: int, min_tokens: int) -> Path:
+    """JSONL of ``n_docs`` documents of at least ``min_tokens`` tokens, each joined from
+    consecutive records of the embedded corpus (stdlib docstrings, built on this machine)."""
+    from transformers import AutoTokenizer
+
+    from capture.corpus import build_corpus
+
+    corpus = out.with_suffix(".corpus.jsonl")
+    build_corpus(corpus, out.with_suffix(".heldout.jsonl"))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = [r["text"] for r in map(json.loads, corpus.read_text().splitlines()) if "text" in r]
+    docs, cur, i = [], [], 0
+    while len(docs) < n_docs:
+        cur.append(texts[i % len(texts)])
+        i += 1
+        if len(cur) % 8 == 0 and len(tok("\n\n".join(cur))["input_ids"]) >= min_tokens:
+            docs.append("\n\n".join(cur))
+            cur = []
+    out.write_text("".join(json.dumps({"id": f"long-{j}", "text": t}) + "\n"
+                           for j, t in enumerate(docs)))
+    return out
+
+
+def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    """The GPU's bf16 dense matmul rate, measured now: the denominator of MFU."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def linear_params(model: torch.nn.Module) -> int:
+    """Weights that take part in matmuls (every nn.Linear, the LM head included)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def attention_flops_per_token(config, seq_len: int, full_layers: int) -> float:
+    """Causal softmax attention, QK^T and PV, averaged over the positions of one sequence."""
+    width = config.num_attention_heads * config.head_dim
+    return 4 * full_layers * width * (seq_len + 1) / 2
+
+
+def synced() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def print_table(title: str, rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    """``cols``: (key, header, format)."""
+    print(f"\n{title}")
+    widths = [max(len(h), 10) for _, h, _ in cols]
+    print("  ".join(h.rjust(w) if i else h.ljust(40) for i, ((_, h, _), w)
+                    in enumerate(zip(cols, widths))))
+    for r in rows:
+        cells = []
+        for i, ((key, _, fmt), w) in enumerate(zip(cols, widths)):
+            v = r.get(key)
+            text = "-" if v is None else format(v, fmt)
+            cells.append(text.ljust(40) if i == 0 else text.rjust(w))
+        print("  ".join(cells))
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=1))
+
+
+def gpu_name() -> str:
+    return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)"

@@ -2,7 +2,7 @@
 
     python bench/bench_afm_capture.py --tokenizer DIR [--work /dev/shm/kdpipe-afm] [--docs 64]
         [--seq-len 4096] [--batch-tokens 32768] [--hidden-layers 9,18,27,36] [--codec default]
-        [--json bench/results/afm_capture.json]
+        [--keep DS] [--json bench/results/afm_capture.json]
 
 The teacher is AFM-4.5B's architecture with random bf16 weights (``bench/afm.py``); documents
 are the embedded corpus joined to at least ``--seq-len`` tokens and cut there, so every batch is
@@ -58,7 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", required=True, help="a directory with tokenizer files")
     ap.add_argument("--work", default="/dev/shm/kdpipe-afm")
-    ap.add_argument("--out", default=None, help="capture output (default: a temp dir on disk)")
+    ap.add_argument("--keep", default=None, help="write the capture here and keep it (default: "
+                                                 "a temporary directory on disk, deleted)")
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--batch-tokens", type=int, default=32768)
@@ -111,9 +112,9 @@ def main() -> None:
     fwd_mem = torch.cuda.max_memory_allocated() / 2**30
     del model, head, kept
     torch.cuda.empty_cache()
-    with tempfile.TemporaryDirectory(dir=a.out) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         s = run_capture(CaptureOptions(
-            model=str(teacher), data=str(data), out=str(Path(tmp) / "ds"), limit=a.docs,
+            model=str(teacher), data=str(data), out=a.keep or str(Path(tmp) / "ds"), limit=a.docs,
             max_seq_len=a.seq_len, batch_tokens=a.batch_tokens, window=a.window, device="cuda",
             dtype="bfloat16", codec=a.codec, hidden_layers=a.hidden_layers, top_k=a.top_k,
             chat_template=False, progress=False))

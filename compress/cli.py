@@ -35,8 +35,9 @@ def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int) -> Non
     artifacts = None
     if config.hidden.kind == "lowrank" and "projection" not in config.hidden.params:
         config, artifacts = _resolve_lowrank(source, config, dst, calibration_tokens)
+    # offline: no GPU to keep up with, so the hidden states get zstd too (smaller shards)
     writer = PartWriter(dst, teacher=m.teacher, capture=m.capture, codec=config, index=0,
-                        count=1, artifacts=artifacts)
+                        count=1, artifacts=artifacts, zstd_hidden=True)
     try:
         for i, doc in enumerate(source.iter_documents()):
             if i >= writer.next_record:

@@ -64,8 +64,9 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def to_bytes(x: np.ndarray, dtype: str) -> np.ndarray:
     """[N, m] float64 -> [N, m * itemsize] uint8 of ``dtype``, little-endian."""
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).to(DTYPES[dtype])
-    return t.reshape(-1).view(torch.uint8).numpy() \
+    # flattened in numpy first: some torch versions give a [1, 1] array a zero stride
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1)).to(DTYPES[dtype])
+    return t.view(torch.uint8).numpy() \
         .reshape(x.shape[0], x.shape[1] * _itemsize(dtype))
 
 

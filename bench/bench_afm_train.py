@@ -1,0 +1,230 @@
+"""Training throughput of AFM-4.5B's 3:1 KDA hybrid student: recipes, lengths, online vs offline.
+
+    python bench/bench_afm_train.py --teacher DIR --data DS [--rows stage1:2048,stage1:8192,...]
+        [--online 8192] [--steps 4] [--warmup 2] [--json bench/results/afm_train.json]
+    torchrun --nproc-per-node 2 bench/bench_afm_train.py ... (data parallel; rank 0 reports)
+
+``--teacher``: AFM-4.5B with random weights (``bench/afm.py``); ``--data``: a capture of it
+with hidden layers 9,18,27,36 (``bench_afm_capture.py --keep DS``). Each row builds kdpipe's
+``Trainer`` (the code ``kdpipe train`` runs: streaming shards, decoding on the GPU, packing,
+bf16 autocast over float32 master weights, activation checkpointing, chunked sparse KL) and
+times ``--steps`` optimizer steps after ``--warmup``. The student is the 3:1 hybrid with random
+weights, built once on the GPU and shared by the rows (conversion from random teacher weights
+would only cost time). A step is ``max(1, 8192 / L)`` sequences of L tokens per GPU.
+
+Recipes: ``stage1`` (embeddings, LM head, norms and MLPs frozen; 0.2 CE + 0.2 KL at T=2 +
+0.6 hidden cosine on layers 9/18/27/36) and ``full`` (every parameter, same loss). ``online``
+runs the stage-1 step with the teacher's forward (top-k and hidden states computed from the
+packed batch inside the step, instead of read from shards) at the ``--online`` length.
+
+A last table compares the head loss computed in chunks of ``--loss-chunk`` positions against
+materializing the logits of all positions at once: forward + backward time and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from afm import gpu_name, print_table, synced, write_json
+from capture.teacher import afm_4p5b_config
+from capture.topk import topk_logprobs
+from student_train import KDAHybridForCausalLM
+from student_train import trainer as trainer_module
+from student_train.convert import student_config_from_teacher
+from student_train.sparse_kl import HeadTerm, head_losses
+from student_train.train_config import Config, from_dict
+
+LAYERS = [9, 18, 27, 36]
+FROZEN = ["embed_tokens", "lm_head", r"(^|\.)(input_layernorm|post_attention_layernorm|norm)"
+          r"\.weight$", r"^model\.layers\.\d+\.mlp\."]
+
+
+def config(out: str, data: str, student_dir: str, recipe: str, seq_len: int) -> Config:
+    return from_dict(Config, {
+        "out": out, "student": {"path": student_dir},
+        "data": {"path": data, "seq_len": seq_len, "workers": 2, "decode_on": "device",
+                 "check_tokenizer": False},
+        "loss": {"terms": [{"kind": "ce", "weight": 0.2},
+                           {"kind": "kl", "weight": 0.2, "temperature": 2.0},
+                           {"kind": "hidden_cosine", "weight": 0.6}],
+                 "missing": "tail", "chunk_size": 2048,
+                 "layer_map": [[s, s] for s in LAYERS]},
+        "optim": {"lr": 1e-5, "max_grad_norm": 1.0},
+        "train": {"max_steps": 1000, "micro_batch": max(1, 8192 // seq_len), "grad_accum": 1,
+                  "precision": "bf16", "gradient_checkpointing": True,
+                  "frozen": FROZEN if recipe != "full" else []},
+        "log": {"tensorboard": False, "progress": False}}).validate()
+
+
+class OnlineTeacher:
+    """The teacher inside the step: top-k and hidden states of each packed micro-batch."""
+
+    def __init__(self, path: str, top_k: int) -> None:
+        from transformers import AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+        self.model.eval()
+        self.top_k, self.kept = top_k, {}
+        for layer in LAYERS:
+            self.model.model.layers[layer - 1].register_forward_hook(self._keep(layer))
+
+    def _keep(self, layer: int):
+        def hook(_m, _i, out):
+            self.kept[layer] = (out[0] if isinstance(out, tuple) else out)[0]
+        return hook
+
+    @torch.no_grad()     # not inference_mode: the loss saves these targets for backward
+    def targets(self, batch):
+        """The batch with the teacher's targets (the packed row runs as one sequence: same
+        FLOPs as per-document attention up to the attention term)."""
+        batch = batch.to("cuda")
+        h = self.model.model(input_ids=batch.input_ids).last_hidden_state[0][batch.row_pos]
+        head = self.model.get_output_embeddings()
+        parts = [topk_logprobs(head(h[s:s + 2048]), self.top_k) for s in range(0, len(h), 2048)]
+        ids = torch.cat([p[0] for p in parts])
+        lps = torch.cat([p[1] for p in parts])
+        batch.topk_ids, batch.topk_logprobs = ids, lps
+        batch.tail = (1 - lps.double().exp().sum(-1)).clamp(min=0).float()
+        batch.hidden = {layer: t.float() for layer, t in self.kept.items()}
+        return batch
+
+
+def run_row(recipe: str, seq_len: int, *, student, args, teacher=None) -> dict:
+    for p in student.parameters():
+        p.requires_grad_(True)
+    out = f"/tmp/kdpipe-afm-train/{recipe}-{seq_len}{'-online' if teacher else ''}"  # all ranks
+    torch.cuda.reset_peak_memory_stats()
+    tr = trainer_module.Trainer(config(out, args.data, args.student_dir, recipe, seq_len),
+                                overwrite=True)
+    if teacher is not None:
+        step = tr.train_step
+        tr.train_step = lambda batches: step([teacher.targets(b) for b in batches])
+    times, tokens = [], []
+    for i in range(args.warmup + args.steps):
+        t0 = synced()
+        batches, _ = tr.batches.next_step()
+        m = tr.train_step(batches)
+        dt = synced() - t0
+        if i >= args.warmup:
+            times.append(dt)
+            tokens.append(m["tokens"])
+    row = {"what": f"{recipe}{' online' if teacher else ''} L={seq_len}", "recipe": recipe,
+           "online": teacher is not None, "seq_len": seq_len,
+           "gpus": tr.dist.world_size, "trainable_b": tr.trainable / 1e9,
+           "tokens_per_s": sum(tokens) / sum(times),
+           "tokens_per_s_per_gpu": sum(tokens) / sum(times) / tr.dist.world_size,
+           "step_s": sum(times) / len(times), "loss": m["loss"],
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del tr
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def loss_memory(n: int, chunk: int, top_k: int = 128) -> list[dict]:
+    """Head loss forward + backward over n positions: chunked vs all logits at once."""
+    cfg = afm_4p5b_config()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h0 = torch.randn(n, cfg.hidden_size, device="cuda", generator=g)
+    w = (torch.randn(cfg.vocab_size, cfg.hidden_size, device="cuda", generator=g) * 0.02)
+    w.requires_grad_(True)
+    ids = torch.randint(0, cfg.vocab_size, (n, top_k), device="cuda", generator=g)
+    lps = torch.log_softmax(torch.randn(n, top_k, device="cuda", generator=g), -1) - 0.1
+    tail = (1 - lps.exp().sum(-1)).clamp(min=0)
+    labels = torch.randint(0, cfg.vocab_size, (n,), device="cuda", generator=g)
+    terms = [HeadTerm("ce", "ce"), HeadTerm("kl_t2", "kl", 2.0, "tail")]
+    rows = []
+    for name, size in ((f"chunked ({chunk} positions)", chunk), ("all logits at once", 0)):
+        for rep in range(3):
+            h = h0.clone().requires_grad_(True)
+            w.grad = None
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = synced()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                sums = head_losses(h, w, topk_ids=ids, topk_logprobs=lps, tail=tail,
+                                   has_teacher=torch.ones(n, dtype=torch.bool, device="cuda"),
+                                   labels=labels, terms=terms, chunk_size=size)
+            sum(sums.values()).backward()
+            dt = synced() - t0
+        rows.append({"what": name, "positions": n, "ms": dt * 1e3,
+                     "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--rows", default="stage1:2048,stage1:8192,stage1:32768,full:2048,"
+                                      "full:8192,full:32768")
+    ap.add_argument("--online", type=int, default=8192, help="0: no online row")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--loss-positions", type=int, default=8192, help="0: no loss table")
+    ap.add_argument("--loss-chunk", type=int, default=2048)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+
+    # one student for every row: random 3:1 hybrid weights, float32 master copy on the GPU
+    student_cfg = student_config_from_teacher(afm_4p5b_config(), "3:1")
+    student_cfg.kda_backend = "fla"
+    with torch.device("cuda"):
+        student = KDAHybridForCausalLM(student_cfg)
+    args.student_dir = tempfile.mkdtemp(prefix="afm-student-")
+    student_cfg.save_pretrained(args.student_dir)
+    trainer_module.load_student = lambda path, kda_backend="auto", dtype=None: student
+    rows = []
+    for spec in [r for r in args.rows.split(",") if r]:
+        recipe, length = spec.split(":")
+        try:
+            rows.append(run_row(recipe, int(length), student=student, args=args))
+        except torch.OutOfMemoryError as e:
+            rows.append({"what": f"{recipe} L={length}", "error": f"out of memory: {e}"[:200]})
+            gc.collect()
+            torch.cuda.empty_cache()
+        if rank == 0:
+            print(rows[-1], flush=True)
+    if args.online:
+        offline = next((r for r in rows if r.get("recipe") == "stage1"
+                        and r["seq_len"] == args.online), None)
+        teacher = OnlineTeacher(args.teacher, top_k=128)
+        online = run_row("stage1", args.online, student=student, args=args, teacher=teacher)
+        if offline:
+            online["offline_speedup"] = offline["tokens_per_s"] / online["tokens_per_s"]
+        rows.append(online)
+        del teacher
+        gc.collect()
+        torch.cuda.empty_cache()
+    del student
+    gc.collect()
+    torch.cuda.empty_cache()
+    loss_rows = loss_memory(args.loss_positions, args.loss_chunk) if args.loss_positions else []
+    if rank != 0:
+        return
+    print(f"\nAFM-4.5B 3:1 KDA hybrid student (random weights), {gpu_name()}, "
+          f"{rows[0].get('gpus', 1)} process(es); {args.steps} timed steps after {args.warmup}")
+    print_table("training throughput", rows, [
+        ("what", "what", "s"), ("tokens_per_s", "tokens/s", ".0f"),
+        ("tokens_per_s_per_gpu", "per GPU", ".0f"), ("step_s", "s/step", ".2f"),
+        ("trainable_b", "trainable B", ".2f"), ("peak_gib", "peak GiB", ".1f"),
+        ("offline_speedup", "offline x", ".2f")])
+    if loss_rows:
+        print_table("head loss, forward + backward", loss_rows, [
+            ("what", "what", "s"), ("positions", "positions", "d"), ("ms", "ms", ".1f"),
+            ("peak_extra_gib", "peak GiB", ".2f")])
+    write_json(args.json, {"machine": gpu_name(), "steps": args.steps, "warmup": args.warmup,
+                           "rows": rows, "loss": loss_rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -95,15 +95,16 @@ def synced() -> float:
 def print_table(title: str, rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
     """``cols``: (key, header, format)."""
     print(f"\n{title}")
-    widths = [max(len(h), 10) for _, h, _ in cols]
-    print("  ".join(h.rjust(w) if i else h.ljust(40) for i, ((_, h, _), w)
+    first = max([40] + [len(str(r.get(cols[0][0], ""))) for r in rows])
+    widths = [first] + [max(len(h), 10) for _, h, _ in cols[1:]]
+    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, ((_, h, _), w)
                     in enumerate(zip(cols, widths))))
     for r in rows:
         cells = []
         for i, ((key, _, fmt), w) in enumerate(zip(cols, widths)):
             v = r.get(key)
             text = "-" if v is None else format(v, fmt)
-            cells.append(text.ljust(40) if i == 0 else text.rjust(w))
+            cells.append(text.rjust(w) if i else text.ljust(w))
         print("  ".join(cells))
 
 

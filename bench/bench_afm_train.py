@@ -104,26 +104,43 @@ def run_row(recipe: str, seq_len: int, *, student, args, teacher=None) -> dict:
     if teacher is not None:
         step = tr.train_step
         tr.train_step = lambda batches: step([teacher.targets(b) for b in batches])
-    times, tokens = [], []
+    times, waits, tokens = [], [], []
     for i in range(args.warmup + args.steps):
         t0 = synced()
         batches, _ = tr.batches.next_step()
+        t1 = synced()
         m = tr.train_step(batches)
         dt = synced() - t0
         if i >= args.warmup:
             times.append(dt)
+            waits.append(t1 - t0)
             tokens.append(m["tokens"])
+    top_ops = profile_step(tr) if args.profile else None
     row = {"what": f"{recipe}{' online' if teacher else ''} L={seq_len}", "recipe": recipe,
            "online": teacher is not None, "seq_len": seq_len,
            "gpus": tr.dist.world_size, "trainable_b": tr.trainable / 1e9,
            "tokens_per_s": sum(tokens) / sum(times),
            "tokens_per_s_per_gpu": sum(tokens) / sum(times) / tr.dist.world_size,
-           "step_s": sum(times) / len(times), "loss": m["loss"],
+           "step_s": sum(times) / len(times), "data_wait_s": sum(waits) / len(waits),
+           "loss": m["loss"], "top_gpu_ops": top_ops,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     del tr
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def profile_step(tr, rows: int = 15) -> list[dict]:
+    """One more step under torch.profiler: the GPU ops that take the most time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        tr.train_step(tr.batches.next_step()[0])
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) or 1
+    return [{"op": e.key[:80], "ms": e.self_device_time_total / 1e3,
+             "share": e.self_device_time_total / total, "calls": e.count}
+            for e in events[:rows]]
 
 
 def loss_memory(n: int, chunk: int, top_k: int = 128) -> list[dict]:
@@ -169,6 +186,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--loss-positions", type=int, default=8192, help="0: no loss table")
     ap.add_argument("--loss-chunk", type=int, default=2048)
+    ap.add_argument("--profile", action="store_true", help="profile one more step per row")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rank = int(os.environ.get("RANK", "0"))
@@ -216,8 +234,14 @@ def main() -> None:
     print_table("training throughput", rows, [
         ("what", "what", "s"), ("tokens_per_s", "tokens/s", ".0f"),
         ("tokens_per_s_per_gpu", "per GPU", ".0f"), ("step_s", "s/step", ".2f"),
+        ("data_wait_s", "data wait s", ".3f"),
         ("trainable_b", "trainable B", ".2f"), ("peak_gib", "peak GiB", ".1f"),
         ("offline_speedup", "offline x", ".2f")])
+    for r in rows:
+        if r.get("top_gpu_ops"):
+            print_table(f"GPU time by op, one step of {r['what']}", r["top_gpu_ops"], [
+                ("op", "op", "s"), ("ms", "ms", ".1f"), ("share", "share", ".1%"),
+                ("calls", "calls", "d")])
     if loss_rows:
         print_table("head loss, forward + backward", loss_rows, [
             ("what", "what", "s"), ("positions", "positions", "d"), ("ms", "ms", ".1f"),

@@ -24,6 +24,7 @@ from schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetError, Ma
                      hidden_column, shard_schema)
 from schemas import arrow as cols
 from schemas.layout import MANIFEST, PARTS_DIR, SHARDS_DIR, fragment_path, shard_path
+from schemas.storage import HashingWriter
 
 from .codec import Codec
 from .reader import ArtifactLoader, artifact_relpath, load_manifest_or_fragments
@@ -309,8 +310,8 @@ class PartWriter:
         if self._pq is None:
             self._stack = ExitStack()
             rel = shard_path(self.index, self.count, len(self.manifest.shards))
-            sink = self._stack.enter_context(self.storage.atomic_output(rel))
-            self._pq = pq.ParquetWriter(sink, self.schema, **self.parquet_options)
+            self._sink = HashingWriter(self._stack.enter_context(self.storage.atomic_output(rel)))
+            self._pq = pq.ParquetWriter(self._sink, self.schema, **self.parquet_options)
         arrays = [pa.array(self._buf[f.name], type=f.type) for f in self.schema]
         table = pa.Table.from_arrays(arrays, schema=self.schema)
         self._pq.write_table(table, row_group_size=len(table))
@@ -330,7 +331,7 @@ class PartWriter:
             self.manifest.shards.append(ShardEntry(
                 file=rel, part=self.index, seq=seq, documents=self._shard_docs,
                 tokens=self._shard_tokens, teacher_rows=self._shard_rows,
-                bytes=self.storage.size(rel), sha256=self.storage.sha256(rel),
+                bytes=self._sink.bytes, sha256=self._sink.sha256(),
                 first_record=self._first_record, last_record=self._last_record))
         if self._last_record >= 0:
             self.manifest.records.add(self._pending)

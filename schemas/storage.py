@@ -20,6 +20,36 @@ from .errors import DatasetError
 from .layout import TMP_PREFIX, safe_relpath, tmp_name
 
 
+class HashingWriter:
+    """A write-only stream that hashes what passes through it: a shard's sha256 and size come
+    from its single write, without reading the file back."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.digest, self.bytes = raw, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.bytes += len(memoryview(data).cast("B"))
+        self.raw.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.bytes
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
+
+    def close(self) -> None:     # the atomic_output block closes (and renames) the raw stream
+        pass
+
+    def sha256(self) -> str:
+        return self.digest.hexdigest()
+
+
 class Storage:
     """A dataset root. Paths given to its methods are relative to the root."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 
 import numpy as np
@@ -125,6 +126,10 @@ class PartWriter:
                                    capture=dataclasses.asdict(capture))
         self._stack: ExitStack | None = None
         self._pq: pq.ParquetWriter | None = None
+        # Parquet encoding, page checksums, hashing and the file write run on their own thread,
+        # one row group at a time, while the caller encodes the next documents
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-parquet")
+        self._io_pending: Future | None = None
         self._reset_shard()
         self._clean_leftovers()
         self._store_artifacts(artifacts or {}, codec)
@@ -308,20 +313,29 @@ class PartWriter:
         if not self._buf[cols.DOC_ID]:
             return
         if self._pq is None:
+            self._drain()
             self._stack = ExitStack()
             rel = shard_path(self.index, self.count, len(self.manifest.shards))
             self._sink = HashingWriter(self._stack.enter_context(self.storage.atomic_output(rel)))
             self._pq = pq.ParquetWriter(self._sink, self.schema, **self.parquet_options)
         arrays = [pa.array(self._buf[f.name], type=f.type) for f in self.schema]
         table = pa.Table.from_arrays(arrays, schema=self.schema)
-        self._pq.write_table(table, row_group_size=len(table))
+        self._drain()
+        self._io_pending = self._io.submit(self._pq.write_table, table, row_group_size=len(table))
         self._shard_bytes += self._buf_bytes
         self._buf = {f.name: [] for f in self.schema}
         self._buf_bytes = 0
 
+    def _drain(self) -> None:
+        """Wait for the row group being written; its I/O error surfaces here."""
+        pending, self._io_pending = self._io_pending, None
+        if pending is not None:
+            pending.result()
+
     def _commit_shard(self) -> None:
         """Close the open shard (if any), list it, and move the resume pointer."""
         self._write_row_group()
+        self._drain()
         seq = len(self.manifest.shards)
         rel = shard_path(self.index, self.count, seq)
         if self._pq is not None:
@@ -344,6 +358,9 @@ class PartWriter:
 
     def abort(self) -> None:
         """Drop the shard in progress (its temporary file is removed, nothing is listed)."""
+        if self._io_pending is not None:
+            wait([self._io_pending])           # never close the file under a write
+            self._io_pending = None
         if self._stack is None:
             return
         try:

@@ -5,13 +5,15 @@ Layout of ``OUT/checkpoints/step-00000100/``::
     model/                 the student alone: save_pretrained (safetensors), config, tokenizer
     trainer_state.pt       optimizer, LR scheduler, hidden-state projections (full tensors)
     rng-rank00000.pt       each rank's RNG states (torch CPU/CUDA, numpy, python)
-    meta.json              human-readable: step, tokens, data state, last metrics, config
+    meta.json              human-readable: step, tokens, data state, last metrics and
+                           evaluation, config
 
 A checkpoint is written under a temporary name and renamed when complete, so a killed run
-leaves either a whole checkpoint or none; the last ``keep_last`` are kept. Model and
-optimizer states are gathered to full tensors with ``torch.distributed.checkpoint``'s
-state-dict helpers, so the same code serves one process, DDP and FSDP2, and a checkpoint can
-be resumed on another world size. Multi-node runs need ``OUT`` on a shared filesystem.
+leaves either a whole checkpoint or none; the last ``keep_last`` are kept, and an old one is
+made invisible (``meta.json`` removed) before it is deleted. Model and optimizer states are
+gathered to full tensors with ``torch.distributed.checkpoint``'s state-dict helpers, so the
+same code serves one process, DDP and FSDP2, and a checkpoint can be resumed on another world
+size. Multi-node runs need ``OUT`` on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -136,12 +138,19 @@ def save_checkpoint(out: str | Path, step: int, *, module, optimizer, scheduler,
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
     dist.barrier()
     if dist.is_main:
-        shutil.rmtree(final, ignore_errors=True)
+        remove_checkpoint(final)
         tmp.rename(final)
         for _, old in list_checkpoints(out)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     dist.barrier()
     return final
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint, ``meta.json`` first: a kill halfway through leaves a directory
+    that ``list_checkpoints`` ignores, never one that looks whole with files missing."""
+    (path / "meta.json").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def read_meta(path: Path) -> dict:

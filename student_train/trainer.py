@@ -93,7 +93,8 @@ def build_optimizer(module: torch.nn.Module, *, optim: OptimConfig) -> torch.opt
 
 def prepare_student(student: StudentConfig, out: Path, *, is_main: bool, barrier) -> str:
     """The student checkpoint directory: ``student.path``, or the teacher converted once into
-    ``OUT/student-init``."""
+    ``OUT/student-init`` (written under a temporary name and renamed when whole, so a kill
+    mid-conversion cannot leave a partial student that a rerun would load)."""
     if student.path is not None:
         if not (Path(student.path) / "config.json").exists():
             raise ConfigError(f"student.path {student.path}: no config.json (not a checkpoint)")
@@ -105,7 +106,10 @@ def prepare_student(student: StudentConfig, out: Path, *, is_main: bool, barrier
         if teacher in ("embedded", ""):
             from capture.teacher import prepare_embedded_teacher
             teacher = str(prepare_embedded_teacher())
-        convert_teacher(teacher, student.pattern, target, seed=student.init_seed, overwrite=True)
+        tmp = out / f".tmp-{target.name}"
+        convert_teacher(teacher, student.pattern, tmp, seed=student.init_seed, overwrite=True)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
     barrier()
     return str(target)
 
@@ -138,6 +142,9 @@ class Trainer:
                                                       and self.device.type == "cuda")
         self.out = Path(cfg.out)
         self.resume_from = self._prepare_out(resume=resume, overwrite=overwrite)
+        meta = ckpt.read_meta(self.resume_from) if self.resume_from else {}
+        if self.resume_from:
+            self._check_resumable(meta)
         torch.manual_seed(cfg.train.seed)
 
         # data index and the student
@@ -189,12 +196,11 @@ class Trainer:
 
         # resume state
         self.step, self.tokens_seen = 0, 0
+        self.last_train, self.last_eval = meta.get("metrics", {}), meta.get("eval", {})
         state = StreamState(seed=cfg.data.seed)
         if self.resume_from:
-            meta = ckpt.read_meta(self.resume_from)
             self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
             state = StreamState(**meta["data_state"])
-            self._check_resumable(meta)
             ckpt.load_training_state(self.resume_from, module=self.module,
                                      optimizer=self.optimizer, scheduler=self.scheduler,
                                      dist=dist)
@@ -247,43 +253,47 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, dist = self.cfg, self.dist
-        last_eval: dict = {}
         if dist.is_main and cfg.log.progress:
             tqdm.write(f"student: {self.trainable:,} trainable and {self.frozen:,} frozen "
                        f"parameters; {self.total_steps} steps of {self.seq_per_step} sequences "
                        f"x {cfg.data.seq_len} tokens on {dist.world_size} x {self.device}"
                        + (f" ({self.strategy})" if dist.distributed else ""))
         if self.eval_stream is not None and cfg.eval.at_start and self.step == 0:
-            last_eval = self.evaluate()
+            self.evaluate()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (dist.is_main and cfg.log.progress), desc="train")
-        last: dict = {}
         with _SigtermFlag() as sigterm:
             while self.step < self.total_steps:
-                last, last_eval, state = self._one_step(bar, last_eval)
+                state = self._one_step(bar)
                 # every rank must stop at the same step: the flag is agreed like a metric
                 if self.dist.all_reduce_sum({"stop": float(sigterm.raised)})["stop"]:
-                    self.save(state, last)
+                    self.save(state)
                     bar.close()
                     self.metrics.close()
                     if dist.is_main:
                         tqdm.write(f"stopped by SIGTERM after step {self.step}; checkpoint "
                                    f"saved, rerun with --resume to continue")
-                    return {"step": self.step, "train": last, "eval": last_eval,
-                            "stopped": True}
+                    return self._summary(stopped=True)
         bar.close()
         if self.eval_stream is not None and cfg.eval.at_end and \
-                (not last_eval or last_eval.get("step") != self.step):
-            last_eval = self.evaluate()
-        saved = self.save(self.batches.state, last)
+                self.last_eval.get("step") != self.step:
+            self.evaluate()
+        # a run resumed from its final checkpoint (killed before final/ was linked) has
+        # nothing new to save
+        done = self.resume_from is not None and self.resume_from.name == ckpt.step_name(self.step)
+        saved = self.resume_from if done else self.save(self.batches.state)
         if dist.is_main:                    # the student alone, as the last checkpoint has it
             ckpt.link_tree(saved / "model", self.out / "final")
         dist.barrier()
         self.metrics.close()
-        return {"step": self.step, "train": last, "eval": last_eval}
+        return self._summary()
 
-    def _one_step(self, bar, last_eval: dict) -> tuple[dict, dict, StreamState]:
-        """One optimizer step with its logging, evaluation and periodic checkpoint."""
+    def _summary(self, **extra) -> dict:
+        return {"step": self.step, "train": self.last_train, "eval": self.last_eval, **extra}
+
+    def _one_step(self, bar) -> StreamState:
+        """One optimizer step with its logging, evaluation and periodic checkpoint; returns
+        the data state after it."""
         cfg = self.cfg
         t0 = time.perf_counter()
         batches, state = self.batches.next_step()
@@ -292,17 +302,18 @@ class Trainer:
         self.tokens_seen += int(last["tokens"])
         last["tokens_per_s"] = last["tokens"] / max(time.perf_counter() - t0, 1e-9)
         last["epoch"], last["sample_in_epoch"] = state.epoch, state.sample_in_epoch
+        self.last_train = last
         if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
             self.metrics.log("train", self.step, dict(last, tokens_seen=self.tokens_seen))
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if self.eval_stream is not None and cfg.eval.every and \
                 self.step % cfg.eval.every == 0 and self.step < self.total_steps:
-            last_eval = self.evaluate()
+            self.evaluate()
         if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and \
                 self.step < self.total_steps:
-            self.save(state, last)
-        return last, last_eval, state
+            self.save(state)
+        return state
 
     def train_step(self, batches: list[PackedBatch]) -> dict:
         """One optimizer step over this rank's micro-batches; returns global metrics."""
@@ -346,15 +357,19 @@ class Trainer:
         result = evaluate(self.model, self.eval_stream, dist=self.dist, bf16=self.bf16,
                           chunk_size=self.cfg.loss.chunk_size or 1024)
         result["step"] = self.step
+        self.last_eval = result
         self.metrics.log("eval", self.step, result)
         if self.dist.is_main and self.cfg.log.progress:
             tqdm.write(f"eval step {self.step}: kl {result['kl']:.4f} "
                        f"top1 {result['top1']:.3f} ce {result['ce']:.4f}")
         return result
 
-    def save(self, state: StreamState, last: dict) -> Path:
+    def save(self, state: StreamState) -> Path:
+        """A checkpoint of everything a resumed run needs to continue exactly, including the
+        last evaluation (so it is not redone)."""
         meta = {"tokens_seen": self.tokens_seen, "data_state": state.to_dict(),
-                "metrics": last, "config": self.cfg.to_dict()}
+                "metrics": self.last_train, "eval": self.last_eval,
+                "config": self.cfg.to_dict()}
         return ckpt.save_checkpoint(self.out, self.step, module=self.module,
                                     optimizer=self.optimizer, scheduler=self.scheduler, meta=meta,
                                     dist=self.dist, keep_last=self.cfg.checkpoint.keep_last,

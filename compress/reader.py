@@ -3,7 +3,9 @@
 Every shard is checked against the manifest before use (size, schema, codec metadata)
 and Parquet page checksums are verified while reading, so a corrupt or mislabelled
 shard raises a ``DatasetError`` naming the file instead of feeding garbage onward.
-Full-file sha256 checks are ``kdpipe verify``'s job (``compress.verify``).
+Page checksums cover page data only: a flipped byte in the footer or a page header can
+still decode to other values without an error, which only the whole-file sha256 catches
+(``open_shard(..., verify_sha256=True)``, used by training; ``kdpipe verify``).
 """
 
 from __future__ import annotations
@@ -123,8 +125,15 @@ class Dataset:
     def hidden_layers(self) -> list[int]:
         return list(self.manifest.capture.hidden_layers)
 
-    def open_shard(self, entry: ShardEntry) -> pq.ParquetFile:
-        """Open a shard and check it is the one the manifest describes."""
+    def open_shard(self, entry: ShardEntry, *, verify_sha256: bool = False) -> pq.ParquetFile:
+        """Open a shard and check it is the one the manifest describes.
+
+        With ``verify_sha256`` the whole file is first streamed through sha256 (4 MB in
+        memory at a time) and compared with the manifest's, so no flipped byte anywhere in it
+        goes unnoticed; what is read afterwards (footer, a few columns) is a small fraction.
+        Streaming beat serving the Parquet file from the hashed bytes: 0.17 s against 0.39 s
+        for a 212 MB shard on a 2-core CPU, and no whole shard in memory.
+        """
         where = self.storage.describe(entry.file)
         if not self.storage.exists(entry.file):
             raise DatasetError("shard listed in the manifest is missing", file=where)
@@ -132,6 +141,11 @@ class Dataset:
         if size != entry.bytes:
             raise DatasetError(f"shard has {size} bytes, the manifest says {entry.bytes} "
                                f"(truncated or replaced)", file=where)
+        if verify_sha256:
+            digest = self.storage.sha256(entry.file)
+            if digest != entry.sha256:
+                raise DatasetError(f"sha256 {digest[:16]}... differs from the manifest's "
+                                   f"{entry.sha256[:16]}... (corrupt or replaced)", file=where)
         try:
             pf = pq.ParquetFile(self.storage.open_input(entry.file),
                                 page_checksum_verification=True)

@@ -6,7 +6,7 @@ Layout of ``OUT/checkpoints/step-00000100/``::
     trainer_state.pt       optimizer, LR scheduler, hidden-state projections (full tensors)
     rng-rank00000.pt       each rank's RNG states (torch CPU/CUDA, numpy, python)
     meta.json              human-readable: step, tokens, data state, last metrics and
-                           evaluation, config
+                           evaluation, corrupt shards left out, config
 
 A checkpoint is written under a temporary name and renamed when complete, so a killed run
 leaves either a whole checkpoint or none; the last ``keep_last`` are kept, and an old one is

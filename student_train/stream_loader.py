@@ -1,13 +1,14 @@
 """Reading a kdpipe dataset as a stream of packed micro-batches.
 
-``build_index`` reads only what ordering needs (row-group sizes and the ``num_tokens``
-column); ``DistillStream`` is a ``torch.utils.data.IterableDataset`` that, for each of its
-micro-batches (``stream.py`` says which), reads the row groups holding the documents it
-needs (a few cached per reader), takes those rows, decodes them in one vectorized batch
-with the dataset's codec (``compress.Dataset.decode_table``) and packs them
-(``packing.assemble``). Decoding runs in the DataLoader worker (``decode_on: worker``) or,
-with ``decode_on: device``, the worker ships the encoded rows and the training process
-decodes them on its device (``materialize``). Nothing holds more than a few row groups.
+``build_index`` checks every shard whole against the manifest's sha256 and reads only what
+ordering needs (row-group sizes and the ``num_tokens`` column); ``DistillStream`` is a
+``torch.utils.data.IterableDataset`` that, for each of its micro-batches (``stream.py``
+says which), reads the row groups holding the documents it needs (a few cached per reader),
+takes those rows, decodes them in one vectorized batch with the dataset's codec
+(``compress.Dataset.decode_table``) and packs them (``packing.assemble``). Decoding runs in
+the DataLoader worker (``decode_on: worker``) or, with ``decode_on: device``, the worker
+ships the encoded rows and the training process decodes them on its device
+(``materialize``). Nothing holds more than a few row groups.
 
 ``TrainBatches`` strings epochs together and yields one optimizer step of micro-batches at a
 time with the ``StreamState`` reached after it: the state a checkpoint saves.
@@ -16,8 +17,8 @@ time with the ``StreamState`` reached after it: the state a checkpoint saves.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,7 @@ from schemas import arrow as cols
 from .packing import PackedBatch, assemble
 from .stream import (EpochPlan, StreamState, advance, global_batch, micro_batches_left,
                      plan_epoch, rank_sequences, worker_micro_batches)
+from .train_dist import DistInfo
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class DatasetIndex:
     rg_number: np.ndarray     # [G] row group number within its shard
     rg_docs: np.ndarray       # [G] documents per row group
     doc_tokens: np.ndarray    # [D] tokens per document
+    skipped: dict[str, str] = field(default_factory=dict)   # shard file left out -> why
 
     @property
     def rg_first_doc(self) -> np.ndarray:
@@ -57,21 +60,55 @@ class DatasetIndex:
         return rg, docs - first[rg]
 
 
-def build_index(ds: Dataset) -> DatasetIndex:
-    """Row-group sizes from the Parquet footers and ``num_tokens`` (one int32 column)."""
-    rg_shard, rg_number, rg_docs, tokens = [], [], [], []
+def build_index(ds: Dataset, *, on_corrupt: str = "error", dist: DistInfo = DistInfo(),
+                skipped: Mapping[str, str] | None = None) -> DatasetIndex:
+    """Row-group sizes and ``num_tokens`` of every shard that passes its checks.
+
+    Page checksums miss damage to footers and page headers, so each shard is first checked
+    whole against the manifest's sha256, before any of its values can reach a loss. Rank r
+    hashes every ``world_size``-th shard (one streaming read per shard, split over the
+    ranks), and the verdicts are summed over ranks: every rank, and the DataLoader workers
+    that inherit the index, agree on what is left out. Corrupt shards raise a
+    ``DatasetError`` naming them, or with ``on_corrupt="skip"`` are left out and listed in
+    ``index.skipped``. ``skipped``: shards an earlier start of the run left out, left out
+    again unchecked so that the resumed run keeps its data order.
+    """
+    skipped = dict(skipped or {})
+    sizes: dict[int, list[np.ndarray]] = {}
+    failed: dict[str, str] = {}
     for s, entry in enumerate(ds.shards):
-        pf = ds.open_shard(entry)
-        for rg in range(pf.num_row_groups):
-            n = ds.read_row_group(entry, pf, rg, [cols.NUM_TOKENS]).column(0).to_numpy()
+        if entry.file in skipped:
+            continue
+        try:
+            pf = ds.open_shard(entry, verify_sha256=s % dist.world_size == dist.rank)
+            sizes[s] = [ds.read_row_group(entry, pf, rg, [cols.NUM_TOKENS]).column(0).to_numpy()
+                        for rg in range(pf.num_row_groups)]
+        except DatasetError as e:
+            failed[entry.file] = str(e)
+    votes = dist.all_reduce_sum({e.file: float(e.file in failed) for e in ds.shards})
+    corrupt = {e.file: failed.get(e.file, f"{ds.storage.describe(e.file)}: failed its checks "
+                                          f"on another rank")
+               for e in ds.shards if votes[e.file]}
+    if corrupt and on_corrupt != "skip":
+        raise DatasetError(f"{len(corrupt)} corrupt shard(s), not reading them (restore them, "
+                           f"e.g. by rerunning their capture part, or have training leave them "
+                           f"out with data.on_corrupt_shard=skip): " + "; ".join(corrupt.values()))
+    skipped.update(corrupt)
+    rg_shard, rg_number, rg_docs, tokens = [], [], [], []
+    for s, per_rg in sizes.items():
+        if ds.shards[s].file in skipped:
+            continue
+        for rg, n in enumerate(per_rg):
             rg_shard.append(s)
             rg_number.append(rg)
             rg_docs.append(len(n))
             tokens.append(n.astype(np.int64))
     if not rg_docs or sum(rg_docs) == 0:
-        raise DatasetError("dataset holds no documents", file=ds.storage.describe(""))
+        raise DatasetError("dataset holds no documents" + (
+            f" outside its {len(skipped)} corrupt shard(s)" if skipped else ""),
+            file=ds.storage.describe(""))
     return DatasetIndex(np.array(rg_shard), np.array(rg_number), np.array(rg_docs, np.int64),
-                        np.concatenate(tokens))
+                        np.concatenate(tokens), skipped)
 
 
 class RowGroupCache:

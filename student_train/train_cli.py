@@ -53,6 +53,9 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
             click.echo(f"trained {result['step']} steps, final loss "
                        f"{result['train'].get('loss', float('nan')):.4f}{tail}; "
                        f"student in {Path(cfg.out) / 'final'}")
+        if trainer.dist.is_main and result["skipped_shards"]:
+            click.echo(f"skipped {len(result['skipped_shards'])} corrupt shard(s): "
+                       f"{', '.join(result['skipped_shards'])}")
     finally:
         shutdown_distributed()
 

@@ -56,11 +56,13 @@ class DataConfig:
     cache_row_groups: int = 8        # row groups each reader keeps in memory
     codec: str | None = None         # require this codec (preset name or file)
     check_tokenizer: bool = True
+    on_corrupt_shard: str = "error"  # error | skip (leave out shards failing their sha256)
 
     def validate(self) -> None:
         _positive(self, "seq_len", "shuffle_block", "streams", "cache_row_groups")
         _choice(self, "packing", ("whole", "concat"))
         _choice(self, "decode_on", ("worker", "device"))
+        _choice(self, "on_corrupt_shard", ("error", "skip"))
         if self.workers < 0:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
 

@@ -17,6 +17,7 @@ import math
 import re
 import shutil
 import signal
+import sys
 import time
 from collections import defaultdict
 from functools import partial
@@ -26,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from compress import Dataset
-from schemas import ConfigError
+from schemas import ConfigError, DatasetError
 
 from . import checkpoint as ckpt
 from .evaluate import autocast_for, eval_stream, evaluate, load_student
@@ -147,9 +148,12 @@ class Trainer:
             self._check_resumable(meta)
         torch.manual_seed(cfg.train.seed)
 
-        # data index and the student
+        # data index (every shard checked whole; corrupt ones refused or left out) and student
         self.dataset = Dataset(cfg.data.path)
-        index = build_index(self.dataset)
+        index = build_index(self.dataset, on_corrupt=cfg.data.on_corrupt_shard, dist=dist,
+                            skipped=meta.get("skipped_shards"))
+        self.skipped = index.skipped
+        self._check_skipped(meta)
         init_dir = prepare_student(cfg.student, self.out, is_main=dist.is_main,
                                    barrier=dist.barrier)
         self.tokenizer_src = init_dir
@@ -222,6 +226,12 @@ class Trainer:
                                            max_tokens=cfg.eval.max_tokens, dist=dist)
         self.metrics = MetricsLog(self.out, enabled=dist.is_main, tensorboard=cfg.log.tensorboard,
                                   resume_step=self.step if self.resume_from else None)
+        if self.skipped and not self.resume_from:   # a resumed run keeps its first start's
+            self.metrics.log("data", 0, {
+                "documents": index.num_documents, "skipped_shards": len(self.skipped),
+                "skipped_files": sorted(self.skipped),
+                "skipped_documents": sum(e.documents for e in self.dataset.shards
+                                         if e.file in self.skipped)})
 
     # -- setup helpers ----------------------------------------------------------------------
 
@@ -240,6 +250,21 @@ class Trainer:
             (self.out / "config.yaml").write_text(dump_config(self.cfg))
         self.dist.barrier()
         return None
+
+    def _check_skipped(self, meta: dict) -> None:
+        """Report shards left out; refuse to resume if a shard went bad after the checkpoint,
+        since leaving it out would change the order of data the checkpoint's position is in."""
+        new = sorted(set(self.skipped) - set(meta.get("skipped_shards", {})))
+        if self.resume_from and new:
+            raise DatasetError(
+                f"shard(s) {new} failed their checks but did not when {self.resume_from} was "
+                f"written; leaving them out now would change the run's data order. Restore them "
+                f"(rerunning a capture part rewrites its shards byte-identical) or start a new "
+                f"run: " + "; ".join(self.skipped[f] for f in new))
+        if self.skipped and self.dist.is_main:
+            tqdm.write(f"warning: training without {len(self.skipped)} corrupt shard(s) "
+                       f"(data.on_corrupt_shard=skip): " + "; ".join(self.skipped.values()),
+                       file=sys.stderr)
 
     def _check_resumable(self, meta: dict) -> None:
         old = meta.get("config", {}).get("data", {})
@@ -289,7 +314,8 @@ class Trainer:
         return self._summary()
 
     def _summary(self, **extra) -> dict:
-        return {"step": self.step, "train": self.last_train, "eval": self.last_eval, **extra}
+        return {"step": self.step, "train": self.last_train, "eval": self.last_eval,
+                "skipped_shards": sorted(self.skipped), **extra}
 
     def _one_step(self, bar) -> StreamState:
         """One optimizer step with its logging, evaluation and periodic checkpoint; returns
@@ -366,10 +392,10 @@ class Trainer:
 
     def save(self, state: StreamState) -> Path:
         """A checkpoint of everything a resumed run needs to continue exactly, including the
-        last evaluation (so it is not redone)."""
+        shards left out (so they stay out) and the last evaluation (so it is not redone)."""
         meta = {"tokens_seen": self.tokens_seen, "data_state": state.to_dict(),
                 "metrics": self.last_train, "eval": self.last_eval,
-                "config": self.cfg.to_dict()}
+                "skipped_shards": self.skipped, "config": self.cfg.to_dict()}
         return ckpt.save_checkpoint(self.out, self.step, module=self.module,
                                     optimizer=self.optimizer, scheduler=self.scheduler, meta=meta,
                                     dist=self.dist, keep_last=self.cfg.checkpoint.keep_last,

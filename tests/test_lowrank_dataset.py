@@ -18,7 +18,7 @@ from compress.codec import load_codec_config
 from compress.fidelity import LOWRANK_ARTIFACT, resolve_lowrank
 from compress.verify import verify_dataset
 from schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetError, Manifest,
-                     TeacherDocument, TeacherInfo)
+                     TeacherDocument, TeacherInfo, hidden_column)
 
 VOCAB, K, H, RANK = 300, 8, 32, 6
 LAYERS = (0, 3)
@@ -223,13 +223,17 @@ def test_capture_refuses_an_unfitted_lowrank_codec(tmp_path):
                                    codec=str(codec_file)))
 
 
-def test_entropy_coded_columns_skip_parquet_compression(tmp_path):
+@pytest.mark.parametrize("zstd_hidden", [False, True], ids=["capture", "offline"])
+def test_entropy_coded_columns_skip_parquet_compression(tmp_path, zstd_hidden):
+    """Parquet's zstd is off for columns the codec already entropy-codes, and for the hidden
+    states unless asked for (capture leaves them raw to keep up with the GPU)."""
     docs = _docs(3, seed=4)
+    hidden = set() if zstd_hidden else {hidden_column(layer) for layer in LAYERS}
     for name, raw in (("default", {"topk_ids", "topk_values"}), ("exact", set())):
-        _write(tmp_path / name, docs, load_codec_config(name))
+        _write(tmp_path / name, docs, load_codec_config(name), zstd_hidden=zstd_hidden)
         ds = Dataset(str(tmp_path / name))
         md = pq.ParquetFile(tmp_path / name / ds.shards[0].file).metadata.row_group(0)
         for i in range(md.num_columns):
             col = md.column(i)
-            expected = "UNCOMPRESSED" if col.path_in_schema in raw else "ZSTD"
+            expected = "UNCOMPRESSED" if col.path_in_schema in raw | hidden else "ZSTD"
             assert col.compression == expected, (name, col.path_in_schema)

@@ -1,13 +1,13 @@
 """Capture under repeated SIGKILL: kill at random moments, rerun, compare with an uninterrupted run.
 
-    python bench/bench_kill_resume.py --kills 20 --json bench/results/kill_resume.json
+    python bench/bench_kill_resume.py --kills 20 --json bench/results/capture_kill_resume.json
 
-The capture command is run as a subprocess and killed after a delay drawn uniformly from
-[0, the uninterrupted run's wall time]; the same command is then started again until the
-dataset is complete. Up to ``--kills`` kills are made; only those that land before completion
-count (a resumed run has less left to do, so late draws may find it finished). The result must equal the
-uninterrupted capture document for document (decoded arrays, shard checksums, record
-counts): every input document exactly once, identical content.
+The capture command runs as a subprocess and is killed after a delay drawn uniformly from
+[0, half the uninterrupted run's wall time]; the same command is then started again (it
+resumes) until the dataset is complete. A kill counts only if it lands before completion. A
+round ends when its dataset is complete and must equal the uninterrupted capture document for
+document (decoded arrays, shard checksums, record counts): every input document exactly once,
+identical content. Rounds start from an empty output until ``--kills`` kills have landed.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ def capture_cmd(model: str, data: Path, out: Path, extra: list[str]) -> list[str
 
 
 def kill_loop(cmd: list[str], out: Path, kills: int, max_delay: float,
-              seed: int = 0) -> list[float]:
+              rng: random.Random) -> list[float]:
     """Run ``cmd`` until its dataset is complete, SIGKILLing it up to ``kills`` times while it
     is still capturing; returns the delays of the kills that landed mid-capture."""
-    rng, delays = random.Random(seed), []
+    delays: list[float] = []
     while not (out / "manifest.json").exists():
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if len(delays) < kills:
@@ -72,10 +72,16 @@ def run(model: str, data: Path, extra: list[str], kills: int, seed: int, work: P
     subprocess.run(capture_cmd(model, data, work / "reference", extra), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.time() - t0
-    delays = kill_loop(capture_cmd(model, data, work / "killed", extra), work / "killed",
-                       kills, wall, seed)
-    return {"kills": len(delays), "delays_s": delays, "uninterrupted_wall_s": wall,
-            **compare(work / "reference", work / "killed")}
+    rng, rounds = random.Random(seed), []
+    while sum(len(r["delays_s"]) for r in rounds) < kills:
+        out = work / f"killed-{len(rounds)}"
+        left = kills - sum(len(r["delays_s"]) for r in rounds)
+        delays = kill_loop(capture_cmd(model, data, out, extra), out, left, wall / 2, rng)
+        rounds.append({"delays_s": delays, **compare(work / "reference", out)})
+    return {"kills": sum(len(r["delays_s"]) for r in rounds), "uninterrupted_wall_s": wall,
+            "rounds": rounds, "documents": rounds[-1]["documents"],
+            **{key: all(r[key] for r in rounds)
+               for key in ("same_arrays", "same_shards", "same_records")}}
 
 
 def main() -> None:
@@ -92,9 +98,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         r = run(a.model, a.data, a.args.split(), a.kills, a.seed, Path(tmp))
     ok = r["same_arrays"] and r["same_shards"] and r["same_records"]
-    print(f"kills mid-capture {r['kills']}, documents {r['documents']}, identical arrays {r['same_arrays']}, "
-          f"identical shards {r['same_shards']}, identical record counts {r['same_records']}: "
-          f"{'PASS' if ok else 'FAIL'}")
+    print(f"kills mid-capture {r['kills']} in {len(r['rounds'])} round(s) (uninterrupted run "
+          f"{r['uninterrupted_wall_s']:.1f} s), documents {r['documents']}, identical arrays "
+          f"{r['same_arrays']}, identical shards {r['same_shards']}, identical record counts "
+          f"{r['same_records']}: {'PASS' if ok else 'FAIL'}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"args": a.args, **r}, indent=1))

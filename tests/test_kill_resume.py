@@ -19,6 +19,6 @@ def test_random_kills_then_resume_equal_uninterrupted(tmp_path, teacher_dir):
     extra = "--max-seq-len 48 --top-k 8 --window 2 --docs-per-shard 2 --hidden-layers 0,30"
     r = bench_kill_resume.run(str(teacher_dir), data, extra.split(), kills=3, seed=7,
                               work=tmp_path)
-    assert r["kills"] >= 1                      # at least one kill landed mid-capture
+    assert r["kills"] == 3                      # every kill landed mid-capture
     assert r["same_arrays"] and r["same_shards"] and r["same_records"]
     assert r["documents"] == 10

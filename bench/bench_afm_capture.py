@@ -46,7 +46,7 @@ def time_spent() -> dict[str, float]:
 
     totals: dict[str, float] = {}
     targets = [(run, "_run_window", "main: tokenize + teacher forward + top-k"),
-               (run, "_wait", "main: waiting for the writer"),
+               (run._BackgroundWrites, "wait", "main: waiting for the writer"),
                (run, "_write_window", "writer: whole window"),
                (Codec, "encode_rows", "writer: encode top-k ids + values"),
                (Codec, "encode_hidden", "writer: encode hidden (GPU) + copy out"),

@@ -178,37 +178,29 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
                dynamic_ncols=True)
     tokens_done = 0
     window: list[tuple[int, object]] = []
-    side = _WriterStream(device)
-    # encoding and Parquet writes of window w overlap the teacher forward of window w + 1
-    with _GracefulStop() as stop, ThreadPoolExecutor(1, thread_name_prefix="kdpipe-write") as pool:
-        pending = None
+    with _GracefulStop() as stop, _BackgroundWrites(writer, opts, device) as writes:
         try:
             for index, rec in records:
                 window.append((index, rec))
                 local = index // opts.num_shards
                 if (local + 1) % opts.window == 0:
                     prepared, outputs, tokens = _run_window(window, backend, opts)
-                    _wait(pending)
-                    pending = pool.submit(_write_window, prepared, outputs, writer, opts,
-                                          side.handoff())
+                    writes.submit(prepared, outputs)
                     tokens_done += tokens
                     bar.update(len(window))
                     bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):.0f}")
                     window = []
                     if stop.requested:
-                        _wait(pending)
+                        writes.wait()
                         bar.close()
                         return _summary(opts, writer, t0, interrupted=True)
             if window:
-                prepared, outputs, _ = _run_window(window, backend, opts)
-                _wait(pending)
-                pending = pool.submit(_write_window, prepared, outputs, writer, opts,
-                                      side.handoff())
+                writes.submit(*_run_window(window, backend, opts)[:2])
                 bar.update(len(window))
-            _wait(pending)
+            writes.wait()
             writer.finish()
         except BaseException:
-            _wait(pending, raise_error=False)   # never abort under a write in flight
+            writes.wait(raise_error=False)   # never abort under a write in flight
             writer.abort()
             raise
         finally:
@@ -216,14 +208,35 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
     return _summary(opts, writer, t0)
 
 
-def _wait(pending: Future | None, *, raise_error: bool = True) -> None:
-    """Block until the previous window's write is done; re-raise its error in this thread."""
-    if pending is None:
-        return
-    if raise_error:
-        pending.result()
-    else:
-        wait([pending])
+class _BackgroundWrites:
+    """Encodes and commits windows on one background thread, in order, one window at a time:
+    the encoding and Parquet writes of window w overlap the teacher forward of window w + 1."""
+
+    def __init__(self, writer: PartWriter, opts: CaptureOptions, device: str) -> None:
+        self.writer, self.opts = writer, opts
+        self.stream = _WriterStream(device)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-write")
+        self.pending: Future | None = None
+
+    def __enter__(self) -> "_BackgroundWrites":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True)
+
+    def submit(self, prepared: list, outputs: list) -> None:
+        self.wait()
+        self.pending = self.pool.submit(_write_window, prepared, outputs, self.writer, self.opts,
+                                        self.stream.handoff())
+
+    def wait(self, *, raise_error: bool = True) -> None:
+        """Block until the previous window is written; re-raise its error in this thread."""
+        if self.pending is None:
+            return
+        if raise_error:
+            self.pending.result()
+        else:
+            wait([self.pending])
 
 
 def _run_window(window, backend, opts: CaptureOptions) -> tuple[list, list, int]:

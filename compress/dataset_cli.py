@@ -44,14 +44,15 @@ def inspect_cmd(dataset: str, as_json: bool) -> None:
 @click.argument("dataset")
 @click.option("--deep", is_flag=True, help="Also decode every row and check its invariants.")
 def verify_cmd(dataset: str, deep: bool) -> None:
-    """Check every shard of DATASET (checksum, size, schema, codec); exit 1 if any is bad."""
+    """Check every shard, manifest, fragment and artifact of DATASET (checksum, size, schema,
+    codec); exit 1 if any is bad."""
     from .verify import verify_dataset
     report = verify_dataset(dataset, deep=deep)
     for p in report.problems:
         click.echo(f"BAD  {p.file}: {p.message}", err=True)
     click.echo(f"{report.shards_checked} shards, {report.documents_checked} documents checked"
                f"{' (deep)' if deep else ''}: "
-               f"{'OK' if report.ok else f'{len(report.problems)} bad shard(s)'}")
+               f"{'OK' if report.ok else f'{len(report.problems)} bad file(s)'}")
     sys.exit(0 if report.ok else 1)
 
 

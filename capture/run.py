@@ -27,6 +27,11 @@ from .inputs import BadRecord, doc_id, iter_part, tokenize_record
 from .teacher import resolve_model, teacher_info
 
 
+# Hidden states a window keeps on the GPU for the writer to encode there (two windows are in
+# flight); beyond this they go to host memory and are encoded on the CPU, more slowly.
+HIDDEN_ON_DEVICE_BYTES = 8 << 30
+
+
 @dataclass
 class CaptureOptions:
     model: str
@@ -268,8 +273,14 @@ def _run_window(window, backend, opts: CaptureOptions) -> tuple[list, list, int]
     # a backend with its own scheduler (vLLM) takes the whole window at once
     groups = ([list(range(len(seqs)))] if seqs and getattr(backend, "schedules_batches", False)
               else _batches([len(s) for s in seqs], opts.batch_tokens))
+    on_device = 0
     for batch in groups:
         for i, res in zip(batch, backend.forward_batch([seqs[i] for i in batch])):
+            size = sum(t.numel() * t.element_size() for t in res.hidden.values() if t.is_cuda)
+            if on_device + size > HIDDEN_ON_DEVICE_BYTES:   # e.g. every layer of a big teacher
+                res.hidden = {layer: t.cpu() for layer, t in res.hidden.items()}
+            else:
+                on_device += size
             outputs[i] = res
     return prepared, outputs, sum(len(s) for s in seqs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 
@@ -31,6 +32,8 @@ from .codec import Codec
 from .reader import ArtifactLoader, artifact_relpath, load_manifest_or_fragments
 
 PARQUET_ZSTD_LEVEL = 3
+ENCODE_THREADS = min(8, os.cpu_count() or 1)
+QUEUED_RECORDS = 256     # records whose documents wait for the window's end, at most
 
 
 def parquet_options(schema: pa.Schema, codec: Codec, *, zstd_hidden: bool = False) -> dict:
@@ -130,6 +133,10 @@ class PartWriter:
         # one row group at a time, while the caller encodes the next documents
         self._io = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-parquet")
         self._io_pending: Future | None = None
+        # top-k rows are encoded by a pool of threads (numpy and zstd release the GIL) between
+        # a record's arrival and the window's end, where documents are appended in order
+        self._encoder = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="kdpipe-encode")
+        self._queued: list[list[tuple[TeacherDocument, Future]]] = []
         self._reset_shard()
         self._clean_leftovers()
         self._store_artifacts(artifacts or {}, codec)
@@ -262,13 +269,24 @@ class PartWriter:
             self._pending.written += 1
             self._pending.truncated += int(truncated)
             self._pending.split += int(split)
+        for doc in docs:
+            self._check(doc)
         if self._first_record is None:
             self._first_record = index
         self._last_record = index
-        for doc in docs:
-            self._append(doc)
-        if self._buf_bytes >= self.row_group_bytes:
-            self._write_row_group()
+        self._queued.append([(doc, self._encoder.submit(self._encode_topk, doc))
+                             for doc in docs])
+        if len(self._queued) >= QUEUED_RECORDS:
+            self._append_queued()
+
+    def _append_queued(self) -> None:
+        """Append the queued records' documents in arrival order (top-k encoded by now)."""
+        queued, self._queued = self._queued, []
+        for record in queued:
+            for doc, topk in record:
+                self._append(doc, *topk.result())
+            if self._buf_bytes >= self.row_group_bytes:
+                self._write_row_group()
 
     @_io_guard
     def end_window(self) -> None:
@@ -276,16 +294,27 @@ class PartWriter:
 
         Shards end only here, so a resumed run restarts on a boundary the caller chose
         (capture uses its batching windows, which keeps resumed output identical)."""
+        self._append_queued()
         if (self.docs_per_shard and self._shard_docs >= self.docs_per_shard) or \
                 self._shard_bytes + self._buf_bytes >= self.shard_bytes:
             self._commit_shard()
 
-    def _append(self, doc: TeacherDocument) -> None:
+    def _check(self, doc: TeacherDocument) -> None:
         n = doc.num_teacher_rows
         if doc.topk_ids.shape[0] != n:
             raise DatasetError(f"{doc.topk_ids.shape[0]} teacher rows for {n} flagged positions",
                                row=doc.record_index, field="topk_ids")
-        ids_b, vals_b = self.codec.encode_rows(doc.topk_ids.numpy(), doc.topk_logprobs.numpy())
+        missing = set(self.hidden_layers) - set(doc.hidden)
+        if missing:
+            raise DatasetError(f"hidden layers {sorted(missing)} missing", row=doc.record_index,
+                               field="hidden")
+
+    def _encode_topk(self, doc: TeacherDocument) -> tuple[bytes, bytes]:
+        return self.codec.encode_rows(doc.topk_ids.numpy(), doc.topk_logprobs.numpy())
+
+    def _append(self, doc: TeacherDocument, ids_b: bytes, vals_b: bytes) -> None:
+        """Buffer one document; its hidden states are encoded here, in the caller's thread
+        (and CUDA stream, when they are on a GPU)."""
         b = self._buf
         b[cols.DOC_ID].append(doc.doc_id)
         b[cols.NUM_TOKENS].append(doc.num_tokens)
@@ -296,10 +325,6 @@ class PartWriter:
         b[cols.TOPK_IDS].append(ids_b)
         b[cols.TOPK_VALUES].append(vals_b)
         size = len(ids_b) + len(vals_b) + 4 * doc.num_tokens
-        missing = set(self.hidden_layers) - set(doc.hidden)
-        if missing:
-            raise DatasetError(f"hidden layers {sorted(missing)} missing", row=doc.record_index,
-                               field="hidden")
         for layer in self.hidden_layers:
             h = self.codec.encode_hidden(doc.hidden[layer], layer)
             b[hidden_column(layer)].append(h)
@@ -307,7 +332,7 @@ class PartWriter:
         self._buf_bytes += size
         self._shard_docs += 1
         self._shard_tokens += doc.num_tokens
-        self._shard_rows += n
+        self._shard_rows += doc.num_teacher_rows
 
     def _write_row_group(self) -> None:
         if not self._buf[cols.DOC_ID]:
@@ -334,6 +359,7 @@ class PartWriter:
 
     def _commit_shard(self) -> None:
         """Close the open shard (if any), list it, and move the resume pointer."""
+        self._append_queued()
         self._write_row_group()
         self._drain()
         seq = len(self.manifest.shards)
@@ -358,6 +384,8 @@ class PartWriter:
 
     def abort(self) -> None:
         """Drop the shard in progress (its temporary file is removed, nothing is listed)."""
+        wait([topk for record in self._queued for _, topk in record])
+        self._queued = []
         if self._io_pending is not None:
             wait([self._io_pending])           # never close the file under a write
             self._io_pending = None

@@ -137,6 +137,7 @@ def test_killed_writer_leaves_nothing_visible(tmp_path):
                    index=0, count=1, docs_per_shard=100, row_group_bytes=100)
     for i in range(5):
         w.add_record(i, [_doc(i, rng)])
+    w.end_window()   # row groups written, the shard (100 documents) not yet full
     # a crash now: a temporary file exists, no shard is listed, no manifest exists
     shards = list((tmp_path / "ds" / "shards").iterdir())
     assert shards and all(p.name.startswith(".tmp-") for p in shards)

@@ -200,7 +200,8 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
                         bar.close()
                         return _summary(opts, writer, t0, interrupted=True)
             if window:
-                writes.submit(*_run_window(window, backend, opts)[:2])
+                prepared, outputs, _ = _run_window(window, backend, opts)
+                writes.submit(prepared, outputs)
                 bar.update(len(window))
             writes.wait()
             writer.finish()

@@ -101,6 +101,15 @@ class ArtifactLoader:
         return data
 
 
+def check_sha256(storage: Storage, rel: str, expected: str) -> None:
+    """Stream the file through sha256 and refuse it if it is not the one the manifest lists."""
+    digest = storage.sha256(rel)
+    if digest != expected:
+        raise DatasetError(f"sha256 {digest[:16]}... differs from the manifest's "
+                           f"{expected[:16]}... (corrupt or replaced)",
+                           file=storage.describe(rel))
+
+
 class Dataset:
     """A kdpipe dataset, opened for reading and decoding."""
 
@@ -142,10 +151,7 @@ class Dataset:
             raise DatasetError(f"shard has {size} bytes, the manifest says {entry.bytes} "
                                f"(truncated or replaced)", file=where)
         if verify_sha256:
-            digest = self.storage.sha256(entry.file)
-            if digest != entry.sha256:
-                raise DatasetError(f"sha256 {digest[:16]}... differs from the manifest's "
-                                   f"{entry.sha256[:16]}... (corrupt or replaced)", file=where)
+            check_sha256(self.storage, entry.file, entry.sha256)
         try:
             pf = pq.ParquetFile(self.storage.open_input(entry.file),
                                 page_checksum_verification=True)

@@ -12,7 +12,7 @@ from schemas import DatasetError, KdpipeError, Manifest, ShardEntry, Storage
 from schemas import arrow as cols
 from schemas.layout import MANIFEST, PARTS_DIR, is_fragment_name
 
-from .reader import Dataset
+from .reader import Dataset, check_sha256
 
 _LOGPROB_SLACK = 1e-4  # lossy codecs may reconstruct tiny positive log-probs
 
@@ -90,10 +90,7 @@ def _check_artifact(ds: Dataset, rel: str, entry) -> None:
     if "bytes" in entry and size != entry["bytes"]:
         raise DatasetError(f"artifact has {size} bytes, the manifest says {entry['bytes']} "
                            f"(truncated or replaced)", file=where)
-    digest = ds.storage.sha256(rel)
-    if digest != entry["sha256"]:
-        raise DatasetError(f"sha256 {digest[:16]}... differs from the manifest's "
-                           f"{entry['sha256'][:16]}... (corrupt or replaced)", file=where)
+    check_sha256(ds.storage, rel, entry["sha256"])
 
 
 def verify_dataset(uri: str, *, deep: bool = False) -> VerifyReport:
@@ -123,11 +120,7 @@ def verify_dataset(uri: str, *, deep: bool = False) -> VerifyReport:
         where = ds.storage.describe(entry.file)
         report.shards_checked += 1
         try:
-            pf = ds.open_shard(entry)
-            digest = ds.storage.sha256(entry.file)
-            if digest != entry.sha256:
-                raise DatasetError(f"sha256 {digest[:16]}... differs from the manifest's "
-                                   f"{entry.sha256[:16]}... (corrupt or replaced)", file=where)
+            pf = ds.open_shard(entry, verify_sha256=True)
             report.documents_checked += _check_rows(ds, entry, pf) if deep else entry.documents
         except KdpipeError as e:
             report.problems.append(ShardProblem(entry.file, str(e)))

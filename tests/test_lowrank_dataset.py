@@ -72,6 +72,16 @@ def _writer(out, codec, artifacts=None, **kw) -> PartWriter:
                       docs_per_shard=3, artifacts=artifacts, **kw)
 
 
+def _assert_round_trip(ds: Dataset, docs) -> None:
+    """Same documents and ids; hidden states within the fp8 coefficients' error."""
+    got = list(ds.iter_documents())
+    assert [d.doc_id for d in got] == [d.doc_id for d in docs]
+    for a, b in zip(got, docs):
+        assert torch.equal(a.topk_ids, b.topk_ids)
+        for layer in LAYERS:
+            assert _min_cosine(a.hidden[layer], b.hidden[layer]) > FP8_COSINE
+
+
 def _write(out, docs, codec, artifacts=None, **kw):
     w = _writer(out, codec, artifacts, **kw)
     for d in docs:
@@ -100,12 +110,7 @@ def test_lowrank_dataset_round_trips(written):
     assert ds.manifest.artifacts == {LOWRANK_ARTIFACT: {
         "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
     assert ds.manifest.codec == config and len(ds.shards) == 3
-    got = list(ds.iter_documents())
-    assert [d.doc_id for d in got] == [d.doc_id for d in docs]
-    for a, b in zip(got, docs):
-        assert torch.equal(a.topk_ids, b.topk_ids)
-        for layer in LAYERS:
-            assert _min_cosine(a.hidden[layer], b.hidden[layer]) > FP8_COSINE
+    _assert_round_trip(ds, docs)
     table = pq.read_table(out / ds.shards[0].file)
     assert len(table.column("hidden_003")[0].as_py()) == docs[0].num_tokens * (2 + RANK)
     report = verify_dataset(str(out), deep=True)
@@ -201,12 +206,7 @@ def test_compress_exact_to_lowrank_end_to_end(tmp_path):
     assert "fitted a rank-6 projection" in result.output
     ds = Dataset(str(dst))
     assert set(ds.manifest.artifacts) == {ds.manifest.codec.hidden.params["projection"]}
-    got = list(ds.iter_documents())
-    assert [d.doc_id for d in got] == [d.doc_id for d in docs]
-    for a, b in zip(got, docs):
-        assert torch.equal(a.topk_ids, b.topk_ids)
-        for layer in LAYERS:
-            assert _min_cosine(a.hidden[layer], b.hidden[layer]) > FP8_COSINE
+    _assert_round_trip(ds, docs)
     assert verify_dataset(str(dst), deep=True).ok
     again = CliRunner().invoke(compress_cmd, args)   # rerun: the fitted projection is kept
     assert again.exit_code == 0, again.output

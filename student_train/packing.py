@@ -127,6 +127,15 @@ class PackedBatch:
             moved[f.name] = v
         return PackedBatch(**moved)
 
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Mark the CUDA tensors as used on ``stream``, so the allocator keeps their memory
+        until that stream's work is done (they were made on another stream)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            for t in (v.values() if isinstance(v, dict) else [v]):
+                if isinstance(t, torch.Tensor) and t.is_cuda:
+                    t.record_stream(stream)
+
     def pin_memory(self) -> "PackedBatch":
         """Called by a DataLoader with ``pin_memory=True`` (CUDA training)."""
         pinned = {}

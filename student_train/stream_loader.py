@@ -11,12 +11,15 @@ ships the encoded rows and the training process decodes them on its device
 (``materialize``). Nothing holds more than a few row groups.
 
 ``TrainBatches`` strings epochs together and yields one optimizer step of micro-batches at a
-time with the ``StreamState`` reached after it: the state a checkpoint saves.
+time with the ``StreamState`` reached after it: the state a checkpoint saves. On CUDA it
+reads and decodes the next step while the current one trains.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -266,27 +269,67 @@ def make_loader(stream: DistillStream, *, workers: int, pin_memory: bool) -> Dat
 
 
 class TrainBatches:
-    """Optimizer steps of micro-batches over consecutive epochs, from a resume state."""
+    """Optimizer steps of micro-batches over consecutive epochs, from a resume state.
+
+    ``next_step(prefetch_next=True)`` reads (and on CUDA decodes, on a CUDA stream of its own)
+    the following step on a thread while the current step trains, so reading never holds up
+    the GPU. The batches and states handed out are the same either way.
+    """
 
     def __init__(self, stream: DistillStream, state: StreamState, *, workers: int,
                  device: torch.device) -> None:
         self.stream, self.workers, self.device = stream, workers, device
         self.state = state                  # after the steps handed out so far
+        self._ahead = state                 # after the steps read so far
         self._it: Iterator | None = None
+        self._next: Future | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def next_step(self) -> tuple[list[PackedBatch], StreamState]:
+    def next_step(self, prefetch_next: bool = False) -> tuple[list[PackedBatch], StreamState]:
         """The micro-batches of the next optimizer step and the state after it."""
+        batches, state, ready = self._next.result() if self._next else self._read_step()
+        self._next = None
+        if prefetch_next:
+            self._open()        # loader workers fork from this thread: forking from another
+            self._next = self._pool.submit(self._read_step)     # while this one runs is unsafe
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for b in batches:               # memory the side stream allocated, used here
+                b.record_stream(current)
+        self.state = state
+        return batches, state
+
+    def close(self) -> None:
+        """Finish a read in flight and stop the loader's workers (the steps handed out and
+        ``state`` stay as they are)."""
+        if self._next is not None:
+            self._next.exception()          # waits; what it read is not handed out
+            self._next = None
+        self._pool.shutdown()
+        self._it = None
+
+    def _open(self) -> None:
         if self._it is None:                # a loader runs from its start state to epoch end
-            self.stream.set_state(self.state)
+            self.stream.set_state(self._ahead)
             self._it = iter(make_loader(self.stream, workers=self.workers,
                                         pin_memory=self.device.type == "cuda"))
-        batches = []
-        for _ in range(self.stream.grad_accum):
-            item = next(self._it)
-            if isinstance(item, RawBatch):
-                item = self.stream.materialize(item, self.device)
-            batches.append(item)
-        self.state = advance(self.state, self.stream.num_sequences, self.stream.global_batch)
-        if self.state.epoch != self.stream.state.epoch:
-            self._it = None                 # every micro-batch of the epoch has been taken
-        return batches, self.state
+
+    def _read_step(self) -> tuple[list[PackedBatch], StreamState, torch.cuda.Event | None]:
+        """The next step's micro-batches, its state and (on CUDA) the event that marks them
+        decoded."""
+        self._open()
+        with torch.cuda.stream(self._side) if self._side is not None else nullcontext():
+            batches = []
+            for _ in range(self.stream.grad_accum):
+                item = next(self._it)
+                if isinstance(item, RawBatch):
+                    item = self.stream.materialize(item, self.device)
+                batches.append(item)
+            self._ahead = advance(self._ahead, self.stream.num_sequences,
+                                  self.stream.global_batch)
+            if self._ahead.epoch != self.stream.state.epoch:
+                self._it = None             # every micro-batch of the epoch has been taken
+            return batches, self._ahead, \
+                self._side.record_event() if self._side is not None else None

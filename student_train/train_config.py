@@ -139,6 +139,7 @@ class TrainConfig:
     grad_accum: int = 1              # micro-batches per optimizer step and rank
     precision: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     gradient_checkpointing: bool = False
+    checkpoint_layers: int = 0       # with it: how many decoder layers recompute (0: all)
     frozen: list[str] = field(default_factory=list)   # regexes of parameter names to freeze
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
@@ -147,6 +148,8 @@ class TrainConfig:
     def validate(self) -> None:
         _positive(self, "micro_batch", "grad_accum", "log_every")
         _choice(self, "precision", ("auto", "bf16", "fp32"))
+        if self.checkpoint_layers < 0:
+            raise ConfigError("train.checkpoint_layers must be >= 0 (0: every layer)")
         if self.max_steps <= 0 and self.max_tokens <= 0:
             raise ConfigError("set train.max_steps or train.max_tokens")
 

@@ -78,6 +78,31 @@ def freeze(model: torch.nn.Module, patterns: list[str]) -> tuple[int, int]:
     return trainable, frozen
 
 
+def frozen_linears_to_bf16(model: torch.nn.Module) -> int:
+    """Store the frozen ``nn.Linear`` parameters that bf16 holds exactly in bf16; returns the
+    bytes saved.
+
+    Under bf16 autocast every matmul reads its operands in bf16, so this changes no number. It
+    removes a cast per use (autocast caches casts only of leaves that require grad, so a frozen
+    float32 weight is cast again in every forward and every recomputation) and halves their
+    memory. A student converted from a bf16 teacher holds its frozen MLPs and LM head exactly.
+    Weights shared with an embedding stay float32: the lookup is not autocast, so its output
+    would change dtype."""
+    embedded = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+                for p in m.parameters()}
+    saved = 0
+    for m in model.modules():
+        params = list(m.parameters(recurse=False))
+        if not isinstance(m, torch.nn.Linear) or any(
+                p.requires_grad or p.dtype != torch.float32 or id(p) in embedded for p in params):
+            continue
+        if all(torch.equal(p.to(torch.bfloat16).float(), p) for p in params):
+            for p in params:
+                p.data = p.data.to(torch.bfloat16)
+                saved += 2 * p.numel()
+    return saved
+
+
 def build_optimizer(module: torch.nn.Module, *, optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on vectors (norms, biases) and parameters marked
     ``_no_weight_decay`` (KDA's A_log and dt_bias)."""
@@ -180,11 +205,13 @@ class Trainer:
             ckpt.load_projections(module, self.resume_from)
         self.trainable, self.frozen = freeze(student, cfg.train.frozen)
         if cfg.train.gradient_checkpointing:
-            enable_activation_checkpointing(student)
+            enable_activation_checkpointing(student, cfg.train.checkpoint_layers)
         module.to(self.device)
 
         # parallelism, then the optimizer over the (possibly sharded) parameters
         self.strategy = strategy_of(cfg.parallel, dist, module)
+        if self.bf16 and self.strategy != "fsdp":     # FSDP2 wants one dtype per parameter group
+            frozen_linears_to_bf16(student)
         self.model = parallelize(module, parallel=cfg.parallel, dist=dist)
         self.module = unwrap(self.model)
         self.optimizer = build_optimizer(self.module, optim=cfg.optim)
@@ -292,6 +319,7 @@ class Trainer:
                 state = self._one_step(bar)
                 # every rank must stop at the same step: the flag is agreed like a metric
                 if self.dist.all_reduce_sum({"stop": float(sigterm.raised)})["stop"]:
+                    self.batches.close()
                     self.save(state)
                     bar.close()
                     self.metrics.close()
@@ -300,6 +328,7 @@ class Trainer:
                                    f"saved, rerun with --resume to continue")
                     return self._summary(stopped=True)
         bar.close()
+        self.batches.close()
         if self.eval_stream is not None and cfg.eval.at_end and \
                 self.last_eval.get("step") != self.step:
             self.evaluate()
@@ -322,7 +351,7 @@ class Trainer:
         the data state after it."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        batches, state = self.batches.next_step()
+        batches, state = self.batches.next_step(prefetch_next=self.step + 1 < self.total_steps)
         last = self.train_step(batches)
         self.step += 1
         self.tokens_seen += int(last["tokens"])

@@ -102,13 +102,15 @@ def test_mid_epoch_resume_continues_the_same_order(dataset):
         steps.append([_flat(b) for b in batches])
         states.append(state)
     assert states[-1].epoch >= 1
-    for k in (2, 5, 9):
+    for k in (2, 5, 9):                                   # reading ahead changes nothing
         resumed = TrainBatches(_stream(path, accum=2), states[k - 1], workers=2,
                                device=torch.device("cpu"))
         for i in range(k, 12):
-            batches, state = resumed.next_step()
+            batches, state = resumed.next_step(prefetch_next=i % 3 != 0)
+            assert resumed.state == state
             assert [_flat(b) for b in batches] == steps[i]
             assert state == states[i]
+        resumed.close()
 
 
 def test_decoding_on_the_training_device_matches_worker_decoding(dataset):
@@ -130,3 +132,28 @@ def test_only_requested_hidden_layers_are_read(dataset):
     assert list(b.hidden) == [2]
     b = next(iter(_stream(path, hidden=[])))
     assert b.hidden == {}
+
+
+@pytest.mark.gpu
+def test_prefetching_on_a_side_stream_hands_out_what_reading_in_turn_does(dataset):
+    """On CUDA the next step is decoded on another stream while the GPU is busy: the batches
+    are the same as decoded in turn, once the main stream has waited for them."""
+    path, _ = dataset
+    cuda = torch.device("cuda")
+    in_turn = TrainBatches(_stream(path, accum=2, workers_decode=False), StreamState(seed=7),
+                           workers=1, device=cuda)
+    ahead = TrainBatches(_stream(path, accum=2, workers_decode=False), StreamState(seed=7),
+                         workers=1, device=cuda)
+    busy = torch.randn(4096, 4096, device=cuda)
+    for _ in range(8):                                    # crosses an epoch boundary
+        expected, state = in_turn.next_step()
+        for _ in range(20):                               # keep the main stream busy
+            busy = busy @ busy / busy.norm()
+        got, got_state = ahead.next_step(prefetch_next=True)
+        assert got_state == state
+        for a, b in zip(got, expected):
+            assert _flat(a) == _flat(b)
+            for layer in LAYERS:
+                assert torch.equal(a.hidden[layer], b.hidden[layer])
+    in_turn.close()
+    ahead.close()

@@ -8,6 +8,7 @@ import torch
 import student_train  # noqa: F401  (registers the Auto classes)
 from schemas import ConfigError
 from student_train import KDAHybridCache, KDAHybridConfig, KDAHybridForCausalLM
+from student_train.modeling import enable_activation_checkpointing
 
 VOCAB = 97
 
@@ -126,17 +127,29 @@ def test_tied_embeddings():
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("layers", [0, 1])
+def test_activation_checkpointing_gives_the_same_gradients(layers):
+    """All layers (0) or some of them recompute in backward: same gradients, and exactly the
+    chosen layers run their forward twice."""
     x = tokens(20)
-    grads = []
+    grads, calls = [], []
     for checkpointing in (False, True):
         model = tiny_model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model, layers)
+        count = [0] * len(model.model.layers)
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_pre_hook(lambda *_, i=i: count.__setitem__(i, count[i] + 1))
         model(x, labels=x).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
+        calls.append(count)
+    n = len(calls[0])
+    assert calls[0] == [1] * n
+    assert sum(c - 1 for c in calls[1]) == (layers or n)
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ConfigError, match="the model has"):
+        enable_activation_checkpointing(tiny_model(), n + 1)
 
 
 def test_labels_loss_ignores_document_boundaries():

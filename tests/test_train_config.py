@@ -9,11 +9,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from schemas import ConfigError
 from student_train.train_config import Config, from_dict, load_config
-from student_train.trainer import freeze, lr_multiplier
+from student_train.trainer import freeze, frozen_linears_to_bf16, lr_multiplier
 from test_train_fixtures import tiny_config, write_dataset, write_student
 
 CONFIGS = Path(__file__).resolve().parents[1] / "student_train" / "configs"
@@ -126,6 +127,40 @@ def test_frozen_patterns(tmp_path):
         freeze(student, ["no_such_module"])
     with pytest.raises(ConfigError, match="not a valid regex"):
         freeze(student, ["(unclosed"])
+
+
+def test_frozen_linears_in_bf16_change_no_number(tmp_path):
+    """Frozen linears that bf16 holds exactly are stored in bf16: under bf16 autocast the
+    logits and the trainable gradients stay bitwise equal; an inexact or embedding-shared
+    weight stays float32."""
+    import copy
+
+    from student_train.evaluate import load_student
+    student = load_student(str(write_student(tmp_path / "s")))
+    with torch.no_grad():                                   # as converted from a bf16 teacher
+        for p in student.parameters():
+            p.copy_(p.bfloat16().float())
+        student.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-4   # not exact in bf16
+    freeze(student, ["embed_tokens", "lm_head", r"^model\.layers\.\d+\.mlp\."])
+    packed = copy.deepcopy(student)
+    saved = frozen_linears_to_bf16(packed)
+    mlps = [m for layer in packed.model.layers for m in (layer.mlp.up_proj, layer.mlp.down_proj)]
+    assert [m.weight.dtype for m in mlps] == [torch.float32] + [torch.bfloat16] * (len(mlps) - 1)
+    assert packed.lm_head.weight.dtype == torch.bfloat16
+    assert packed.model.embed_tokens.weight.dtype == torch.float32
+    assert saved == 2 * sum(m.weight.numel() for m in mlps[1:] + [packed.lm_head])
+    x = torch.randint(0, student.config.vocab_size, (1, 12))
+    outs = []
+    for model in (student, packed):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, labels=x)
+        out.loss.backward()
+        outs.append((out.logits, {n: p.grad for n, p in model.named_parameters()
+                                  if p.requires_grad}))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert outs[0][1].keys() == outs[1][1].keys()
+    for name, g in outs[0][1].items():
+        assert torch.equal(g, outs[1][1][name]), name
 
 
 # -- the dataset must fit the student before step 1 --------------------------------------------

@@ -105,6 +105,7 @@ def run_row(recipe: str, seq_len: int, recompute: str, *, student, args,
     for p in student.parameters():              # a row before may have frozen and packed them
         p.data = p.data.float()
         p.requires_grad_(True)
+    student.model.gradient_checkpointing = False     # or enabled it: the Trainer decides
     out = f"/tmp/kdpipe-afm-train/{recipe}-{seq_len}{'-online' if teacher else ''}"  # all ranks
     torch.cuda.reset_peak_memory_stats()
     tr = trainer_module.Trainer(config(out, args.data, args.student_dir, recipe, seq_len,

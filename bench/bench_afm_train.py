@@ -19,7 +19,8 @@ backward (the default), ``none``, or a number of layers.
 Recipes: ``stage1`` (embeddings, LM head, norms and MLPs frozen; 0.2 CE + 0.2 KL at T=2 +
 0.6 hidden cosine on layers 9/18/27/36) and ``full`` (every parameter, same loss). ``online``
 runs the stage-1 step with the teacher's forward (top-k and hidden states computed from the
-packed batch inside the step, instead of read from shards) at the ``--online`` length.
+packed batch inside the step, instead of read from shards) at the ``--online`` length and
+checkpointing (``L[:C]``), against the offline row of the same length and checkpointing.
 
 A last table compares the head loss computed in chunks of ``--loss-chunk`` positions against
 materializing the logits of all positions at once: forward + backward time and peak memory.
@@ -215,7 +216,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--rows", default="stage1:2048,stage1:8192,stage1:8192:none,stage1:32768,"
                                       "full:8192,full:8192:none,full:32768")
-    ap.add_argument("--online", type=int, default=8192, help="0: no online row")
+    ap.add_argument("--online", default="8192", help="L[:C] of the online row (0: none)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--loss-positions", type=int, default=8192, help="0: no loss table")
@@ -252,11 +253,12 @@ def main() -> None:
             print(rows[-1], flush=True)
             write_json(args.json, {"machine": gpu_name(), "steps": args.steps,
                                    "warmup": args.warmup, "rows": rows, "partial": True})
-    if args.online:
+    if args.online != "0":
+        length, recompute = (args.online.split(":") + ["all"])[:2]
         offline = next((r for r in rows if r.get("recipe") == "stage1" and r["seq_len"] ==
-                        args.online and r["recompute"] == "all"), None)
+                        int(length) and r["recompute"] == recompute), None)
         teacher = OnlineTeacher(args.teacher, top_k=128)
-        online = run_row("stage1", args.online, "all", student=student, args=args,
+        online = run_row("stage1", int(length), recompute, student=student, args=args,
                          teacher=teacher)
         if offline:
             online["offline_speedup"] = offline["tokens_per_s"] / online["tokens_per_s"]

@@ -195,3 +195,27 @@ def test_fla_backend_needs_cuda():
     model = tiny_model(kda_backend="fla")
     with pytest.raises(ConfigError, match="needs CUDA"):
         model(tokens(5))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_relu_squared_matches_transformers_relu2_bitwise(autocast):
+    """The MLP's relu^2 stays in the input dtype under bf16 autocast, with the values and
+    gradients of transformers' relu2 (whose square autocast may run in float32)."""
+    from transformers.activations import ACT2FN
+
+    from student_train.layers.mlp import ReLUSquared
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    u0 = (torch.randn(64, 96, generator=g) * 3).to(dtype)
+    w = torch.randn(16, 96, generator=g)
+    results = []
+    for act in (ACT2FN["relu2"], ReLUSquared()):
+        u = u0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            a = act(u)
+            y = torch.nn.functional.linear(a, w)              # the down projection
+        y.float().square().sum().backward()
+        results.append((a.dtype, y, u.grad))
+    assert results[1][0] == dtype
+    assert torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[0][2], results[1][2])

@@ -143,8 +143,8 @@ def run_row(recipe: str, seq_len: int, recompute: str, *, student, args,
 
 
 # GPU kernels by what they do (first match wins), for the profile summary
-KERNEL_KINDS = [("matmul", r"nvjet|gemm|cutlass|xmma|sm90_|ampere_"),
-                ("attention (SDPA)", r"flash|fmha|attention|sdpa"),
+KERNEL_KINDS = [("attention (SDPA)", r"flash|fmha|attention|sdpa"),
+                ("matmul", r"nvjet|gemm|cutlass|xmma|sm90_|ampere_"),
                 ("KDA and conv (fla)", r"kda|chunk|fused_recurrent|conv|wy_|solve_tril|kkt"),
                 ("copies and casts", r"copy|cast|convert"),
                 ("reductions", r"reduce|norm|softmax|sum|max"),

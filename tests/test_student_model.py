@@ -219,3 +219,21 @@ def test_relu_squared_matches_transformers_relu2_bitwise(autocast):
     assert results[1][0] == dtype
     assert torch.equal(results[0][1], results[1][1])
     assert torch.equal(results[0][2], results[1][2])
+
+
+def test_attention_per_document_equals_the_block_diagonal_mask(monkeypatch):
+    """Packed rows attend once per document; rows of too many documents use the dense
+    block-diagonal causal mask: both give the same output, with grouped KV heads."""
+    from student_train.layers import attention
+    from student_train.layers.packing import SequenceLayout
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 23, 8, generator=g)
+    k, v = (torch.randn(1, 2, 23, 8, generator=g) for _ in range(2))
+    layout = SequenceLayout.build(1, 23, torch.device("cpu"), cu_seqlens=[0, 5, 6, 17, 23])
+    per_doc = attention.attend(q, k, v, layout, scale=0.3)
+    monkeypatch.setattr(attention, "PER_DOCUMENT_MAX_DOCS", 3)
+    masked = attention.attend(q, k, v, layout, scale=0.3)
+    torch.testing.assert_close(per_doc, masked, rtol=1e-5, atol=1e-6)
+    alone = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, 6:17], k[:, :, 6:17], v[:, :, 6:17], is_causal=True, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(per_doc[:, :, 6:17], alone, rtol=1e-5, atol=1e-6)

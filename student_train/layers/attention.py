@@ -4,9 +4,10 @@
 weights without positional encoding (the hybrid's global layers). KV heads stay grouped, as in
 the teacher: nothing is expanded in the parameters or the cache.
 
-Packed rows run on FlashAttention's varlen kernel (``torch.nn.attention.varlen``) for CUDA
-half-precision tensors, else on SDPA with a dense block-diagonal causal mask (``[T, T]`` booleans:
-fine on CPU and for tests, quadratic memory for long packed rows).
+Packed rows run on FlashAttention's varlen kernel (``torch.nn.attention.varlen``, where this
+torch has it) for CUDA half-precision tensors, else on causal SDPA once per document, or, for
+rows of very many documents, on SDPA with a dense block-diagonal causal mask (``[T, T]``
+booleans: quadratic memory and work across documents).
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+# Packed rows of up to this many documents without the varlen kernel attend per document;
+# beyond, the per-call launches would cost more than the dense mask's wasted work.
+PER_DOCUMENT_MAX_DOCS = 64
+
+
 @cache
 def _flash_varlen():
     """torch's FlashAttention varlen function, if this torch has one with causal windows and GQA."""
@@ -95,6 +101,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLa
                      layout.max_seqlen, layout.max_seqlen, scale=scale, window_size=(-1, 0),
                      enable_gqa=gqa)
         return out.transpose(0, 1)[None]
+    bounds = layout.doc_bounds
+    if bounds is not None and len(bounds) - 1 <= PER_DOCUMENT_MAX_DOCS:
+        # one causal attention per document: FlashAttention-class kernels, and none of the
+        # masked [T, T] work that a block-diagonal mask costs across documents
+        return torch.cat([F.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=scale,
+            enable_gqa=gqa) for a, b in zip(bounds, bounds[1:])], dim=2)
     mask = layout.attention_mask
     is_causal = mask is None and q.shape[2] > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,

@@ -82,6 +82,11 @@ class SequenceLayout:
         return cls(cu_seqlens, max(lengths), position_ids, 0)
 
     @cached_property
+    def doc_bounds(self) -> list[int] | None:
+        """``cu_seqlens`` on the host, read once per forward rather than once per layer."""
+        return None if self.cu_seqlens is None else self.cu_seqlens.tolist()
+
+    @cached_property
     def attention_mask(self) -> torch.Tensor | None:
         """Boolean ``[T, past + T]`` mask for SDPA (True = attend), or ``None`` where plain causal
         attention (``is_causal``) or no mask at all (a single new token) is exact."""

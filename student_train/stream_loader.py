@@ -11,8 +11,8 @@ ships the encoded rows and the training process decodes them on its device
 (``materialize``). Nothing holds more than a few row groups.
 
 ``TrainBatches`` strings epochs together and yields one optimizer step of micro-batches at a
-time with the ``StreamState`` reached after it: the state a checkpoint saves. On CUDA it
-reads and decodes the next step while the current one trains.
+time with the ``StreamState`` reached after it: the state a checkpoint saves. It can read (on
+CUDA also decode) the next step while the current one trains.
 """
 
 from __future__ import annotations

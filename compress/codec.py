@@ -92,6 +92,29 @@ def _rank_sort_torch(ids: torch.Tensor, lps: torch.Tensor) -> tuple[torch.Tensor
     return key.bitwise_and_(0xFFFFFFFF), ordered.view(torch.float32)
 
 
+def rank_sort_ordinals(ids: torch.Tensor, ordinals: torch.Tensor, levels: torch.Tensor,
+                       vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rank_sort`` for values given as rank ordinals (``levels[ordinal]`` is the log-prob,
+    strictly decreasing): the same order and ties, from one sort of integer keys
+    (ordinal, id), int32 where they fit in 31 bits (numpy's SIMD sort on the CPU runs
+    rows of 128 int32 keys ~2.5x faster than int64 ones)."""
+    id_bits = max(1, (vocab_size - 1).bit_length())
+    wide = id_bits + max(1, (levels.numel() - 1).bit_length()) > 31
+    mask = (1 << id_bits) - 1
+    if ids.device.type == "cpu":   # numpy: its sort, masks and gathers are the faster here
+        key = ordinals.numpy().astype(np.int64 if wide else np.int32)
+        key <<= id_bits
+        key |= ids.numpy()
+        key.sort(axis=1)
+        out_ids = np.bitwise_and(key, mask, dtype=np.int64)
+        key >>= id_bits
+        return torch.from_numpy(out_ids), torch.from_numpy(np.take(levels.numpy(), key))
+    key_t = ordinals.to(torch.int64 if wide else torch.int32).bitwise_left_shift_(id_bits) \
+        .bitwise_or_(ids)
+    key_t = torch.sort(key_t, dim=1).values
+    return (key_t & mask).long(), levels.to(key_t.device)[key_t >> id_bits]
+
+
 class Codec:
     def __init__(self, config: CodecConfig, *, vocab_size: int, top_k: int, hidden_size: int,
                  hidden_dtype: str, artifacts: Callable[[str], bytes] | None = None) -> None:
@@ -119,7 +142,7 @@ class Codec:
                              f"given to the encoder")
         ids_bytes, perm = self.ids.encode_ordered(ids)
         if perm is not None:  # flat take: several times faster than take_along_axis
-            lps = lps.reshape(-1)[perm + np.arange(0, perm.size, self.k)[:, None]]
+            lps = np.take(lps.reshape(-1), perm + np.arange(0, perm.size, self.k)[:, None])
         return ids_bytes, self.values.encode(lps)
 
     def decode_rows(self, ids_blobs: Sequence[bytes], values_blobs: Sequence[bytes],
@@ -127,27 +150,37 @@ class Codec:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Blobs of several documents -> ([N, k] int64 ids, [N, k] float32 log-probs) in rank
         order."""
-        device = torch.device(device)
-        ids = self.ids.decode(ids_blobs, rows, device)
-        return self._rank_order(ids, self.values.decode(values_blobs, rows, device))
+        return self._decode(ids_blobs, values_blobs, rows, torch.device(device), False)[:2]
 
     def decode_rows_with_tail(self, ids_blobs: Sequence[bytes], values_blobs: Sequence[bytes],
                               rows: Sequence[int], device: torch.device | str = "cpu"
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``decode_rows`` plus every row's missing mass ``1 - sum(p)`` [N] (float32): as
         stored by codecs that keep it, else computed from the decoded values."""
-        device = torch.device(device)
-        ids = self.ids.decode(ids_blobs, rows, device)
-        lps, tail = self.values.decode_with_tail(values_blobs, rows, device)
-        return (*self._rank_order(ids, lps), tail)
+        return self._decode(ids_blobs, values_blobs, rows, torch.device(device), True)
 
-    def _rank_order(self, ids: torch.Tensor, lps: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if ids.shape != lps.shape:
-            raise CodecError(f"ids {tuple(ids.shape)} and values {tuple(lps.shape)} disagree")
+    def _decode(self, ids_blobs: Sequence[bytes], values_blobs: Sequence[bytes],
+                rows: Sequence[int], device: torch.device, with_tail: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        ids = self.ids.decode(ids_blobs, rows, device)
+        if self.ids.order != "rank" and self.values.ordinal_levels is not None:
+            ordinals, tail = self.values.decode_ordinals(values_blobs, rows, device, with_tail)
+            self._check_shapes(ids, ordinals)
+            return (*rank_sort_ordinals(ids, ordinals, self.values.ordinal_levels,
+                                        self.vocab_size), tail)
+        if with_tail:
+            lps, tail = self.values.decode_with_tail(values_blobs, rows, device)
+        else:
+            lps, tail = self.values.decode(values_blobs, rows, device), None
+        self._check_shapes(ids, lps)
         if self.ids.order != "rank":
-            return rank_sort(ids, lps)
-        return ids.long(), lps
+            return (*rank_sort(ids, lps), tail)
+        return ids.long(), lps, tail
+
+    @staticmethod
+    def _check_shapes(ids: torch.Tensor, values: torch.Tensor) -> None:
+        if ids.shape != values.shape:
+            raise CodecError(f"ids {tuple(ids.shape)} and values {tuple(values.shape)} disagree")
 
     def encode_hidden(self, x: torch.Tensor, layer: int | None = None) -> bytes:
         return self.hidden.encode(x, layer)

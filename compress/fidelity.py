@@ -1,8 +1,8 @@
 """Fidelity of codecs against an exact dataset: bytes, divergences, speed.
 
 Every codec re-encodes the same exact rows (document by document, as capture does) and
-decodes them again (all documents in one batch, as a training reader does). Measured
-per codec:
+decodes them again in batches of whole documents of about ``batch_tokens`` positions
+(8192 by default: one training sequence of a long-context run). Measured per codec:
 
 * bytes per token of ids and of values (encoded blobs / rows with a teacher row), and
   of hidden states per token and layer;
@@ -205,8 +205,23 @@ def score_rows(sample: Sample, k: int, ids: torch.Tensor, lps: torch.Tensor,
             "top1_agreement": float(top1.mean())}
 
 
+def document_batches(rows: Sequence[int], batch_tokens: int) -> list[slice]:
+    """Consecutive documents grouped until each group holds at least ``batch_tokens`` rows
+    (the last one may hold fewer)."""
+    out, start, count = [], 0, 0
+    for i, n in enumerate(rows):
+        count += n
+        if count >= batch_tokens:
+            out.append(slice(start, i + 1))
+            start, count = i + 1, 0
+    if start < len(rows):
+        out.append(slice(start, len(rows)))
+    return out
+
+
 def evaluate(sample: Sample, config: CodecConfig, *, device: torch.device | str = "cpu",
-             repeats: int = 1, calibration_tokens: int = 8192) -> FidelityRow:
+             repeats: int = 1, calibration_tokens: int = 8192,
+             batch_tokens: int = 8192) -> FidelityRow:
     """One codec against the sample; throughput is the best of ``repeats`` runs.
 
     A low-rank hidden codec without a projection gets one fitted on the first
@@ -231,10 +246,12 @@ def evaluate(sample: Sample, config: CodecConfig, *, device: torch.device | str 
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        ids, lps, tail = codec.decode_rows_with_tail(ids_b, vals_b, rows, device)
+        out = [codec.decode_rows_with_tail(ids_b[b], vals_b[b], rows[b], device)
+               for b in document_batches(rows, batch_tokens)]
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         dec_s = min(dec_s, time.perf_counter() - t0)
+    ids, lps, tail = (torch.cat(parts) for parts in zip(*out))
     n = sum(rows)
     scores = score_rows(sample, k, ids, lps, tail)
 

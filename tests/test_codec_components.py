@@ -7,8 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from compress.codecs import HIDDEN, IDS, VALUES, naive
+from compress.codecs import HIDDEN, IDS, VALUES, entropy, naive
+from compress.codecs.base import sort_rows
 from compress.codecs.grid import GridValues
 from compress.codecs.hidden import fit_lowrank
 from compress.codecs.ids import GapIds, PackedIds
@@ -64,6 +67,28 @@ def test_gap_ids_dictionary_order_matches_reference():
     ranks = naive.dictionary_ranks(ids)
     expected = np.array([sorted(row, key=ranks.__getitem__) for row in ids.tolist()])
     np.testing.assert_array_equal(out, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 20), k=st.integers(1, 200), bound=st.sampled_from([2, 300, 1 << 24, 1 << 40]),
+       seed=st.integers(0, 2**32 - 1))
+def test_sort_rows_is_a_stable_row_sort(rows, k, bound, seed):
+    x = np.random.default_rng(seed).integers(0, bound, (rows, k))
+    ordered, perm = sort_rows(x, bound)
+    np.testing.assert_array_equal(perm, np.argsort(x, axis=1, kind="stable"))
+    np.testing.assert_array_equal(ordered, np.sort(x, axis=1))
+
+
+@pytest.mark.parametrize("gaps", [[0, 0, 1], [0, 0, 50], [2**31 - 1] * 3])
+def test_gap_ids_refuse_ranks_past_the_dictionary(gaps):
+    """A well-formed blob (valid checksum) whose rows index past its 3-entry dictionary."""
+    codec = GapIds({}, vocab_size=100, k=3)
+    good = codec.encode_ordered(np.array([[5, 7, 9]]))[0]
+    dictionary, classes, _ = entropy.unpack_container(good, codec.tag, 1, 3, 3, "test")
+    bad = entropy.pack_container(codec.tag, 1, 3, [
+        dictionary, classes, entropy.encode_planes(np.array(gaps), 1)])
+    with pytest.raises(CodecError, match="dictionary"):
+        codec.decode([bad], [1], CPU)
 
 
 def test_gap_ids_refuse_duplicates_and_out_of_range():

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compress import Codec, Dataset, PartWriter, load_codec_config, preset_names
-from compress.codec import _rank_sort_torch, rank_sort
+from compress.codec import _rank_sort_torch, rank_sort, rank_sort_ordinals
+from compress.codecs import grid
 from schemas import (CaptureSettings, CodecConfig, CodecError, CodecMismatchError, ConfigError,
                      DatasetError, TeacherDocument, TeacherInfo)
 
@@ -115,6 +116,32 @@ def test_rank_sort_orders_by_value_then_id():
     for a, b in zip(rank_sort(torch.from_numpy(big_ids), torch.from_numpy(big_lps)),
                     _rank_sort_torch(torch.from_numpy(big_ids), torch.from_numpy(big_lps))):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("vocab", [VOCAB, 1 << 24])   # int32 keys; int64 keys
+def test_rank_sort_of_ordinals_matches_sorting_the_values(vocab):
+    rng = np.random.default_rng(11)
+    levels = torch.from_numpy(-np.cumsum(rng.random(600) + 1e-3).astype(np.float32))
+    ids = torch.from_numpy(rng.integers(0, vocab, (50, 128)).astype(np.int32))
+    ordinals = torch.from_numpy(rng.integers(0, 600, (50, 128)).astype(np.int32))  # ties
+    got = rank_sort_ordinals(ids, ordinals, levels, vocab)
+    want = rank_sort(ids.long(), levels[ordinals.long()])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("step", [0.05, 1e-5])  # rank ordinals; a grid too fine for them
+def test_log_grid_with_id_set_ids_decodes_in_rank_order(step):
+    config = CodecConfig.from_dict({"name": "g", "ids": "gaps", "hidden": "native",
+                                    "values": {"kind": "grid", "transform": "log",
+                                               "step": step}})
+    codec = Codec(config, vocab_size=VOCAB, top_k=K, hidden_size=H, hidden_dtype="float32")
+    assert (codec.values.ordinal_levels is None) == (step < 1e-3)
+    ids, lps = topk_rows(100, K, seed=12)
+    blob_ids, blob_vals = codec.encode_rows(ids, lps)
+    got = codec.decode_rows([blob_ids], [blob_vals], [100])
+    quantized = (grid.quantize(lps, "log", step) * -step).astype(np.float32)
+    want = rank_sort(torch.from_numpy(ids).long(), torch.from_numpy(quantized))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_facade_keeps_rank_order_and_tail_mass():

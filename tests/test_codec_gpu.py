@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compress import Codec, load_codec_config
-from compress.codec import _rank_sort_torch, rank_sort
+from compress.codec import _rank_sort_torch, rank_sort, rank_sort_ordinals
 from schemas import CodecConfig
 
 from test_codec_facade import topk_rows
@@ -48,4 +48,15 @@ def test_rank_sort_on_cuda_matches_the_cpu_path():
     ids, lps = torch.from_numpy(ids), torch.round(torch.from_numpy(lps), decimals=1)
     cpu = rank_sort(ids, lps)
     gpu = _rank_sort_torch(ids.cuda(), lps.cuda())
+    assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+
+
+@pytest.mark.parametrize("vocab", [5000, 1 << 24])   # int32 keys; int64 keys
+def test_rank_sort_of_ordinals_on_cuda_matches_the_cpu_path(vocab):
+    g = torch.Generator().manual_seed(2)
+    levels = -torch.cumsum(torch.rand(600, generator=g) + 1e-3, 0)
+    ids = torch.randint(0, vocab, (400, 128), generator=g, dtype=torch.int32)
+    ordinals = torch.randint(0, 600, (400, 128), generator=g, dtype=torch.int32)
+    cpu = rank_sort_ordinals(ids, ordinals, levels, vocab)
+    gpu = rank_sort_ordinals(ids.cuda(), ordinals.cuda(), levels, vocab)
     assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())

@@ -40,8 +40,8 @@ class IdsCodec(ABC):
         or None when the rank order is kept)."""
         if self.order == "rank":
             return self.encode(ids), None
-        perm = np.argsort(ids, axis=1, kind="stable")
-        return self.encode(np.take_along_axis(ids, perm, 1)), perm
+        ordered, perm = sort_rows(ids, int(ids.max()) + 1 if ids.size else 1)
+        return self.encode(ordered), perm
 
     @abstractmethod
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
@@ -76,6 +76,18 @@ class ValuesCodec(ABC):
         """
         values = self.decode(blobs, rows, device)
         return values, tail_from_values(values)
+
+    #: For codecs whose decoded values are a strictly decreasing table of small integer
+    #: "rank ordinals": ``ordinal_levels[r]`` is the float32 log-prob of ordinal r. The
+    #: facade then restores rank order with one sort of integer (ordinal, id) keys, with
+    #: the same order and ties as sorting the decoded values. None for other codecs.
+    ordinal_levels: torch.Tensor | None = None
+
+    def decode_ordinals(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
+                        with_tail: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blobs -> (int32 [sum(rows), k] rank ordinals, checked to index ``ordinal_levels``;
+        the missing mass [sum(rows)] or None without ``with_tail``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no rank ordinals")
 
 
 def tail_from_values(values: torch.Tensor) -> torch.Tensor:
@@ -126,6 +138,25 @@ def lookup(table: dict, kind: str, what: str) -> type:
     if kind not in table:
         raise ConfigError(f"unknown {what} codec {kind!r}; known: {sorted(table)}")
     return table[kind]
+
+
+def sort_rows(x: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of integers in [0, bound) -> (each row ascending, ties by column; the
+    permutation that sorts it).
+
+    Sorts (value, column) keys instead of calling argsort: numpy's SIMD sort is ~3x
+    faster, and the values and the permutation both come out of the sorted keys; int32
+    keys (``bound * k <= 2**31``) sort ~2.5x faster than int64.
+    """
+    k = x.shape[1]
+    shift = max(1, (k - 1).bit_length())
+    dtype = np.int32 if bound << shift <= 1 << 31 else np.int64
+    keys = x.astype(dtype) << shift
+    keys |= np.arange(k, dtype=dtype)
+    keys.sort(axis=1)
+    perm = keys & ((1 << shift) - 1)
+    keys >>= shift
+    return keys, perm
 
 
 def fixed_width_concat(blobs: Sequence[bytes], rows: Sequence[int], row_bytes: int,

@@ -40,6 +40,7 @@ from .base import VALUES, ValuesCodec, register, tail_from_values
 
 TRANSFORMS = ("sqrt", "log")
 LOG_FLOOR_NATS = 1000.0  # -inf and smaller log-probs are stored as this
+ORDINAL_TABLE_MAX = 1 << 20  # log grids finer than 1000 nats / 2**20 sort by value instead
 
 
 def sqrt_levels(step: float) -> np.ndarray:
@@ -74,7 +75,8 @@ def unzigzag(z: torch.Tensor) -> torch.Tensor:
 @register(VALUES, "grid")
 class GridValues(ValuesCodec):
     """Params: ``transform`` (sqrt|log), ``step`` (grid step in the transformed unit),
-    ``delta`` (default false), ``tail_mass`` (default true), ``level`` (zstd, default 3)."""
+    ``delta`` (default false), ``tail_mass`` (default true), ``level`` (zstd, default 1,
+    as for the ``gaps`` ids)."""
 
     entropy_coded = True
 
@@ -95,7 +97,7 @@ class GridValues(ValuesCodec):
         self.step = float(step)
         self.delta = bool(params.get("delta", False))
         self.tail = bool(params.get("tail_mass", True))
-        self.level = entropy.check_level(params.get("level", 3), "values grid")
+        self.level = entropy.check_level(params.get("level", 1), "values grid")
         self.tag = entropy.params_tag("values.grid", {
             "transform": self.transform, "step": self.step, "delta": self.delta,
             "tail": self.tail})
@@ -104,6 +106,14 @@ class GridValues(ValuesCodec):
             levels = sqrt_levels(self.step)
             self._lp_table = np.log(levels).astype(np.float32)
             self._mass_table = levels.astype(np.float32)
+            # ordinal = top index - q: decoded log-probs decrease as q falls
+            ordinal_levels = self._lp_table[::-1].copy()
+        else:   # ordinal = q, up to the floor; tiny steps make too big a table
+            top = int(np.rint(LOG_FLOOR_NATS / self.step))
+            ordinal_levels = (np.arange(top + 1) * -self.step).astype(np.float32) \
+                if top < ORDINAL_TABLE_MAX else None
+        if ordinal_levels is not None and bool(np.all(np.diff(ordinal_levels) < 0)):
+            self.ordinal_levels = torch.from_numpy(ordinal_levels)
 
     # -- encode -------------------------------------------------------------------------
 
@@ -111,14 +121,16 @@ class GridValues(ValuesCodec):
         values = np.asarray(values, dtype=np.float32)
         if np.isnan(values).any():
             raise CodecError("values grid: log-probs contain NaN")
-        lp = np.minimum(values.astype(np.float64), 0.0)
-        if self.transform == "sqrt":
-            root = np.exp(0.5 * lp)
-            q = np.rint(root * (1.0 / self.step)).astype(np.int64)
+        lp = np.minimum(values, 0.0, dtype=np.float64)
+        if self.transform == "sqrt":   # in place: this runs on every captured position
+            lp *= 0.5
+            root = np.exp(lp, out=lp)
             mass = 1.0 - np.einsum("ij,ij->i", root, root) if self.tail else None
+            root *= 1.0 / self.step
+            q = np.rint(root, out=root).astype(np.int32)
         else:
-            q = quantize(lp, "log", self.step)
             mass = 1.0 - np.exp(lp).sum(axis=1) if self.tail else None
+            q = quantize(lp, "log", self.step)
         if self.delta:
             q = zigzag(np.diff(q, axis=1, prepend=0))
         streams = [entropy.encode_planes(q, self.level)]
@@ -170,6 +182,26 @@ class GridValues(ValuesCodec):
     def decode_with_tail(self, blobs: Sequence[bytes], rows: Sequence[int],
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self._decode(blobs, rows, device, with_tail=True)
+
+    def decode_ordinals(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
+                        with_tail: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.ordinal_levels is None:
+            return super().decode_ordinals(blobs, rows, device, with_tail)
+        what = "values grid"
+        docs = entropy.unpack_documents(blobs, rows, self.tag, self.k, self.n_streams, what)
+        q = self._indices(docs, [n * self.k for n in rows], 0, device, what).view(-1, self.k)
+        if self.delta:
+            q = torch.cumsum(unzigzag(q), dim=1, dtype=torch.int32)
+        top = self.ordinal_levels.numel() - 1
+        if q.numel() and (int(q.min()) < 0 or int(q.max()) > top):
+            raise CodecError(f"{what}: grid index outside [0, {top}] (corrupt data)")
+        ordinals = q.neg_().add_(top) if self.transform == "sqrt" else q
+        if not with_tail:
+            return ordinals, None
+        if not self.tail:
+            return ordinals, tail_from_values(self.ordinal_levels.to(device)[ordinals])
+        q_tail = self._indices(docs, list(rows), 1, device, what + " tail")
+        return ordinals, self._to_mass(q_tail, what + " tail")
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
                device: torch.device) -> torch.Tensor:

@@ -21,7 +21,8 @@ import torch
 from schemas import CodecError, ConfigError
 
 from . import entropy
-from .base import IDS, IdsCodec, check_ids, fixed_width_concat, register, tensor_from_bytes
+from .base import (IDS, IdsCodec, check_ids, fixed_width_concat, register, sort_rows,
+                   tensor_from_bytes)
 from .bitpack import MAX_BITS, pack_rows, row_bytes, unpack_rows
 
 
@@ -75,8 +76,8 @@ class GapIds(IdsCodec):
     Rows are stored in ascending rank (``order = "codec"``), so decoding needs no sort
     until the reader restores rank order.
 
-    Params: ``dictionary`` (default true), ``level`` (zstd, default 3: level 9 saves ~2%
-    and encodes 2x slower).
+    Params: ``dictionary`` (default true), ``level`` (zstd, default 1: on the embedded
+    teacher's rows, levels 2 and 3 give the same size and encode 1.5-2.4x slower).
     """
 
     entropy_coded = True
@@ -88,13 +89,17 @@ class GapIds(IdsCodec):
             raise ConfigError(f"ids gaps: unknown parameters {unknown}")
         self.dictionary = bool(params.get("dictionary", True))
         self.order = "codec" if self.dictionary else "id"
-        self.level = entropy.check_level(params.get("level", 3), "ids gaps")
+        self.level = entropy.check_level(params.get("level", 1), "ids gaps")
         self.tag = entropy.params_tag("ids.gaps", {"dictionary": self.dictionary})
         self.n_streams = 3 if self.dictionary else 1
 
     @staticmethod
     def _ascending_gaps(x: np.ndarray) -> np.ndarray:
-        gaps = np.diff(x, axis=1, prepend=-1) - 1
+        """Rows ascending without repeats -> ``x[j] - x[j-1] - 1`` (``x[-1]`` taken as -1)."""
+        gaps = np.empty_like(x)
+        gaps[:, 0] = x[:, 0]
+        np.subtract(x[:, 1:], x[:, :-1], out=gaps[:, 1:])
+        gaps[:, 1:] -= 1
         if gaps.size and gaps.min() < 0:
             raise CodecError("ids gaps: a row's ids are not in ascending order without "
                              "repeats (duplicate ids in a top-k row, or rows not in the "
@@ -108,25 +113,24 @@ class GapIds(IdsCodec):
         id; classes rather than counts, so the per-document header stays small.
         """
         counts = np.bincount(ids.reshape(-1), minlength=self.vocab_size)
-        dictionary = np.flatnonzero(counts)
-        classes = np.floor(np.log2(counts[dictionary])).astype(np.int64)
-        lookup = np.zeros(self.vocab_size, np.int64)
-        lookup[dictionary[np.lexsort((dictionary, -classes))]] = np.arange(len(dictionary))
-        return dictionary, classes, lookup[ids]
+        dictionary = np.flatnonzero(counts != 0)         # ~3x faster on a bool mask
+        classes = np.frexp(counts[dictionary])[1] - 1    # floor(log2), exact for integers
+        # the dictionary is ascending, so a stable sort by class keeps ids ascending
+        # within a class (int8 keys: numpy's radix sort)
+        order = np.argsort(-classes.astype(np.int8), kind="stable")
+        lookup = np.empty(self.vocab_size, np.int32)     # read only at ids in the dictionary
+        lookup[dictionary[order]] = np.arange(len(dictionary), dtype=np.int32)
+        return dictionary, classes, np.take(lookup, ids)
 
     def encode_ordered(self, ids: np.ndarray) -> tuple[bytes, np.ndarray | None]:
         if not self.dictionary:
             return super().encode_ordered(ids)
-        dictionary, classes, ranks = self._dictionary(np.asarray(ids, dtype=np.int64))
-        # sort (rank, column) keys instead of argsort: numpy's SIMD sort is ~3x faster,
-        # and the sorted ranks and the permutation both come out of the keys
-        shift = max(1, (self.k - 1).bit_length())
-        keys = np.sort((ranks << shift) | np.arange(self.k), axis=1)
-        return self._encode_dictionary(dictionary, classes, keys >> shift), \
-            keys & ((1 << shift) - 1)
+        dictionary, classes, ranks = self._dictionary(np.asarray(ids))
+        ranks, perm = sort_rows(ranks, len(dictionary))
+        return self._encode_dictionary(dictionary, classes, ranks), perm
 
     def encode(self, ids: np.ndarray) -> bytes:
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = np.asarray(ids)
         if not self.dictionary:
             return entropy.pack_container(self.tag, ids.shape[0], self.k, [
                 entropy.encode_planes(self._ascending_gaps(ids), self.level)])
@@ -145,35 +149,56 @@ class GapIds(IdsCodec):
         docs = entropy.unpack_documents(blobs, rows, self.tag, self.k, self.n_streams, what)
         counts = [n * self.k for n in rows]
         gaps, _ = entropy.decode_planes([d[-1] for d in docs], counts, device, what)
-        x = torch.cumsum(gaps.view(-1, self.k).add_(1), dim=1, dtype=torch.int32).sub_(1)
+        x = gaps.view(-1, self.k)
         if not self.dictionary:
+            x = torch.cumsum(x.add_(1), dim=1, dtype=torch.int32).sub_(1)
             return check_ids(x, self.vocab_size, what)
         table, starts, sizes = self._dictionaries(docs, rows, device, what)
+        # with every gap below the batch's dictionary size, no row sum can overflow, so
+        # the row-end check below catches every bad index
+        if x.numel() and int(x.max()) >= max(table.numel(), 1):
+            raise CodecError(f"{what}: a gap beyond the document's dictionary (corrupt data)")
+        wide = (self.k + 1) * (table.numel() + 1) >= 1 << 31
         doc_of_row = torch.repeat_interleave(torch.arange(len(rows), device=device),
                                              torch.tensor(list(rows), dtype=torch.int64,
                                                           device=device))
-        if x.numel() and bool((x[:, -1] >= sizes[doc_of_row]).any()):
+        # ranks are offset into the batch's concatenated dictionaries through each row's
+        # first gap, so the cumulative sum yields table indices directly
+        x = x.long() if wide else x
+        x[:, 0] += starts[doc_of_row]
+        x = x.add_(1).cumsum_(dim=1).sub_(1)
+        if x.numel() and bool((x[:, -1] >= (starts + sizes)[doc_of_row]).any()):
             raise CodecError(f"{what}: a row refers past its document's dictionary (corrupt data)")
-        x += starts[doc_of_row, None]
         return table.index_select(0, x.view(-1)).view(x.shape)
 
     def _dictionaries(self, docs: list[list[bytes]], rows: Sequence[int], device: torch.device,
                       what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every document's dictionary in rank order, concatenated, with starts and sizes."""
+        """Every document's dictionary in rank order, concatenated, with starts and sizes.
+
+        Built on the CPU whatever the device: dictionaries are a few thousand entries per
+        document, and per document the rank order is one stable radix sort of int8
+        classes (the ids are already ascending).
+        """
+        cpu = torch.device("cpu")
         gaps, sizes = entropy.decode_planes(
-            [d[0] for d in docs], None, device, f"{what} dictionary",
+            [d[0] for d in docs], None, cpu, f"{what} dictionary",
             limits=[min(n * self.k, self.vocab_size) for n in rows])
-        classes, _ = entropy.decode_planes([d[1] for d in docs], sizes, device,
-                                           f"{what} classes")
-        sizes_t = torch.tensor(sizes, dtype=torch.int32, device=device)
-        starts = torch.cumsum(sizes_t, 0, dtype=torch.int32) - sizes_t
-        doc = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t)
-        # per-document cumulative sum of (gap + 1), minus one: the ascending distinct ids
-        run = torch.cumsum(gaps.long() + 1, 0)
-        before = torch.cat([run.new_zeros(1), run])[starts.long()]
-        dictionary = check_ids(run - before[doc] - 1, self.vocab_size, f"{what} dictionary")
-        if classes.numel() and int(classes.max()) > 63:
+        classes, _ = entropy.decode_planes([d[1] for d in docs], sizes, cpu, f"{what} classes")
+        gaps, classes = gaps.numpy(), classes.numpy()
+        if classes.size and int(classes.max()) > 63:
             raise CodecError(f"{what}: count class out of range (corrupt data)")
-        # rank order = (document, class descending, id): one sort of a composite key
-        key = (doc * 64 + (63 - classes)) * self.vocab_size + dictionary
-        return dictionary[torch.argsort(key)].int(), starts, sizes_t
+        table = np.empty(len(gaps), np.int64)
+        start = 0
+        for size in sizes:
+            end = start + size
+            ascending = np.cumsum(gaps[start:end] + 1, dtype=np.int64) - 1
+            order = np.argsort(-classes[start:end].astype(np.int8), kind="stable")
+            table[start:end] = ascending[order]
+            start = end
+        if table.size and int(table.max()) >= self.vocab_size:
+            raise CodecError(f"{what} dictionary: token id {int(table.max())} outside the "
+                             f"vocabulary [0, {self.vocab_size})")
+        sizes_t = torch.tensor(sizes, dtype=torch.int32)
+        starts = torch.cumsum(sizes_t, 0, dtype=torch.int32) - sizes_t
+        return (torch.from_numpy(table.astype(np.int32)).to(device), starts.to(device),
+                sizes_t.to(device))

@@ -8,8 +8,9 @@ Layout of ``OUT/checkpoints/step-00000100/``::
     meta.json              human-readable: step, tokens, data state, last metrics and
                            evaluation, corrupt shards left out, config
 
-A checkpoint is written under a temporary name and renamed when complete, so a killed run
-leaves either a whole checkpoint or none; the last ``keep_last`` are kept, and an old one is
+A checkpoint is written under a temporary name, flushed to disk (every file, then the
+directories) and renamed when complete, so a killed run or a lost machine leaves either a
+whole checkpoint or none; the last ``keep_last`` are kept, and an old one is
 made invisible (``meta.json`` removed) before it is deleted. Model and optimizer states are
 gathered to full tensors with ``torch.distributed.checkpoint``'s state-dict helpers, so the
 same code serves one process, DDP and FSDP2, and a checkpoint can be resumed on another world
@@ -100,8 +101,10 @@ def link_tree(src: Path, dst: Path) -> None:
             os.link(f, tmp / f.name)
         except OSError:
             shutil.copy2(f, tmp / f.name)
+    fsync_tree(tmp)
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
+    fsync_path(dst.parent)
 
 
 def save_model(module, out_dir: Path, *, dist: DistInfo, tokenizer_src: str | None) -> None:
@@ -130,6 +133,7 @@ def save_checkpoint(out: str | Path, step: int, *, module, optimizer, scheduler,
     optim_state = get_optimizer_state_dict(module, optimizer, options=_FULL)
     projections = get_model_state_dict(module.projections, options=_FULL)
     torch.save(rng_state(), tmp / f"rng-rank{dist.rank:05d}.pt")
+    fsync_path(tmp / f"rng-rank{dist.rank:05d}.pt")   # ranks of other nodes flush their own
     if dist.is_main:
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
                     "projections": projections, "step": step}, tmp / "trainer_state.pt")
@@ -138,12 +142,32 @@ def save_checkpoint(out: str | Path, step: int, *, module, optimizer, scheduler,
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
     dist.barrier()
     if dist.is_main:
+        fsync_tree(tmp)
         remove_checkpoint(final)
         tmp.rename(final)
+        fsync_path(root)
         for _, old in list_checkpoints(out)[:-keep_last]:
             remove_checkpoint(old)
     dist.barrier()
     return final
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, then the directories bottom-up, so a rename that
+    publishes ``root`` cannot survive a crash that its contents did not."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def remove_checkpoint(path: Path) -> None:

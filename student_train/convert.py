@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from schemas import ConfigError
 
+from .checkpoint import fsync_path, fsync_tree
 from .configuration import LAYER_TYPES, KDAHybridConfig, parse_layer_pattern
 from .modeling import KDAHybridForCausalLM
 
@@ -234,8 +235,10 @@ def convert_teacher(teacher_dir: str | Path, pattern: str | list[str], out_dir: 
     report.tokenizer_written = _copy_tokenizer(teacher_dir, tmp)
     if (teacher_dir / "generation_config.json").exists():
         GenerationConfig.from_pretrained(teacher_dir).save_pretrained(tmp)
+    fsync_tree(tmp)   # a crash after the rename must not leave a partial student behind
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
+    fsync_path(out_dir.parent)
     report.out_dir = out_dir
     return report
 

@@ -136,6 +136,7 @@ def prepare_student(student: StudentConfig, out: Path, *, is_main: bool, barrier
         convert_teacher(teacher, student.pattern, tmp, seed=student.init_seed, overwrite=True)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
+        ckpt.fsync_path(out)
     barrier()
     return str(target)
 

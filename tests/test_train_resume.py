@@ -127,3 +127,27 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(inputs, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_run(full, stopped)
+
+
+def test_checkpoints_are_flushed_to_disk_before_they_are_published(inputs, tmp_path,
+                                                                    monkeypatch):
+    from student_train import checkpoint
+    from student_train.train_config import load_config
+    from student_train.trainer import Trainer
+
+    synced, fsync = [], os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", record)
+    cfg = load_config(None, tiny_config(tmp_path, inputs / "ds", inputs / "student",
+                                        **{"train.max_steps": 2, "checkpoint.every": 1}))
+    Trainer(cfg).train()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    files = [p for p in ckpt.rglob("*")]
+    assert any(p.name == "model.safetensors" for p in files)
+    for path in files + [ckpt]:   # under the temporary name, before the rename
+        assert str(path).replace(ckpt.name, f".tmp-{ckpt.name}") in synced, path
+    assert str(ckpt.parent) in synced   # the rename itself

@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress import Codec, Dataset, load_codec_config  # noqa: E402
+from compress.codecs import entropy  # noqa: E402
 from compress.fidelity import (FidelityRow, Sample, document_batches, evaluate,  # noqa: E402
                                format_table, load_sample, score_rows)
 from schemas import CodecConfig, ComponentSpec  # noqa: E402
@@ -100,6 +101,34 @@ def gpu_decode_rate(sample: Sample, config: CodecConfig, repeats: int) -> float:
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return sum(sample.rows) / best
+
+
+def zstd_only_rates(sample: Sample, config: CodecConfig, repeats: int) -> dict:
+    """Tokens/s of zstd alone over an entropy-coded codec's byte planes, at the codec's
+    levels: the floor under its encode and decode speeds."""
+    codec = Codec(config, vocab_size=sample.vocab_size, top_k=sample.k, hidden_size=0,
+                  hidden_dtype="float32")
+    planes, frames = [], []
+    for ids, lps, n in zip(sample.ids, sample.logprobs, sample.rows):
+        for part, blob in zip((codec.ids, codec.values), codec.encode_rows(ids, lps)):
+            for stream in entropy.unpack_container(blob, part.tag, n, codec.k, part.n_streams,
+                                                   config.name):
+                for frame in entropy.split_planes(stream, config.name):
+                    frames.append(frame)
+                    planes.append((entropy.zstd_decompress(frame, None, config.name,
+                                                           limit=1 << 30), part.level))
+    enc_s = dec_s = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for plane, level in planes:
+            entropy.zstd_compress(plane, level)
+        enc_s = min(enc_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for frame in frames:
+            entropy.zstd_decompress(frame, None, config.name, limit=1 << 30)
+        dec_s = min(dec_s, time.perf_counter() - t0)
+    n = sum(sample.rows)
+    return {"encode_tokens_per_s": n / enc_s, "decode_tokens_per_s": n / dec_s}
 
 
 def distillkit_rows(sample: Sample, src: str, repeats: int,
@@ -203,6 +232,8 @@ def main() -> None:
     if cuda:
         for row, config in zip(rows, configs):
             row.extra["decode_tokens_per_s_cuda"] = gpu_decode_rate(sample, config, args.repeats)
+    zstd_only = {c.name: zstd_only_rates(sample, c, args.repeats)
+                 for c in configs if c.name in ("default", "small")}
     dk_rows, dk_extra = ([], {}) if args.distillkit_src is None else \
         distillkit_rows(sample, args.distillkit_src, args.repeats, args.batch_tokens)
     by_name = {r.codec: r for r in rows + dk_rows}
@@ -221,6 +252,9 @@ def main() -> None:
     if cuda:
         print("\nGPU decode (tokens/s): " + ", ".join(
             f"{r.codec} {r.extra['decode_tokens_per_s_cuda']:,.0f}" for r in rows))
+    print("\nzstd alone over the byte planes (tokens/s): " + ", ".join(
+        f"{name} compress {r['encode_tokens_per_s']:,.0f}, decompress "
+        f"{r['decode_tokens_per_s']:,.0f}" for name, r in zstd_only.items()))
     if dk_extra:
         print(f"\nDistillKit bit packing alone: pack {dk_extra['bitpack_pack_tokens_per_s']:,.0f}"
               f" tokens/s, unpack {dk_extra['bitpack_unpack_tokens_per_s']:,.0f} tokens/s")
@@ -232,7 +266,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "data": args.data, "positions": sum(sample.rows), "documents": len(sample.rows),
         "k": sample.k, "machine": machine, "rows": [r.to_dict() for r in rows + dk_rows],
-        "distillkit_bitpack": dk_extra,
+        "zstd_only": zstd_only, "distillkit_bitpack": dk_extra,
         "targets": [{"target": n, "measured": v, "met": ok} for n, v, ok in met]}, indent=1))
     print(f"\nwrote {out}")
 

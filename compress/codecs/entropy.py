@@ -146,7 +146,7 @@ def encode_planes(values: np.ndarray, level: int) -> bytes:
     return struct.pack(f"<B{planes}I", planes, *(len(f) for f in frames)) + b"".join(frames)
 
 
-def _split_planes(stream: bytes, what: str) -> list[bytes]:
+def split_planes(stream: bytes, what: str) -> list[bytes]:
     if not stream or not 1 <= stream[0] <= MAX_PLANES:
         raise CodecError(f"{what}: bad plane count")
     planes = stream[0]
@@ -172,7 +172,7 @@ def decode_planes(streams: Sequence[bytes], counts: Sequence[int] | None, device
     and document (in C); each document's planes are combined with a shift-or per plane
     while they are still in cache.
     """
-    docs = [_split_planes(s, f"{what} document {i}") for i, s in enumerate(streams)]
+    docs = [split_planes(s, f"{what} document {i}") for i, s in enumerate(streams)]
     firsts = [zstd_decompress(doc[0], None if counts is None else counts[i],
                               f"{what} document {i}",
                               limit=0 if counts is not None else limits[i])

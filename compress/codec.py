@@ -104,13 +104,13 @@ def rank_sort_ordinals(ids: torch.Tensor, ordinals: torch.Tensor, levels: torch.
     if ids.device.type == "cpu":   # numpy: its sort, masks and gathers are the faster here
         key = ordinals.numpy().astype(np.int64 if wide else np.int32)
         key <<= id_bits
-        key |= ids.numpy()
+        key |= ids.numpy().astype(key.dtype, copy=False)
         key.sort(axis=1)
         out_ids = np.bitwise_and(key, mask, dtype=np.int64)
         key >>= id_bits
         return torch.from_numpy(out_ids), torch.from_numpy(np.take(levels.numpy(), key))
-    key_t = ordinals.to(torch.int64 if wide else torch.int32).bitwise_left_shift_(id_bits) \
-        .bitwise_or_(ids)
+    dtype = torch.int64 if wide else torch.int32
+    key_t = ordinals.to(dtype).bitwise_left_shift_(id_bits).bitwise_or_(ids.to(dtype))
     key_t = torch.sort(key_t, dim=1).values
     return (key_t & mask).long(), levels.to(key_t.device)[key_t >> id_bits]
 

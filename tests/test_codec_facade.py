@@ -124,9 +124,10 @@ def test_rank_sort_of_ordinals_matches_sorting_the_values(vocab):
     levels = torch.from_numpy(-np.cumsum(rng.random(600) + 1e-3).astype(np.float32))
     ids = torch.from_numpy(rng.integers(0, vocab, (50, 128)).astype(np.int32))
     ordinals = torch.from_numpy(rng.integers(0, 600, (50, 128)).astype(np.int32))  # ties
-    got = rank_sort_ordinals(ids, ordinals, levels, vocab)
     want = rank_sort(ids.long(), levels[ordinals.long()])
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for ids_in in (ids, ids.long()):
+        got = rank_sort_ordinals(ids_in, ordinals, levels, vocab)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("step", [0.05, 1e-5])  # rank ordinals; a grid too fine for them

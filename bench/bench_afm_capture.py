@@ -49,7 +49,7 @@ def time_spent() -> dict[str, float]:
                (run._BackgroundWrites, "wait", "main: waiting for the writer"),
                (run, "_write_window", "writer: whole window"),
                (Codec, "encode_rows", "writer: encode top-k ids + values"),
-               (Codec, "encode_hidden", "writer: encode hidden (GPU) + copy out"),
+               (Codec, "encode_hidden_array", "writer: encode hidden (GPU) + copy out"),
                (PartWriter, "_write_row_group", "writer: Parquet row groups (+ sha256)"),
                (PartWriter, "_commit_shard", "writer: shard commit + fragment")]
     for owner, name, label in targets:

@@ -185,6 +185,10 @@ class Codec:
     def encode_hidden(self, x: torch.Tensor, layer: int | None = None) -> bytes:
         return self.hidden.encode(x, layer)
 
+    def encode_hidden_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
+        """``encode_hidden`` as a 1-D uint8 array, without the copy into bytes."""
+        return self.hidden.encode_array(x, layer)
+
     def decode_hidden(self, blobs: Sequence[bytes], rows: Sequence[int],
                       device: torch.device | str = "cpu", layer: int | None = None
                       ) -> torch.Tensor:

@@ -326,9 +326,9 @@ class PartWriter:
         b[cols.TOPK_VALUES].append(vals_b)
         size = len(ids_b) + len(vals_b) + 4 * doc.num_tokens
         for layer in self.hidden_layers:
-            h = self.codec.encode_hidden(doc.hidden[layer], layer)
+            h = self.codec.encode_hidden_array(doc.hidden[layer], layer)
             b[hidden_column(layer)].append(h)
-            size += len(h)
+            size += h.size
         self._buf_bytes += size
         self._shard_docs += 1
         self._shard_tokens += doc.num_tokens
@@ -343,7 +343,8 @@ class PartWriter:
             rel = shard_path(self.index, self.count, len(self.manifest.shards))
             self._sink = HashingWriter(self._stack.enter_context(self.storage.atomic_output(rel)))
             self._pq = pq.ParquetWriter(self._sink, self.schema, **self.parquet_options)
-        arrays = [pa.array(self._buf[f.name], type=f.type) for f in self.schema]
+        arrays = [_binary_column(self._buf[f.name]) if f.name.startswith(cols.HIDDEN_PREFIX)
+                  else pa.array(self._buf[f.name], type=f.type) for f in self.schema]
         table = pa.Table.from_arrays(arrays, schema=self.schema)
         self._drain()
         self._io_pending = self._io.submit(self._pq.write_table, table, row_group_size=len(table))
@@ -410,6 +411,17 @@ class PartWriter:
             self.part.complete = True
             self._save_fragment()
         return write_manifest_if_complete(self.storage)
+
+
+def _binary_column(values: list[np.ndarray]) -> pa.Array:
+    """A large-binary column from per-row uint8 arrays: one copy into one buffer that Arrow
+    takes as is. Hidden states are ~10 KB per token; building the column from Python bytes
+    copied them twice more while holding the interpreter lock the teacher's forward needs."""
+    offsets = np.zeros(len(values) + 1, np.int64)
+    np.cumsum([v.size for v in values], out=offsets[1:])
+    data = np.concatenate(values) if values else np.empty(0, np.uint8)
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(values),
+                                            [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def write_manifest_if_complete(storage: Storage) -> Manifest | None:

@@ -354,6 +354,17 @@ def test_lowrank_reconstructs_data_of_its_rank():
         orphan.decode([blob], [200], CPU, layer=3)
 
 
+@pytest.mark.parametrize("kind", ["native", "bf16", "fp8", "int8"])
+def test_hidden_arrays_are_the_encoded_bytes_and_own_their_memory(kind):
+    x = hidden_states(20, 32, seed=15)
+    codec = HIDDEN[kind]({}, hidden_size=32, dtype=torch.float32)
+    out = codec.encode_array(x)
+    assert out.dtype == np.uint8 and out.ndim == 1 and out.tobytes() == codec.encode(x)
+    before = out.copy()
+    x.mul_(2)   # a caller reusing its tensor does not change what was encoded
+    np.testing.assert_array_equal(out, before)
+
+
 def test_every_registered_kind_is_covered():
     assert set(IDS) == {"int32", "packed", "gaps"}
     assert set(VALUES) == {"float32", "grid", "poly", "distillkit"}

@@ -111,8 +111,12 @@ class HiddenCodec(ABC):
         self.artifacts = artifacts
 
     @abstractmethod
+    def encode_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
+        """[T, H] in the teacher's dtype -> its encoded bytes as a 1-D uint8 host array of its
+        own (the dataset writer hands these to Arrow without copying them into bytes)."""
+
     def encode(self, x: torch.Tensor, layer: int | None = None) -> bytes:
-        """[T, H] in the teacher's dtype -> bytes."""
+        return self.encode_array(x, layer).tobytes()
 
     @abstractmethod
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,

@@ -38,9 +38,9 @@ class Float32Values(ValuesCodec):
 class NativeHidden(HiddenCodec):
     """Raw little-endian bytes of the teacher's dtype (bf16 stays bf16: lossless)."""
 
-    def encode(self, x: torch.Tensor, layer: int | None = None) -> bytes:
-        x = x.detach().to("cpu", self.dtype).contiguous()
-        return x.view(torch.uint8).numpy().tobytes()
+    def encode_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
+        x = x.detach().to("cpu", self.dtype, copy=True).contiguous()
+        return x.view(torch.uint8).numpy().reshape(-1)
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
                layer: int | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from schemas import CodecError, ConfigError
@@ -38,7 +39,7 @@ def _rows_tensor(blobs: Sequence[bytes], rows: Sequence[int], row_bytes: int, wh
     return tensor_from_bytes(data, torch.uint8, device).view(-1, row_bytes)
 
 
-def _scaled_encode(x: torch.Tensor, limit: float, to_codes: Callable) -> bytes:
+def _scaled_encode(x: torch.Tensor, limit: float, to_codes: Callable) -> np.ndarray:
     """[T, H] -> rows of [bf16 scale | codes of x / scale], computed on ``x``'s device (a GPU
     encodes a capture's hidden states far faster than the host, and copies half the bytes)."""
     x = x.detach().float()
@@ -48,7 +49,7 @@ def _scaled_encode(x: torch.Tensor, limit: float, to_codes: Callable) -> bytes:
     rows = x.shape[0]   # explicit shapes: zero-token documents have no strides to view by
     row = torch.cat([scale.reshape(-1).view(torch.uint8).reshape(rows, 2),
                      codes.reshape(-1).view(torch.uint8).reshape(rows, x.shape[1])], dim=1)
-    return row.cpu().numpy().tobytes()
+    return row.cpu().numpy().reshape(-1)
 
 
 def _scaled_decode(data: torch.Tensor, code_dtype: torch.dtype) -> torch.Tensor:
@@ -76,9 +77,9 @@ class _NoParams(HiddenCodec):
 class Bf16Hidden(_NoParams):
     name = "bf16"
 
-    def encode(self, x: torch.Tensor, layer: int | None = None) -> bytes:
-        return x.detach().to("cpu", torch.bfloat16).contiguous().view(torch.uint8) \
-            .numpy().tobytes()
+    def encode_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
+        return x.detach().to("cpu", torch.bfloat16, copy=True).contiguous().view(torch.uint8) \
+            .numpy().reshape(-1)
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
                layer: int | None = None) -> torch.Tensor:
@@ -90,7 +91,7 @@ class Bf16Hidden(_NoParams):
 class Fp8Hidden(_NoParams):
     name = "fp8"
 
-    def encode(self, x: torch.Tensor, layer: int | None = None) -> bytes:
+    def encode_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
         return _scaled_encode(x, FP8_MAX, lambda v: v.to(torch.float8_e4m3fn))
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
@@ -103,7 +104,7 @@ class Fp8Hidden(_NoParams):
 class Int8Hidden(_NoParams):
     name = "int8"
 
-    def encode(self, x: torch.Tensor, layer: int | None = None) -> bytes:
+    def encode_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
         return _scaled_encode(x, INT8_MAX, lambda v: torch.round(v).to(torch.int8))
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
@@ -192,12 +193,12 @@ class LowRankHidden(HiddenCodec):
             self._on_device[key] = (self._tensors[f"mean.{layer}"].to(device), basis.to(device))
         return self._on_device[key]
 
-    def encode(self, x: torch.Tensor, layer: int | None = None) -> bytes:
+    def encode_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
         mean, basis = self._projection(layer, torch.device("cpu"))
         z = (x.detach().to("cpu", torch.float32) - mean) @ basis
         if self.coeff_dtype == "fp8":
             return _scaled_encode(z, FP8_MAX, lambda v: v.to(torch.float8_e4m3fn))
-        return z.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes()
+        return z.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().reshape(-1)
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
                layer: int | None = None) -> torch.Tensor:

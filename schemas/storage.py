@@ -128,7 +128,7 @@ class Storage:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, final)
-            _fsync_dir(posixpath.dirname(final))
+            fsync_path(posixpath.dirname(final))
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -155,7 +155,8 @@ class Storage:
         return h.hexdigest()
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

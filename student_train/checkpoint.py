@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from schemas import ConfigError
+from schemas.storage import fsync_path
 
 from .train_dist import DistInfo
 
@@ -150,15 +151,6 @@ def save_checkpoint(out: str | Path, step: int, *, module, optimizer, scheduler,
             remove_checkpoint(old)
     dist.barrier()
     return final
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a directory's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(root: Path) -> None:

@@ -23,8 +23,9 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from schemas import ConfigError
+from schemas.storage import fsync_path
 
-from .checkpoint import fsync_path, fsync_tree
+from .checkpoint import fsync_tree
 from .configuration import LAYER_TYPES, KDAHybridConfig, parse_layer_pattern
 from .modeling import KDAHybridForCausalLM
 

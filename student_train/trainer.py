@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from compress import Dataset
 from schemas import ConfigError, DatasetError
+from schemas.storage import fsync_path
 
 from . import checkpoint as ckpt
 from .evaluate import autocast_for, eval_stream, evaluate, load_student
@@ -136,7 +137,7 @@ def prepare_student(student: StudentConfig, out: Path, *, is_main: bool, barrier
         convert_teacher(teacher, student.pattern, tmp, seed=student.init_seed, overwrite=True)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
-        ckpt.fsync_path(out)
+        fsync_path(out)
     barrier()
     return str(target)
 

@@ -62,6 +62,8 @@ def variants(hidden_size: int) -> list[CodecConfig]:
     rows = [
         {"name": "default-no-dictionary", "ids": {"kind": "gaps", "dictionary": False},
          "values": grid, "hidden": "native"},
+        {"name": "default-zstd3", "ids": {"kind": "gaps", "level": 3},
+         "values": {**grid, "level": 3}, "hidden": "native"},
         {"name": "default-zstd9", "ids": {"kind": "gaps", "level": 9},
          "values": {**grid, "level": 9}, "hidden": "native"},
         {"name": "rank-ids-log-grid", "ids": "packed",

@@ -214,7 +214,7 @@ def document_batches(rows: Sequence[int], batch_tokens: int) -> list[slice]:
         if count >= batch_tokens:
             out.append(slice(start, i + 1))
             start, count = i + 1, 0
-    if start < len(rows):
+    if start < len(rows) or not out:   # no documents: one empty batch
         out.append(slice(start, len(rows)))
     return out
 

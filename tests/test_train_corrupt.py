@@ -10,7 +10,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,18 +21,14 @@ from safetensors.torch import load_file
 from compress import Dataset
 from schemas import DatasetError
 from student_train.stream_loader import build_index
-from test_train_fixtures import tiny_config, write_dataset, write_student
+from test_train_fixtures import finish_or_fail, tiny_config, write_training_inputs
 
 LAUNCH = "from kdpipe.cli import main; main()"
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("corrupt")
-    write_dataset(tmp / "ds", n_docs=30, teacher_mask_every=5, loss_mask_every=4)
-    write_dataset(tmp / "held", n_docs=6, seed=9)
-    write_student(tmp / "student")
-    return tmp
+    return write_training_inputs(tmp_path_factory.mktemp("corrupt"))
 
 
 @pytest.fixture
@@ -192,11 +187,8 @@ def test_two_ranks_agree_on_a_shard_only_one_of_them_checked(inputs, data, tmp_p
         cmd += ["--set", s]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the ranks did not finish: disagreement on the skipped shard deadlocks")
+    out, err = finish_or_fail(proc, 300, "the ranks did not finish: disagreement on the "
+                                         "skipped shard deadlocks")
     assert proc.returncode == 0, err[-4000:]
     (record,) = [r for r in _records(tmp_path / "run") if r["kind"] == "data"]   # rank 0's
     assert record["skipped_files"] == [Dataset(str(data)).shards[1].file]

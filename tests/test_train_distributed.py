@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -16,19 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_fixtures import tiny_config, write_dataset, write_student
+from test_train_fixtures import finish_or_fail, tiny_config, write_training_inputs
 
 STEPS = 5
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    write_dataset(tmp / "ds", n_docs=36, teacher_mask_every=5, loss_mask_every=4)
-    write_dataset(tmp / "held", n_docs=6, seed=9)
-    write_student(tmp / "student")
-    (tmp / "launch.py").write_text("from kdpipe.cli import main\nmain()\n")
-    return tmp
+    return write_training_inputs(tmp_path_factory.mktemp("ddp"), n_docs=36)
 
 
 def _run(inputs, out, *, procs: int, accum: int, resume: bool = False,
@@ -49,12 +43,7 @@ def _run(inputs, out, *, procs: int, accum: int, resume: bool = False,
     # a session of its own, so a hung run's worker processes are killed with it
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"training did not finish in 300 s: {err[-4000:]}")
+    _, err = finish_or_fail(proc, 300, "training did not finish")
     assert proc.returncode == 0, err[-4000:]
 
 

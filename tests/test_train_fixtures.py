@@ -8,9 +8,13 @@ learn both and losses fall quickly.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from compress import PartWriter
@@ -75,6 +79,29 @@ def write_student(out: Path, *, seed: int = 0, hidden_size: int = 32,
                              kda_backend="torch")
     KDAHybridForCausalLM(config).save_pretrained(out)
     return out
+
+
+def write_training_inputs(tmp: Path, *, n_docs: int = 30, n_held: int = 6,
+                          hidden_size: int = 32) -> Path:
+    """``tmp/ds`` (the toy dataset), ``tmp/held`` (held-out), ``tmp/student``, and
+    ``tmp/launch.py`` for torchrun."""
+    write_dataset(tmp / "ds", n_docs=n_docs, teacher_mask_every=5, loss_mask_every=4)
+    write_dataset(tmp / "held", n_docs=n_held, seed=9)
+    write_student(tmp / "student", hidden_size=hidden_size)
+    (tmp / "launch.py").write_text("from kdpipe.cli import main\nmain()\n")
+    return tmp
+
+
+def finish_or_fail(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:
+    """(stdout, stderr) of a process started with ``start_new_session=True``; past
+    ``timeout`` its whole process group (torchrun's workers too) is killed and the test
+    fails with ``what`` and the end of stderr."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"{what} (after {timeout} s): {(err or '')[-4000:]}")
 
 
 def tiny_config(tmp: Path, data: Path, student: Path, *, heldout: Path | None = None,

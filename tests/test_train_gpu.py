@@ -5,8 +5,6 @@ DDP/FSDP2 over two GPUs with NCCL matching one GPU."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -14,19 +12,15 @@ import pytest
 import torch
 
 from student_train.sparse_kl import HeadTerm, head_losses
-from test_train_fixtures import tiny_config, write_dataset, write_student
+from test_train_fixtures import finish_or_fail, tiny_config, write_training_inputs
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gpu")
-    write_dataset(tmp / "ds", n_docs=40, teacher_mask_every=5, loss_mask_every=4)
-    write_dataset(tmp / "held", n_docs=8, seed=9)
-    write_student(tmp / "student", hidden_size=64)
-    (tmp / "launch.py").write_text("from kdpipe.cli import main\nmain()\n")
-    return tmp
+    return write_training_inputs(tmp_path_factory.mktemp("gpu"), n_docs=40, n_held=8,
+                                 hidden_size=64)
 
 
 def _sets(toy, out, **extra):
@@ -106,11 +100,7 @@ def _torchrun(toy, out, procs, **extra):
         cmd += ["--set", s]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("distributed run hung")
+    _, err = finish_or_fail(proc, 600, "distributed run hung")
     assert proc.returncode == 0, err[-4000:]
 
 

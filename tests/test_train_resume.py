@@ -14,18 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_fixtures import tiny_config, write_dataset, write_student
+from test_train_fixtures import tiny_config, write_training_inputs
 
 LAUNCH = "from kdpipe.cli import main; main()"
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
-    write_dataset(tmp / "ds", n_docs=30, teacher_mask_every=5, loss_mask_every=4)
-    write_dataset(tmp / "held", n_docs=6, seed=9)
-    write_student(tmp / "student")
-    return tmp
+    return write_training_inputs(tmp_path_factory.mktemp("resume"))
 
 
 def _args(inputs, out, steps=24) -> list[str]:

@@ -78,16 +78,12 @@ class ValuesCodec(ABC):
         return values, tail_from_values(values)
 
     #: For codecs whose decoded values are a strictly decreasing table of small integer
-    #: "rank ordinals": ``ordinal_levels[r]`` is the float32 log-prob of ordinal r. The
-    #: facade then restores rank order with one sort of integer (ordinal, id) keys, with
-    #: the same order and ties as sorting the decoded values. None for other codecs.
+    #: "rank ordinals": ``ordinal_levels[r]`` is the float32 log-prob of ordinal r. Such a
+    #: codec also has ``decode_ordinals(blobs, rows, device, with_tail)`` -> (int32 [N, k]
+    #: ordinals, checked to index the table; the missing mass [N] or None), and the facade
+    #: restores rank order with one sort of integer (ordinal, id) keys, with the same order
+    #: and ties as sorting the decoded values. None for other codecs.
     ordinal_levels: torch.Tensor | None = None
-
-    def decode_ordinals(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
-                        with_tail: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Blobs -> (int32 [sum(rows), k] rank ordinals, checked to index ``ordinal_levels``;
-        the missing mass [sum(rows)] or None without ``with_tail``)."""
-        raise NotImplementedError(f"{type(self).__name__} has no rank ordinals")
 
 
 def tail_from_values(values: torch.Tensor) -> torch.Tensor:

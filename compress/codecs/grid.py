@@ -185,8 +185,7 @@ class GridValues(ValuesCodec):
 
     def decode_ordinals(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
                         with_tail: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.ordinal_levels is None:
-            return super().decode_ordinals(blobs, rows, device, with_tail)
+        """See ``ValuesCodec.ordinal_levels``; only called when that table exists."""
         what = "values grid"
         docs = entropy.unpack_documents(blobs, rows, self.tag, self.k, self.n_streams, what)
         q = self._indices(docs, [n * self.k for n in rows], 0, device, what).view(-1, self.k)

@@ -77,7 +77,8 @@ class GapIds(IdsCodec):
     until the reader restores rank order.
 
     Params: ``dictionary`` (default true), ``level`` (zstd, default 1: on the embedded
-    teacher's rows, levels 2 and 3 give the same size and encode 1.5-2.4x slower).
+    teacher's rows level 3 gives the same size and the codec encodes ~1.3x slower;
+    ``bench/bench_codecs.py``, row ``default-zstd3``).
     """
 
     entropy_coded = True

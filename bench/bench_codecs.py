@@ -106,8 +106,8 @@ def gpu_decode_rate(sample: Sample, config: CodecConfig, repeats: int) -> float:
 
 
 def zstd_only_rates(sample: Sample, config: CodecConfig, repeats: int) -> dict:
-    """Tokens/s of zstd alone over an entropy-coded codec's byte planes, at the codec's
-    levels: the floor under its encode and decode speeds."""
+    """Tokens/s of zstd alone over an entropy-coded codec's frames, at the codec's levels:
+    the floor under its encode and decode speeds."""
     codec = Codec(config, vocab_size=sample.vocab_size, top_k=sample.k, hidden_size=0,
                   hidden_dtype="float32")
     planes, frames = [], []
@@ -115,7 +115,8 @@ def zstd_only_rates(sample: Sample, config: CodecConfig, repeats: int) -> dict:
         for part, blob in zip((codec.ids, codec.values), codec.encode_rows(ids, lps)):
             for stream in entropy.unpack_container(blob, part.tag, n, codec.k, part.n_streams,
                                                    config.name):
-                for frame in entropy.split_planes(stream, config.name):
+                _, low, escapes = entropy.symbol_frames(stream, config.name)
+                for frame in [low, *escapes]:
                     frames.append(frame)
                     planes.append((entropy.zstd_decompress(frame, None, config.name,
                                                            limit=1 << 30), part.level))

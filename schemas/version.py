@@ -11,7 +11,7 @@ from importlib import metadata
 from .errors import FormatVersionError
 
 FORMAT_NAME = "kdpipe-dataset"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "2.0"
 
 
 def producer_version() -> str:

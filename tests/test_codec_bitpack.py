@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -56,30 +58,37 @@ def test_pack_rows_refuses_what_does_not_fit():
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(hnp.arrays(np.int64, st.integers(0, 300),
-                           elements=st.integers(0, (1 << 31) - 1)), min_size=1, max_size=4))
-def test_byte_planes_round_trip_across_documents(docs):
-    streams = [entropy.encode_planes(d, 3) for d in docs]
-    out, lengths = entropy.decode_planes(streams, [len(d) for d in docs], torch.device("cpu"),
-                                         "test")
+                           elements=st.one_of(st.integers(250, 260),   # around the escape
+                                              st.integers(0, (1 << 31) - 1))),
+                min_size=1, max_size=4))
+def test_symbol_streams_round_trip_across_documents(docs):
+    streams = [entropy.encode_symbols(d, 3) for d in docs]
+    out, lengths = entropy.decode_symbols(streams, [len(d) for d in docs],
+                                          torch.device("cpu"), "test")
     assert lengths == [len(d) for d in docs]
     np.testing.assert_array_equal(out.numpy(), np.concatenate(docs))
-    free, _ = entropy.decode_planes(streams, None, torch.device("cpu"), "test",
-                                    limits=[len(d) for d in docs])
+    free, _ = entropy.decode_symbols(streams, None, torch.device("cpu"), "test",
+                                     limits=[len(d) for d in docs])
     np.testing.assert_array_equal(free.numpy(), np.concatenate(docs))
 
 
-def test_byte_planes_refuse_corruption():
-    stream = entropy.encode_planes(np.arange(1000) * 37, 3)
+def test_symbol_streams_refuse_corruption():
+    stream = entropy.encode_symbols(np.arange(1000) * 37, 3)
     with pytest.raises(CodecError):
-        entropy.decode_planes([stream], [999], torch.device("cpu"), "test")
+        entropy.decode_symbols([stream], [999], torch.device("cpu"), "test")
     with pytest.raises(CodecError):
-        entropy.decode_planes([stream[:-3]], [1000], torch.device("cpu"), "test")
-    bad = bytearray(stream)
-    bad[20] ^= 0xFF
-    with pytest.raises(CodecError):
-        entropy.decode_planes([bytes(bad)], [1000], torch.device("cpu"), "test")
+        entropy.decode_symbols([stream[:-3]], [1000], torch.device("cpu"), "test")
+    for at in (0, 4, 8, len(stream) - 1):   # escape count, low length, zstd magic, planes
+        bad = bytearray(stream)
+        bad[at] ^= 0xFF
+        with pytest.raises(CodecError):
+            entropy.decode_symbols([bytes(bad)], [1000], torch.device("cpu"), "test")
+    low = entropy.zstd_compress(np.array([255, 3], np.uint8), 3)
+    with pytest.raises(CodecError, match="escape"):   # a 255 byte no escape accounts for
+        entropy.decode_symbols([struct.pack("<II", 0, len(low)) + low], [2],
+                               torch.device("cpu"), "test")
     with pytest.raises(CodecError):  # a declared size beyond the limit allocates nothing
-        entropy.decode_planes([stream], None, torch.device("cpu"), "test", limits=[10])
+        entropy.decode_symbols([stream], None, torch.device("cpu"), "test", limits=[10])
 
 
 def test_container_checks_every_field():

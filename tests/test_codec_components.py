@@ -86,7 +86,7 @@ def test_gap_ids_refuse_ranks_past_the_dictionary(gaps):
     good = codec.encode_ordered(np.array([[5, 7, 9]]))[0]
     dictionary, classes, _ = entropy.unpack_container(good, codec.tag, 1, 3, 3, "test")
     bad = entropy.pack_container(codec.tag, 1, 3, [
-        dictionary, classes, entropy.encode_planes(np.array(gaps), 1)])
+        dictionary, classes, entropy.encode_symbols(np.array(gaps), 1)])
     with pytest.raises(CodecError, match="dictionary"):
         codec.decode([bad], [1], CPU)
 

@@ -110,7 +110,7 @@ def test_truncated_shard_is_refused_by_readers(written):
 
 def test_corrupt_manifest_names_the_file(written):
     out, _ = written
-    (out / "manifest.json").write_text('{"format": "kdpipe-dataset", "format_version": "1.0"')
+    (out / "manifest.json").write_text('{"format": "kdpipe-dataset", "format_version": "2.0"')
     with pytest.raises(DatasetError, match="manifest.json.*JSON"):
         Dataset(str(out))
 

@@ -31,11 +31,14 @@ def test_manifest_round_trip():
 
 def test_newer_major_version_refused():
     d = json.loads(_manifest().to_json())
-    d["format_version"] = "2.0"
+    d["format_version"] = "3.0"
     with pytest.raises(FormatVersionError, match="upgrade kdpipe"):
         Manifest.from_dict(d, "x/manifest.json")
-    d["format_version"] = "1.7"  # newer minor: readable
+    d["format_version"] = "2.7"  # newer minor: readable
     Manifest.from_dict(d)
+    d["format_version"] = "1.0"  # older major: its codec payloads are not read here
+    with pytest.raises(FormatVersionError, match="older"):
+        Manifest.from_dict(d, "x/manifest.json")
 
 
 def test_missing_key_names_it():

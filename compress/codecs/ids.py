@@ -64,7 +64,7 @@ class PackedIds(IdsCodec):
 
 @register(IDS, "gaps")
 class GapIds(IdsCodec):
-    """The id set of each row as ascending gaps (``x[j] - x[j-1] - 1``), byte planes
+    """The id set of each row as ascending gaps (``x[j] - x[j-1] - 1``), symbol streams
     through zstd.
 
     With ``dictionary`` (the default) ``x`` is not the id but its rank in the document's
@@ -134,22 +134,22 @@ class GapIds(IdsCodec):
         ids = np.asarray(ids)
         if not self.dictionary:
             return entropy.pack_container(self.tag, ids.shape[0], self.k, [
-                entropy.encode_planes(self._ascending_gaps(ids), self.level)])
+                entropy.encode_symbols(self._ascending_gaps(ids), self.level)])
         return self._encode_dictionary(*self._dictionary(ids))
 
     def _encode_dictionary(self, dictionary: np.ndarray, classes: np.ndarray,
                            ranks: np.ndarray) -> bytes:
         return entropy.pack_container(self.tag, ranks.shape[0], self.k, [
-            entropy.encode_planes(np.diff(dictionary, prepend=-1) - 1, self.level),
-            entropy.encode_planes(classes, self.level),
-            entropy.encode_planes(self._ascending_gaps(ranks), self.level)])
+            entropy.encode_symbols(np.diff(dictionary, prepend=-1) - 1, self.level),
+            entropy.encode_symbols(classes, self.level),
+            entropy.encode_symbols(self._ascending_gaps(ranks), self.level)])
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
                device: torch.device) -> torch.Tensor:
         what = "ids gaps"
         docs = entropy.unpack_documents(blobs, rows, self.tag, self.k, self.n_streams, what)
         counts = [n * self.k for n in rows]
-        gaps, _ = entropy.decode_planes([d[-1] for d in docs], counts, device, what)
+        gaps, _ = entropy.decode_symbols([d[-1] for d in docs], counts, device, what)
         x = gaps.view(-1, self.k)
         if not self.dictionary:
             x = torch.cumsum(x.add_(1), dim=1, dtype=torch.int32).sub_(1)
@@ -181,10 +181,10 @@ class GapIds(IdsCodec):
         classes (the ids are already ascending).
         """
         cpu = torch.device("cpu")
-        gaps, sizes = entropy.decode_planes(
+        gaps, sizes = entropy.decode_symbols(
             [d[0] for d in docs], None, cpu, f"{what} dictionary",
             limits=[min(n * self.k, self.vocab_size) for n in rows])
-        classes, _ = entropy.decode_planes([d[1] for d in docs], sizes, cpu, f"{what} classes")
+        classes, _ = entropy.decode_symbols([d[1] for d in docs], sizes, cpu, f"{what} classes")
         gaps, classes = gaps.numpy(), classes.numpy()
         if classes.size and int(classes.max()) > 63:
             raise CodecError(f"{what}: count class out of range (corrupt data)")

@@ -108,7 +108,9 @@ def rank_sort_ordinals(ids: torch.Tensor, ordinals: torch.Tensor, levels: torch.
         key.sort(axis=1)
         out_ids = np.bitwise_and(key, mask, dtype=np.int64)
         key >>= id_bits
-        return torch.from_numpy(out_ids), torch.from_numpy(np.take(levels.numpy(), key))
+        # torch's index_select gathers from the small table ~2x faster than np.take
+        return torch.from_numpy(out_ids), \
+            levels.index_select(0, torch.from_numpy(key).view(-1)).view(key.shape)
     dtype = torch.int64 if wide else torch.int32
     key_t = ordinals.to(dtype).bitwise_left_shift_(id_bits).bitwise_or_(ids.to(dtype))
     key_t = torch.sort(key_t, dim=1).values
@@ -135,14 +137,23 @@ class Codec:
 
     def encode_rows(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[bytes, bytes]:
         """[N, k_captured] rank-ordered ids and log-probs -> (ids bytes, values bytes)."""
-        ids = np.asarray(ids)[:, : self.k].astype(np.int64, copy=False)
+        ids = np.ascontiguousarray(np.asarray(ids)[:, : self.k], dtype=np.int64)
         lps = np.asarray(logprobs, dtype=np.float32)[:, : self.k]
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+        # one pass: negative ids are huge as unsigned
+        if ids.size and int(ids.view(np.uint64).max()) >= self.vocab_size:
             raise CodecError(f"token id outside the vocabulary [0, {self.vocab_size}) "
                              f"given to the encoder")
+        if self.ids.order == "rank":
+            return self.ids.encode(ids), self.values.encode(lps)
+        bound = self.values.index_bound
+        if bound is not None and \
+                (self.vocab_size - 1).bit_length() + (bound - 1).bit_length() <= 63:
+            indices, side = self.values.quantize(lps)   # carried through the id sort
+            ids_bytes, indices = self.ids.encode_ordered(ids, indices, bound)
+            return ids_bytes, self.values.encode_indices(indices, side)
         ids_bytes, perm = self.ids.encode_ordered(ids)
-        if perm is not None:  # flat take: several times faster than take_along_axis
-            lps = np.take(lps.reshape(-1), perm + np.arange(0, perm.size, self.k)[:, None])
+        # flat take: several times faster than take_along_axis
+        lps = np.take(lps.reshape(-1), perm + np.arange(0, perm.size, self.k)[:, None])
         return ids_bytes, self.values.encode(lps)
 
     def decode_rows(self, ids_blobs: Sequence[bytes], values_blobs: Sequence[bytes],

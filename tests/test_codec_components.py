@@ -73,10 +73,16 @@ def test_gap_ids_dictionary_order_matches_reference():
 @given(rows=st.integers(1, 20), k=st.integers(1, 200), bound=st.sampled_from([2, 300, 1 << 24, 1 << 40]),
        seed=st.integers(0, 2**32 - 1))
 def test_sort_rows_is_a_stable_row_sort(rows, k, bound, seed):
-    x = np.random.default_rng(seed).integers(0, bound, (rows, k))
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, bound, (rows, k))
     ordered, perm = sort_rows(x, bound)
     np.testing.assert_array_equal(perm, np.argsort(x, axis=1, kind="stable"))
     np.testing.assert_array_equal(ordered, np.sort(x, axis=1))
+    carry = rng.integers(0, 1000, (rows, k))   # carried entries follow their keys
+    ordered, carried = sort_rows(x, bound, carry, 1000)
+    order = np.lexsort((carry, x), axis=1)
+    np.testing.assert_array_equal(ordered, np.take_along_axis(x, order, 1))
+    np.testing.assert_array_equal(carried, np.take_along_axis(carry, order, 1))
 
 
 @pytest.mark.parametrize("gaps", [[0, 0, 1], [0, 0, 50], [2**31 - 1] * 3])

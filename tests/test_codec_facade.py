@@ -145,6 +145,23 @@ def test_log_grid_with_id_set_ids_decodes_in_rank_order(step):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("ids_spec, values_spec", [
+    ("gaps", {"kind": "grid", "transform": "sqrt", "step": 0.0019}),
+    ({"kind": "gaps", "dictionary": False}, {"kind": "grid", "transform": "sqrt", "step": 0.01}),
+    ("gaps", {"kind": "grid", "transform": "log", "step": 0.05, "delta": True}),
+])
+def test_grid_indices_carried_through_the_id_sort_equal_permuting_the_values(ids_spec,
+                                                                            values_spec):
+    config = CodecConfig.from_dict({"name": "c", "ids": ids_spec, "values": values_spec,
+                                    "hidden": "native", "top_k": 100})
+    codec = Codec(config, vocab_size=VOCAB, top_k=K, hidden_size=H, hidden_dtype="float32")
+    ids, lps = topk_rows(80, K, seed=21)
+    got = codec.encode_rows(ids, lps)
+    ids_b, perm = codec.ids.encode_ordered(ids[:, :100].astype(np.int64))
+    want = (ids_b, codec.values.encode(np.take_along_axis(lps[:, :100], perm, 1)))
+    assert got == want
+
+
 def test_facade_keeps_rank_order_and_tail_mass():
     ids, lps = topk_rows(200, 128, seed=3)
     codec = Codec(load_codec_config("default"), vocab_size=VOCAB, top_k=128, hidden_size=H,

@@ -35,13 +35,17 @@ class IdsCodec(ABC):
     def encode(self, ids: np.ndarray) -> bytes:
         """[N, k] int64, in this codec's order -> bytes."""
 
-    def encode_ordered(self, ids: np.ndarray) -> tuple[bytes, np.ndarray | None]:
-        """[N, k] rank-ordered ids -> (bytes, per-row permutation the values must follow,
-        or None when the rank order is kept)."""
+    def encode_ordered(self, ids: np.ndarray, carry: np.ndarray | None = None,
+                       carry_bound: int = 0) -> tuple[bytes, np.ndarray | None]:
+        """[N, k] rank-ordered ids -> (bytes, ``carry`` [N, k] (integers in
+        [0, carry_bound)) moved into the stored order), or None when the rank order is
+        kept. ``carry`` defaults to the column index, which yields the permutation the
+        values must follow."""
         if self.order == "rank":
             return self.encode(ids), None
-        ordered, perm = sort_rows(ids, int(ids.max()) + 1 if ids.size else 1)
-        return self.encode(ordered), perm
+        ordered, carried = sort_rows(ids, int(ids.max()) + 1 if ids.size else 1,
+                                     carry, carry_bound)
+        return self.encode(ordered), carried
 
     @abstractmethod
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
@@ -76,6 +80,14 @@ class ValuesCodec(ABC):
         """
         values = self.decode(blobs, rows, device)
         return values, tail_from_values(values)
+
+    #: For codecs that store integer indices (a grid): indices lie in [0, index_bound), and
+    #: such a codec also has ``quantize(values)`` -> (int32 [N, k] indices, per-row side
+    #: data or None) and ``encode_indices(indices, side)`` -> bytes, with ``encode`` their
+    #: composition. The facade then quantizes in rank order and lets the ids codec carry
+    #: the indices into its order inside its sort keys, instead of gathering the float
+    #: values by a permutation. None for other codecs.
+    index_bound: int | None = None
 
     #: For codecs whose decoded values are a strictly decreasing table of small integer
     #: "rank ordinals": ``ordinal_levels[r]`` is the float32 log-prob of ordinal r. Such a
@@ -140,23 +152,30 @@ def lookup(table: dict, kind: str, what: str) -> type:
     return table[kind]
 
 
-def sort_rows(x: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of integers in [0, bound) -> (each row ascending, ties by column; the
-    permutation that sorts it).
+def sort_rows(x: np.ndarray, bound: int, carry: np.ndarray | None = None,
+              carry_bound: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of integers in [0, bound) -> (each row ascending, ``carry``'s entries moved
+    with them; ties by carry). ``carry`` (integers in [0, carry_bound)) defaults to the
+    column index: then it comes out as the permutation that sorts each row, ties by
+    column.
 
-    Sorts (value, column) keys instead of calling argsort: numpy's SIMD sort is ~3x
-    faster, and the values and the permutation both come out of the sorted keys; int32
-    keys (``bound * k <= 2**31``) sort ~2.5x faster than int64.
+    Sorts one integer key per entry, (x, carry), instead of calling argsort and gathering:
+    numpy's SIMD sort is ~3x faster, and both come out of the sorted keys; int32 keys
+    (``bound * carry_bound <= 2**31``) sort ~2.5x faster than int64.
     """
     k = x.shape[1]
-    shift = max(1, (k - 1).bit_length())
+    if carry is None:
+        carry, carry_bound = np.arange(k), k
+    shift = max(1, (carry_bound - 1).bit_length())
+    if (bound - 1).bit_length() + shift > 63:
+        raise ValueError(f"sort keys of {bound} x {carry_bound} do not fit in 63 bits")
     dtype = np.int32 if bound << shift <= 1 << 31 else np.int64
     keys = x.astype(dtype) << shift
-    keys |= np.arange(k, dtype=dtype)
+    keys |= carry
     keys.sort(axis=1)
-    perm = keys & ((1 << shift) - 1)
+    carried = keys & ((1 << shift) - 1)
     keys >>= shift
-    return keys, perm
+    return keys, carried
 
 
 def fixed_width_concat(blobs: Sequence[bytes], rows: Sequence[int], row_bytes: int,

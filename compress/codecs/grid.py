@@ -102,6 +102,9 @@ class GridValues(ValuesCodec):
             "transform": self.transform, "step": self.step, "delta": self.delta,
             "tail": self.tail})
         self.n_streams = 2 if self.tail else 1
+        top_index = int(np.rint(1.0 / self.step if self.transform == "sqrt"
+                                else LOG_FLOOR_NATS / self.step))
+        self.index_bound = top_index + 1
         if self.transform == "sqrt":
             levels = sqrt_levels(self.step)
             self._lp_table = np.log(levels).astype(np.float32)
@@ -117,7 +120,8 @@ class GridValues(ValuesCodec):
 
     # -- encode -------------------------------------------------------------------------
 
-    def encode(self, values: np.ndarray) -> bytes:
+    def quantize(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """[N, k] log-probs -> (int32 grid indices, every row's missing mass or None)."""
         values = np.asarray(values, dtype=np.float32)
         if np.isnan(values).any():
             raise CodecError("values grid: log-probs contain NaN")
@@ -132,18 +136,23 @@ class GridValues(ValuesCodec):
             mass = 1.0 - np.einsum("ij,ij->i", root, root, dtype=np.float64) \
                 if self.tail else None
             root *= np.float32(1.0 / self.step)
-            q = np.rint(root, out=root).astype(np.int32)
-        else:
-            lp = np.minimum(values, 0.0, dtype=np.float64)
-            mass = 1.0 - np.exp(lp).sum(axis=1) if self.tail else None
-            q = quantize(lp, "log", self.step)
+            np.minimum(root, np.float32(self.index_bound - 1), out=root)   # p = 1, rounded up
+            return np.rint(root, out=root).astype(np.int32), mass
+        lp = np.minimum(values, 0.0, dtype=np.float64)
+        mass = 1.0 - np.exp(lp).sum(axis=1) if self.tail else None
+        return quantize(lp, "log", self.step).astype(np.int32), mass
+
+    def encode_indices(self, q: np.ndarray, mass: np.ndarray | None) -> bytes:
         if self.delta:
             q = zigzag(np.diff(q, axis=1, prepend=0))
         streams = [entropy.encode_symbols(q, self.level)]
         if mass is not None:
-            streams.append(entropy.encode_symbols(quantize_mass(mass, self.transform, self.step),
-                                                 self.level))
-        return entropy.pack_container(self.tag, values.shape[0], self.k, streams)
+            streams.append(entropy.encode_symbols(
+                quantize_mass(mass, self.transform, self.step), self.level))
+        return entropy.pack_container(self.tag, q.shape[0], self.k, streams)
+
+    def encode(self, values: np.ndarray) -> bytes:
+        return self.encode_indices(*self.quantize(values))
 
     # -- decode -------------------------------------------------------------------------
 

@@ -123,12 +123,13 @@ class GapIds(IdsCodec):
         lookup[dictionary[order]] = np.arange(len(dictionary), dtype=np.int32)
         return dictionary, classes, np.take(lookup, ids)
 
-    def encode_ordered(self, ids: np.ndarray) -> tuple[bytes, np.ndarray | None]:
+    def encode_ordered(self, ids: np.ndarray, carry: np.ndarray | None = None,
+                       carry_bound: int = 0) -> tuple[bytes, np.ndarray | None]:
         if not self.dictionary:
-            return super().encode_ordered(ids)
+            return super().encode_ordered(ids, carry, carry_bound)
         dictionary, classes, ranks = self._dictionary(np.asarray(ids))
-        ranks, perm = sort_rows(ranks, len(dictionary))
-        return self._encode_dictionary(dictionary, classes, ranks), perm
+        ranks, carried = sort_rows(ranks, len(dictionary), carry, carry_bound)
+        return self._encode_dictionary(dictionary, classes, ranks), carried
 
     def encode(self, ids: np.ndarray) -> bytes:
         ids = np.asarray(ids)

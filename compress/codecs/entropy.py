@@ -1,4 +1,4 @@
-"""Entropy coding shared by the id and value codecs: byte planes, zstd, a checked container.
+"""Entropy coding shared by the id and value codecs: symbol streams, zstd, a checked container.
 
 A sequence of small non-negative integers is coded as one zstd frame of bytes, one
 per value, with the rare values above a byte escaped (``encode_symbols``): zstd's

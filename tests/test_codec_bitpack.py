@@ -1,4 +1,4 @@
-"""Fixed-width bit packing and byte-plane coding: fast paths against the references."""
+"""Fixed-width bit packing and symbol streams: fast paths against the references."""
 
 from __future__ import annotations
 
@@ -72,6 +72,14 @@ def test_symbol_streams_round_trip_across_documents(docs):
     np.testing.assert_array_equal(free.numpy(), np.concatenate(docs))
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64])
+def test_symbol_streams_refuse_negatives_and_non_integers(dtype):
+    with pytest.raises(ValueError, match="integers in"):
+        entropy.encode_symbols(np.array([3, -1], dtype), 1)
+    with pytest.raises(ValueError, match="integers"):
+        entropy.encode_symbols(np.array([1.0, 2.0]), 1)
+
+
 def test_symbol_streams_refuse_corruption():
     stream = entropy.encode_symbols(np.arange(1000) * 37, 3)
     with pytest.raises(CodecError):
@@ -87,7 +95,7 @@ def test_symbol_streams_refuse_corruption():
     with pytest.raises(CodecError, match="escape"):   # a 255 byte no escape accounts for
         entropy.decode_symbols([struct.pack("<II", 0, len(low)) + low], [2],
                                torch.device("cpu"), "test")
-    with pytest.raises(CodecError):  # a declared size beyond the limit allocates nothing
+    with pytest.raises(CodecError):  # a declared size beyond the limit is refused
         entropy.decode_symbols([stream], None, torch.device("cpu"), "test", limits=[10])
 
 

@@ -83,6 +83,8 @@ def test_sort_rows_is_a_stable_row_sort(rows, k, bound, seed):
     order = np.lexsort((carry, x), axis=1)
     np.testing.assert_array_equal(ordered, np.take_along_axis(x, order, 1))
     np.testing.assert_array_equal(carried, np.take_along_axis(carry, order, 1))
+    with pytest.raises(ValueError, match="carried"):   # would spill into the keys
+        sort_rows(x, bound, carry, int(carry.max()))
 
 
 @pytest.mark.parametrize("gaps", [[0, 0, 1], [0, 0, 50], [2**31 - 1] * 3])

@@ -162,6 +162,24 @@ def test_grid_indices_carried_through_the_id_sort_equal_permuting_the_values(ids
     assert got == want
 
 
+@pytest.mark.parametrize("transform, step", [("log", 0.12207776353537204), ("log", 0.05),
+                                             ("sqrt", 0.0019), ("sqrt", 1 / 2048.5)])
+def test_grid_edges_keep_ids_exact(transform, step):
+    """-inf and p = 1 land on the grid's top index, whose rounding must not step past it
+    (that extra bit would spill from the carried index into the id)."""
+    config = CodecConfig.from_dict({"name": "g", "ids": "gaps", "hidden": "native",
+                                    "values": {"kind": "grid", "transform": transform,
+                                               "step": step}})
+    codec = Codec(config, vocab_size=VOCAB, top_k=4, hidden_size=H, hidden_dtype="float32")
+    ids = np.array([[40, 30, 20, 10], [41, 31, 21, 11], [7, 8, 9, 6]])
+    lps = np.array([[0, -1, -2, -np.inf], [0, -1, -2, -3], [0, -np.inf, -np.inf, -np.inf]],
+                   np.float32)
+    out_ids, out_lps = codec.decode_rows(*[[b] for b in codec.encode_rows(ids, lps)], [3])
+    assert [sorted(r) for r in out_ids.tolist()] == [sorted(r) for r in ids.tolist()]
+    assert out_ids[:, 0].tolist() == ids[:, 0].tolist()   # p = 1 stays first
+    assert (out_lps[:, 1:] <= out_lps[:, :-1]).all()
+
+
 def test_facade_keeps_rank_order_and_tail_mass():
     ids, lps = topk_rows(200, 128, seed=3)
     codec = Codec(load_codec_config("default"), vocab_size=VOCAB, top_k=128, hidden_size=H,

@@ -148,7 +148,10 @@ def encode_symbols(values: np.ndarray, level: int) -> bytes:
     and the streams ~2% smaller.
     """
     v = np.asarray(values).reshape(-1)
+    if v.dtype.kind not in "iu":
+        raise ValueError(f"symbol coding takes integers, got {v.dtype}")
     if v.dtype.kind == "i":   # negatives become huge escapes, refused below
+        v = v.astype(np.int32, copy=False) if v.dtype.itemsize < 4 else v
         v = v.view(f"u{v.dtype.itemsize}")
     at = np.flatnonzero(v >= ESCAPE)
     excess = v[at] - ESCAPE
@@ -205,7 +208,9 @@ def decode_symbols(streams: Sequence[bytes], counts: Sequence[int] | None, devic
 
     ``counts[d]`` is the expected length of document d's sequence; with ``counts`` None
     each length is read from the stream, at most ``limits[d]``. zstd runs once per frame
-    (in C); escapes are added back where the low bytes say 255.
+    (in C); escapes are added back where the low bytes say 255. The frames carry no
+    checksum of their own: the structure is checked here, the bytes by the container's
+    crc32 (``unpack_container``), which every codec reads first.
     """
     parts = [symbol_frames(s, f"{what} document {i}") for i, s in enumerate(streams)]
     lows = [zstd_decompress(low, None if counts is None else counts[i], f"{what} document {i}",

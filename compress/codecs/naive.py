@@ -33,9 +33,10 @@ def unpack_rows(data: np.ndarray, n: int, bits: int) -> np.ndarray:
 
 def grid_quantize(logprob: float, transform: str, step: float) -> int:
     lp = min(float(logprob), 0.0)
+    top = round((1.0 if transform == "sqrt" else LOG_FLOOR_NATS) / step)
     if transform == "sqrt":
-        return int(round(math.exp(lp / 2) / step))
-    return int(round(min(-lp, LOG_FLOOR_NATS) / step))
+        return min(round(math.exp(lp / 2) / step), top)
+    return min(round(min(-lp, LOG_FLOOR_NATS) / step), top)
 
 
 def grid_logprob(q: int, transform: str, step: float) -> float:

@@ -190,20 +190,31 @@ class GridValues(ValuesCodec):
             return self._lookup(q, self._mass_table, what)
         return self._to_logprobs(q, what).double().exp().float()
 
+    def _grid_rows(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device
+                   ) -> tuple[list[list[bytes]], torch.Tensor]:
+        """(every document's streams, the [N, k] grid indices, deltas summed)."""
+        docs = entropy.unpack_documents(blobs, rows, self.tag, self.k, self.n_streams,
+                                        "values grid")
+        q = self._indices(docs, [n * self.k for n in rows], 0, device, "values grid")
+        q = q.view(-1, self.k)
+        if self.delta:
+            q = torch.cumsum(unzigzag(q), dim=1, dtype=torch.int32)
+        return docs, q
+
+    def _stored_mass(self, docs: list[list[bytes]], rows: Sequence[int],
+                     device: torch.device) -> torch.Tensor:
+        what = "values grid tail"
+        return self._to_mass(self._indices(docs, list(rows), 1, device, what), what)
+
     def _decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
                 with_tail: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        what = "values grid"
-        docs = entropy.unpack_documents(blobs, rows, self.tag, self.k, self.n_streams, what)
-        q = self._indices(docs, [n * self.k for n in rows], 0, device, what).view(-1, self.k)
-        if self.delta:
-            q = torch.cumsum(unzigzag(q), dim=1)
-        values = self._to_logprobs(q, what)
+        docs, q = self._grid_rows(blobs, rows, device)
+        values = self._to_logprobs(q, "values grid")
         if not with_tail:
             return values, None
         if not self.tail:
             return values, tail_from_values(values)
-        q_tail = self._indices(docs, list(rows), 1, device, what + " tail")
-        return values, self._to_mass(q_tail, what + " tail")
+        return values, self._stored_mass(docs, rows, device)
 
     def decode_with_tail(self, blobs: Sequence[bytes], rows: Sequence[int],
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,21 +223,16 @@ class GridValues(ValuesCodec):
     def decode_ordinals(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
                         with_tail: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """See ``ValuesCodec.ordinal_levels``; only called when that table exists."""
-        what = "values grid"
-        docs = entropy.unpack_documents(blobs, rows, self.tag, self.k, self.n_streams, what)
-        q = self._indices(docs, [n * self.k for n in rows], 0, device, what).view(-1, self.k)
-        if self.delta:
-            q = torch.cumsum(unzigzag(q), dim=1, dtype=torch.int32)
+        docs, q = self._grid_rows(blobs, rows, device)
         top = self.ordinal_levels.numel() - 1
         if q.numel() and (int(q.min()) < 0 or int(q.max()) > top):
-            raise CodecError(f"{what}: grid index outside [0, {top}] (corrupt data)")
+            raise CodecError(f"values grid: grid index outside [0, {top}] (corrupt data)")
         ordinals = q.neg_().add_(top) if self.transform == "sqrt" else q
         if not with_tail:
             return ordinals, None
         if not self.tail:
             return ordinals, tail_from_values(self.ordinal_levels.to(device)[ordinals])
-        q_tail = self._indices(docs, list(rows), 1, device, what + " tail")
-        return ordinals, self._to_mass(q_tail, what + " tail")
+        return ordinals, self._stored_mass(docs, rows, device)
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int],
                device: torch.device) -> torch.Tensor:

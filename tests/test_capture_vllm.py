@@ -19,7 +19,8 @@ import torch
 
 from capture import run as capture_run
 from capture.run import CaptureOptions, run_capture
-from capture.vllm_backend import AlignmentError, _flat_topk, align_rows, sort_rows
+from capture.vllm_backend import (AlignmentError, _flat_topk, align_rows, prompt_topk,
+                                  sort_rows)
 from compress import Dataset
 from compress.verify import dump_arrays, verify_dataset
 from schemas import ConfigError
@@ -310,6 +311,20 @@ def test_flat_logprobs_reshape():
                           logprobs=[-.1, -.1])
     with pytest.raises(AlignmentError):
         _flat_topk(bad, k, 1, 1, "test")
+
+
+def test_prompt_topk_appends_the_generated_step_and_sorts():
+    k = 2
+    prompt = SimpleNamespace(start_indices=[0, 0, 3], end_indices=[0, 3, 6],
+                             token_ids=[5, 5, 8, 9, 9, 1], logprobs=[-.1, -.1, -2., -3., -.2, -.2])
+    generated = SimpleNamespace(start_indices=[0], end_indices=[3], token_ids=[4, 4, 2],
+                                logprobs=[-.3, -.3, -1.5])
+    out = SimpleNamespace(prompt_logprobs=prompt, outputs=[SimpleNamespace(logprobs=generated)])
+    ids, vals = prompt_topk(out, k, 3, "test")
+    assert ids.tolist() == [[5, 8], [1, 9], [4, 2]]          # the tie at -0.2 goes by id
+    assert np.allclose(vals, [[-0.1, -2.0], [-0.2, -0.2], [-0.3, -1.5]])
+    with pytest.raises(AlignmentError, match="no generated step"):
+        prompt_topk(SimpleNamespace(prompt_logprobs=prompt, outputs=[]), k, 3, "test")
 
 
 def test_vllm_options_need_the_vllm_backend(teacher_dir, tmp_path):

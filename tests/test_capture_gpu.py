@@ -1,4 +1,5 @@
-"""The capture's one-pass top-k on CUDA (Triton kernel) against the CPU path and float64."""
+"""Capture on CUDA: the one-pass top-k (Triton kernel) against the CPU path and float64, and
+hidden states encoded on the writer thread's stream against a plain forward."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from capture import run as capture_run
+from capture.run import CaptureOptions, run_capture
 from capture.topk import logsum_and_group_max, topk_logprobs
+from compress import Dataset
 from compress.codecs.hidden import FP8_MAX, _scaled_encode
+from tests.helpers import docstring_texts, write_jsonl
 
 pytestmark = pytest.mark.gpu
 
@@ -42,3 +47,66 @@ def test_fp8_hidden_encoding_on_cuda_is_bitwise_the_cpu_encoding():
     to_fp8 = lambda v: v.to(torch.float8_e4m3fn)   # noqa: E731
     assert np.array_equal(_scaled_encode(x.cuda(), FP8_MAX, to_fp8),
                           _scaled_encode(x, FP8_MAX, to_fp8))
+
+
+LAYERS = [0, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A random 3-layer Llama with a byte-level BPE tokenizer trained here: no download,
+    and small enough that the test is about the capture, not the model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(docstring_texts(40), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id)).save_pretrained(out)
+    return out
+
+
+def _capture(teacher, data, out, codec: str) -> list:
+    run_capture(CaptureOptions(model=str(teacher), data=str(data), out=str(out), top_k=16,
+                               hidden_layers=",".join(map(str, LAYERS)), codec=codec,
+                               device="cuda", dtype="float32", window=4, max_seq_len=96,
+                               progress=False))
+    return list(Dataset(str(out)).iter_documents(hidden_layers=LAYERS))
+
+
+def test_hidden_states_encoded_on_the_writer_stream(tmp_path, tiny_teacher, monkeypatch):
+    """Windows overlap: the writer thread encodes window w's hidden states on its own stream
+    while window w+1's forward runs. What it stores must be the forward's values (exact
+    codec, against a plain forward of each document alone), and encoding on the device
+    must store what encoding in host memory stores (fp8, with the on-device budget at 0)."""
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in docstring_texts(16, 500)])
+    exact = _capture(tiny_teacher, data, tmp_path / "exact", "exact")
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).cuda().eval()
+    for doc in exact:
+        with torch.no_grad():
+            states = model(torch.as_tensor(doc.input_ids, dtype=torch.long, device="cuda")[None],
+                           output_hidden_states=True).hidden_states
+        for layer in LAYERS[:-1]:   # the last entry of hidden_states is after the final norm
+            torch.testing.assert_close(doc.hidden[layer], states[layer][0].cpu(),
+                                       atol=1e-4, rtol=1e-4)
+    on_device = _capture(tiny_teacher, data, tmp_path / "device", "default")
+    monkeypatch.setattr(capture_run, "HIDDEN_ON_DEVICE_BYTES", 0)
+    on_host = _capture(tiny_teacher, data, tmp_path / "host", "default")
+    assert len(on_device) == len(on_host) == len(exact) == 16
+    for a, b in zip(on_device, on_host):
+        assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_logprobs,
+                                                                   b.topk_logprobs)
+        for layer in LAYERS:
+            assert torch.equal(a.hidden[layer], b.hidden[layer]), (a.doc_id, layer)

@@ -205,9 +205,9 @@ class _WorkerCapture:
                                "hidden": {}, "topk": None}
         if self.tp_rank == 0 and self.pp_first:
             out["ids"] = to_wire(torch.cat(self.ids) if self.ids else
-                                  torch.empty(0, dtype=torch.int32))
+                                 torch.empty(0, dtype=torch.int32))
             out["pos"] = to_wire(torch.cat(self.pos) if self.pos else
-                                  torch.empty(0, dtype=torch.int32))
+                                 torch.empty(0, dtype=torch.int32))
         if self.tp_rank == 0:
             out["hidden"] = {str(layer): to_wire(torch.cat(ts)) for layer, ts in
                              self.hidden.items() if ts}

@@ -58,7 +58,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -106,6 +106,49 @@ def variants(hidden_size: int) -> list[CodecConfig]:
             if hidden_size or not r["name"].startswith("hidden-")]
 
 
+def best_of(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """(the fastest of ``repeats`` runs in seconds, the last run's result)."""
+    best, out = math.inf, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = run()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def kdpipe_columns(blobs: list[tuple[bytes, bytes]]) -> pa.Table:
+    """Encoded documents -> the two ``large_binary`` top-k columns kdpipe's writer stores."""
+    return pa.table({name: pa.array([b[j] for b in blobs], pa.large_binary())
+                     for j, name in enumerate((cols.TOPK_IDS, cols.TOPK_VALUES))})
+
+
+DK_KEYS = ("compressed_logprobs", "bytepacked_indices")
+
+
+def distillkit_compressor(preset: str, vocab_size: int) -> tuple[Any, int]:
+    """(DistillKit's own compressor for one of kdpipe's ``distillkit-*`` presets, its k);
+    the checkout is on ``sys.path``."""
+    from distillkit.compression import DistributionQuantizationConfig, LogprobCompressor
+
+    ours = load_codec_config(preset)
+    return LogprobCompressor(config=DistributionQuantizationConfig(
+        d=vocab_size, k=ours.top_k, **ours.values.params)), ours.top_k
+
+
+def distillkit_columns(comp, rows: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                       ) -> list[list[list[int]]]:
+    """DistillKit's capture per document: its compressor over [1, N, k] ids and log-probs,
+    the outputs turned into nested lists, and its writer's ``list<list<uint8>>`` columns
+    built from them. Returns the lists (its trainer's rows are made of them)."""
+    lists = []
+    for ids, lps in rows:
+        out = comp.compress_from_sparse(ids, lps)
+        lists.append([out[key].cpu().squeeze(0).tolist() for key in DK_KEYS])
+    pa.table({key: pa.array([doc[j] for doc in lists], pa.list_(pa.list_(pa.uint8())))
+              for j, key in enumerate(DK_KEYS)})
+    return lists
+
+
 def gpu_decode_rate(sample: Sample, config: CodecConfig, repeats: int) -> float:
     """Rows per second of ``decode_rows_with_tail`` on CUDA, blobs in host memory."""
     # top-k rows only: the hidden part is irrelevant here, so any codec's hidden spec is
@@ -117,14 +160,10 @@ def gpu_decode_rate(sample: Sample, config: CodecConfig, repeats: int) -> float:
     blobs = [codec.encode_rows(i, v) for i, v in zip(sample.ids, sample.logprobs)]
     args = ([b[0] for b in blobs], [b[1] for b in blobs], sample.rows, "cuda")
     codec.decode_rows_with_tail(*args)   # warm-up: kernels, allocator
-    best = math.inf
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        codec.decode_rows_with_tail(*args)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return sum(sample.rows) / best
+    torch.cuda.synchronize()
+    seconds, _ = best_of(lambda: (codec.decode_rows_with_tail(*args),
+                                  torch.cuda.synchronize()), repeats)
+    return sum(sample.rows) / seconds
 
 
 def zstd_only_rates(sample: Sample, config: CodecConfig, repeats: int) -> dict:
@@ -142,16 +181,11 @@ def zstd_only_rates(sample: Sample, config: CodecConfig, repeats: int) -> dict:
                     frames.append(frame)
                     planes.append((entropy.zstd_decompress(frame, None, config.name,
                                                            limit=1 << 30), part.level))
-    enc_s = dec_s = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for plane, level in planes:
-            entropy.zstd_compress(plane, level)
-        enc_s = min(enc_s, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for frame in frames:
-            entropy.zstd_decompress(frame, None, config.name, limit=1 << 30)
-        dec_s = min(dec_s, time.perf_counter() - t0)
+    enc_s, _ = best_of(lambda: [entropy.zstd_compress(plane, level)
+                                for plane, level in planes], repeats)
+    dec_s, _ = best_of(lambda: [entropy.zstd_decompress(frame, None, config.name,
+                                                        limit=1 << 30)
+                                for frame in frames], repeats)
     n = sum(sample.rows)
     return {"encode_tokens_per_s": n / enc_s, "decode_tokens_per_s": n / dec_s}
 
@@ -163,20 +197,16 @@ def arrow_rates(sample: Sample, config: CodecConfig, repeats: int, batch_tokens:
     mass), as its reader hands them to the trainer."""
     codec = Codec(config, vocab_size=sample.vocab_size, top_k=sample.k, hidden_size=0,
                   hidden_dtype="float32")
-    enc_s = dec_s = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        blobs = [codec.encode_rows(i, v) for i, v in zip(sample.ids, sample.logprobs)]
-        table = pa.table({name: pa.array([b[j] for b in blobs], pa.large_binary())
-                          for j, name in enumerate((cols.TOPK_IDS, cols.TOPK_VALUES))})
-        enc_s = min(enc_s, time.perf_counter() - t0)
-        t0 = time.perf_counter()
+    enc_s, table = best_of(lambda: kdpipe_columns(
+        [codec.encode_rows(i, v) for i, v in zip(sample.ids, sample.logprobs)]), repeats)
+
+    def decode() -> None:
         for b in document_batches(sample.rows, batch_tokens):
             part = table.slice(b.start, b.stop - b.start)
             codec.decode_rows_with_tail(part.column(cols.TOPK_IDS).to_pylist(),
                                         part.column(cols.TOPK_VALUES).to_pylist(),
                                         sample.rows[b])
-        dec_s = min(dec_s, time.perf_counter() - t0)
+    dec_s, _ = best_of(decode, repeats)
     n = sum(sample.rows)
     return {"encode_tokens_per_s": n / enc_s, "decode_tokens_per_s": n / dec_s}
 
@@ -186,30 +216,19 @@ def distillkit_rows(sample: Sample, src: str, repeats: int,
     """DistillKit's own compressor on the same rows: speed and fidelity of its presets,
     and the speed of its bit packing alone."""
     sys.path.insert(0, src)
-    from distillkit.compression import (DistributionQuantizationConfig, LogprobCompressor,
-                                        pack_to_bytes, unpack_from_bytes)
+    from distillkit.compression import pack_to_bytes, unpack_from_bytes
 
     rows, results, arrow = [], {}, {}
     for preset in ("distillkit-recommended", "distillkit-budget"):
-        ours = load_codec_config(preset)
-        cfg = DistributionQuantizationConfig(d=sample.vocab_size, k=ours.top_k,
-                                             **ours.values.params)
-        comp = LogprobCompressor(config=cfg)
-        k = ours.top_k
-        enc_s = dec_s = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            packed = [comp.compress_from_sparse(torch.from_numpy(i[None, :, :k]),
-                                                torch.from_numpy(v[None, :, :k]))
-                      for i, v in zip(sample.ids, sample.logprobs)]
-            enc_s = min(enc_s, time.perf_counter() - t0)
-            # a training batch: its documents' rows packed into one [1, L, bytes] row
-            batches = [{key: torch.cat([p[key] for p in packed[b]], dim=1)
-                        for key in ("compressed_logprobs", "bytepacked_indices")}
-                       for b in document_batches(sample.rows, batch_tokens)]
-            t0 = time.perf_counter()
-            out = [comp.decompress_to_sparse(b) for b in batches]
-            dec_s = min(dec_s, time.perf_counter() - t0)
+        comp, k = distillkit_compressor(preset, sample.vocab_size)
+        enc_s, packed = best_of(lambda: [
+            comp.compress_from_sparse(torch.from_numpy(i[None, :, :k]),
+                                      torch.from_numpy(v[None, :, :k]))
+            for i, v in zip(sample.ids, sample.logprobs)], repeats)
+        # a training batch: its documents' rows packed into one [1, L, bytes] row
+        batches = [{key: torch.cat([p[key] for p in packed[b]], dim=1) for key in DK_KEYS}
+                   for b in document_batches(sample.rows, batch_tokens)]
+        dec_s, out = best_of(lambda: [comp.decompress_to_sparse(b) for b in batches], repeats)
         arrow[preset] = distillkit_arrow_rates(comp, sample, k, repeats, batch_tokens)
         ids = torch.cat([o[0][0] for o in out])
         lps = torch.cat([o[1][0].float() for o in out])
@@ -247,29 +266,23 @@ def distillkit_arrow_rates(comp, sample: Sample, k: int, repeats: int,
     Python rows and stacked into tensors by its collator; its trainer then moves the
     batch to the GPU and decompresses it there, so that part is not counted (the codec-
     alone rows time its decompression on the CPU). The conversion of vLLM's output into
-    tensors before its compressor is left out, as kdpipe's is."""
-    keys = ("compressed_logprobs", "bytepacked_indices")
-    column = pa.list_(pa.list_(pa.uint8()))
-    enc_s = dec_s = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        lists = []
-        for i, v in zip(sample.ids, sample.logprobs):
-            out = comp.compress_from_sparse(torch.from_numpy(i[None, :, :k]),
-                                            torch.from_numpy(v[None, :, :k]))
-            lists.append([out[key].cpu().squeeze(0).tolist() for key in keys])
-        pa.table({key: pa.array([doc[j] for doc in lists], column)
-                  for j, key in enumerate(keys)})
-        enc_s = min(enc_s, time.perf_counter() - t0)
-        packed = pa.table({key: pa.array([[r for doc in lists[b] for r in doc[j]]
-                                          for b in document_batches(sample.rows, batch_tokens)],
-                                         column) for j, key in enumerate(keys)})
-        t0 = time.perf_counter()
-        collated = []
+    tensors before its compressor is left out, as kdpipe's is (``capture_path_rates``
+    counts it)."""
+    enc_s, lists = best_of(lambda: distillkit_columns(comp, (
+        (torch.from_numpy(i[None, :, :k]), torch.from_numpy(v[None, :, :k]))
+        for i, v in zip(sample.ids, sample.logprobs))), repeats)
+    packed = pa.table({key: pa.array([[r for doc in lists[b] for r in doc[j]]
+                                      for b in document_batches(sample.rows, batch_tokens)],
+                                     pa.list_(pa.list_(pa.uint8())))
+                       for j, key in enumerate(DK_KEYS)})
+
+    def collate() -> list[dict]:
+        out = []
         for i in range(packed.num_rows):
             examples = packed.slice(i, 1).to_pylist()
-            collated.append({key: torch.tensor([e[key] for e in examples]) for key in keys})
-        dec_s = min(dec_s, time.perf_counter() - t0)
+            out.append({key: torch.tensor([e[key] for e in examples]) for key in DK_KEYS})
+        return out
+    dec_s, _ = best_of(collate, repeats)
     n = sum(sample.rows)
     return {"encode_tokens_per_s": n / enc_s, "decode_tokens_per_s": n / dec_s}
 
@@ -308,8 +321,7 @@ def capture_path_rates(sample: Sample, repeats: int, src: str | None) -> dict:
     for DistillKit's rows, a checkout with its capture script."""
     from capture.vllm_backend import from_wire, prompt_topk, to_wire
 
-    def timed(run: Callable[[], object]) -> float:
-        return tokens_per_s(run, sum(sample.rows), repeats)
+    n = sum(sample.rows)
 
     def request_tensors(k: int) -> list[tuple[torch.Tensor, ...]]:
         out = []
@@ -319,11 +331,6 @@ def capture_path_rates(sample: Sample, repeats: int, src: str | None) -> dict:
                         torch.ones(len(i), dtype=torch.int64)))
         return out
 
-    def kdpipe_columns(blobs: list[tuple[bytes, bytes]]) -> pa.Table:
-        return pa.table({name: pa.array([b[j] for b in blobs], pa.large_binary())
-                         for j, name in enumerate((cols.TOPK_IDS, cols.TOPK_VALUES))})
-
-    vllm_request_output(*request_tensors(1)[0], 1)   # imports vLLM's modules, untimed
     results: dict[str, dict] = {}
     for name, preset in (("default", "recommended"), ("small", "budget")):
         codec = Codec(load_codec_config(name), vocab_size=sample.vocab_size, top_k=sample.k,
@@ -333,28 +340,18 @@ def capture_path_rates(sample: Sample, repeats: int, src: str | None) -> dict:
                   to_wire(torch.from_numpy(v[:, :k].copy())))
                  for i, v in zip(sample.ids, sample.logprobs)]
         tensors = request_tensors(k)
-        rates = {
-            "worker": timed(lambda: kdpipe_columns([
-                codec.encode_rows(from_wire(i).numpy(), from_wire(v).numpy())
-                for i, v in wires])),
-            "prompt-logprobs": timed(lambda: kdpipe_columns([
-                codec.encode_rows(*prompt_topk(vllm_request_output(*t, k), k, n, "bench"))
-                for t, n in zip(tensors, sample.rows)]))}
-        results[name] = rates
+        vllm_request_output(*tensors[0], k)   # imports vLLM's modules, untimed
+        worker_s, _ = best_of(lambda: kdpipe_columns([
+            codec.encode_rows(from_wire(i).numpy(), from_wire(v).numpy())
+            for i, v in wires]), repeats)
+        prompt_s, _ = best_of(lambda: kdpipe_columns([
+            codec.encode_rows(*prompt_topk(vllm_request_output(*t, k), k, rows, "bench"))
+            for t, rows in zip(tensors, sample.rows)]), repeats)
+        results[name] = {"worker": n / worker_s, "prompt-logprobs": n / prompt_s}
         if src is not None:
             results[f"distillkit-{preset}"] = {"prompt-logprobs": distillkit_capture_rate(
                 sample, src, preset, tensors, repeats)}
     return results
-
-
-def tokens_per_s(run: Callable[[], object], tokens: int, repeats: int) -> float:
-    """Best of ``repeats`` runs."""
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return tokens / best
 
 
 def distillkit_capture_rate(sample: Sample, src: str, preset: str,
@@ -363,28 +360,19 @@ def distillkit_capture_rate(sample: Sample, src: str, preset: str,
     its ``process_prompt_logprobs`` -> its compressor -> nested lists -> its writer's
     ``list<list<uint8>>`` Arrow columns."""
     sys.path.insert(0, src)
-    from distillkit.compression import DistributionQuantizationConfig, LogprobCompressor
     from distillkit.sample_logits_vllm import process_prompt_logprobs
 
-    ours = load_codec_config(f"distillkit-{preset}")
-    k = ours.top_k
+    comp, k = distillkit_compressor(f"distillkit-{preset}", sample.vocab_size)
     if tensors and tensors[0][0].shape[1] != k + 1:
         raise ValueError(f"{preset}: rows of {tensors[0][0].shape[1] - 1} log-probs, "
                          f"DistillKit's preset asks for {k}")
-    comp = LogprobCompressor(config=DistributionQuantizationConfig(
-        d=sample.vocab_size, k=k, **ours.values.params))
-    keys = ("compressed_logprobs", "bytepacked_indices")
-    column = pa.list_(pa.list_(pa.uint8()))
 
-    def run() -> None:
-        lists = []
+    def rows() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for t in tensors:
             ids, lps = process_prompt_logprobs(vllm_request_output(*t, k).prompt_logprobs, k)
-            out = comp.compress_from_sparse(ids.unsqueeze(0), lps.unsqueeze(0))
-            lists.append([out[key].cpu().squeeze(0).tolist() for key in keys])
-        pa.table({key: pa.array([doc[j] for doc in lists], column)
-                  for j, key in enumerate(keys)})
-    return tokens_per_s(run, sum(sample.rows), repeats)
+            yield ids.unsqueeze(0), lps.unsqueeze(0)
+    seconds, _ = best_of(lambda: distillkit_columns(comp, rows()), repeats)
+    return sum(sample.rows) / seconds
 
 
 def targets(rows: dict[str, FidelityRow], dk: dict[str, FidelityRow], arrow: dict[str, dict],

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.utils import ModelOutput
 
 from schemas import ConfigError
@@ -35,6 +36,9 @@ from .layers.packing import SequenceLayout
 
 # Keyword arguments that transformers' generation and pipelines pass and that change nothing here.
 _IGNORED_KWARGS = ("return_dict", "cache_position")
+# transformers 5.24 named a model's cache `cache` in forward's arguments and in outputs; generate
+# in earlier releases passes `past_key_values=` and reads the cache from that output key.
+_LEGACY_CACHE_NAME = "cache" not in ALL_CACHE_NAMES
 
 
 @dataclass
@@ -42,7 +46,7 @@ class KDAHybridModelOutput(ModelOutput):
     """``last_hidden_state`` is after the final norm; ``hidden_states`` are before it."""
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: KDAHybridCache | None = None
+    cache: KDAHybridCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -52,7 +56,7 @@ class KDAHybridCausalLMOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: KDAHybridCache | None = None
+    cache: KDAHybridCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     last_hidden_state: torch.FloatTensor | None = None
 
@@ -115,7 +119,7 @@ class KDAHybridPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["KDAHybridDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     # fla keeps the decay parameters in float32 whatever the model dtype.
     _keep_in_fp32_modules_strict = ["A_log", "dt_bias"]
@@ -155,7 +159,7 @@ class KDAHybridModel(KDAHybridPreTrainedModel):
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None,
                 cu_seqlens: torch.Tensor | None = None,
-                past_key_values: KDAHybridCache | None = None,
+                cache: KDAHybridCache | None = None,
                 inputs_embeds: torch.Tensor | None = None,
                 use_cache: bool | None = None,
                 output_hidden_states: bool | None = None) -> KDAHybridModelOutput:
@@ -166,7 +170,7 @@ class KDAHybridModel(KDAHybridPreTrainedModel):
             attention_mask: accepted for compatibility; must be all ones (no padding).
             position_ids: ``[B, T]``; in a single row, restarts at 0 mark document starts.
             cu_seqlens: int ``[n_docs + 1]`` document boundaries of one packed row (``B == 1``).
-            past_key_values: a ``KDAHybridCache`` to continue from; it is updated in place.
+            cache: a ``KDAHybridCache`` to continue from; it is updated in place.
             use_cache: return a cache (default: ``config.use_cache`` in eval mode, unpacked input).
             output_hidden_states: also return the per-layer hidden states.
         """
@@ -178,7 +182,7 @@ class KDAHybridModel(KDAHybridPreTrainedModel):
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ConfigError("padding masks are not supported: pack documents into one row with "
                               "cu_seqlens (or position_ids restarting at 0) instead of padding")
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         layout = SequenceLayout.build(B, T, inputs_embeds.device, cu_seqlens=cu_seqlens,
                                       position_ids=position_ids, past_length=past_length)
         packed = layout.cu_seqlens is not None
@@ -187,7 +191,6 @@ class KDAHybridModel(KDAHybridPreTrainedModel):
         if use_cache and packed:
             raise ConfigError("use_cache=True with packed documents is not supported: a cache "
                               "continues ordinary rows")
-        cache = past_key_values
         if cache is None and use_cache:
             cache = KDAHybridCache(self.config)
         if output_hidden_states is None:
@@ -210,8 +213,7 @@ class KDAHybridModel(KDAHybridPreTrainedModel):
                 all_hidden.append(hidden_states)
         if cache is not None:
             cache.seen_tokens += T
-        return KDAHybridModelOutput(last_hidden_state=self.norm(hidden_states),
-                                    past_key_values=cache,
+        return KDAHybridModelOutput(last_hidden_state=self.norm(hidden_states), cache=cache,
                                     hidden_states=tuple(all_hidden) if all_hidden else None)
 
 
@@ -242,10 +244,19 @@ class KDAHybridForCausalLM(KDAHybridPreTrainedModel, GenerationMixin):
         forward creates a ``KDAHybridCache`` and generation carries it on."""
         return False
 
+    def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict,
+                                            *args, **kwargs) -> dict:
+        """Before transformers 5.24 generate looks for the cache under ``past_key_values``."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs,
+                                                                   *args, **kwargs)
+        if _LEGACY_CACHE_NAME:
+            model_kwargs["past_key_values"] = outputs.cache
+        return model_kwargs
+
     def forward(self, input_ids: torch.LongTensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None,
-                past_key_values: KDAHybridCache | None = None,
+                cache: KDAHybridCache | None = None,
                 inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None,
@@ -262,6 +273,10 @@ class KDAHybridForCausalLM(KDAHybridPreTrainedModel, GenerationMixin):
             return_logits: ``False`` skips the LM head (``logits`` is ``None``).
             logits_to_keep: if positive, compute logits for the last this many positions only.
         """
+        if "past_key_values" in kwargs:     # generate before transformers 5.24
+            if cache is not None:
+                raise ConfigError("pass the cache as cache or as past_key_values, not both")
+            cache = kwargs.pop("past_key_values")
         unknown = set(kwargs) - set(_IGNORED_KWARGS) - {"output_attentions"}
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
@@ -269,7 +284,7 @@ class KDAHybridForCausalLM(KDAHybridPreTrainedModel, GenerationMixin):
             raise ConfigError("output_attentions is not supported "
                               "(KDA layers have no attention matrix)")
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cu_seqlens=cu_seqlens, past_key_values=past_key_values,
+                         cu_seqlens=cu_seqlens, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states)
         logits = loss = None
@@ -281,8 +296,7 @@ class KDAHybridForCausalLM(KDAHybridPreTrainedModel, GenerationMixin):
                 raise ConfigError("labels need logits for every position "
                                   "(return_logits=True, logits_to_keep=0)")
             loss = causal_lm_loss(logits, labels, cu_seqlens=cu_seqlens, position_ids=position_ids)
-        return KDAHybridCausalLMOutput(loss=loss, logits=logits,
-                                       past_key_values=out.past_key_values,
+        return KDAHybridCausalLMOutput(loss=loss, logits=logits, cache=out.cache,
                                        hidden_states=out.hidden_states,
                                        last_hidden_state=out.last_hidden_state)
 

@@ -167,5 +167,5 @@ def test_incremental_decoding_matches_full_forward_on_cuda():
         first = model(x[:, :70], use_cache=True)
         steps = [first.logits]
         for t in range(70, 80):
-            steps.append(model(x[:, t:t + 1], past_key_values=first.past_key_values).logits)
+            steps.append(model(x[:, t:t + 1], cache=first.cache).logits)
     check("logits", full, torch.cat(steps, 1), 2e-2)

@@ -85,12 +85,12 @@ def test_incremental_decoding_matches_full_forward():
     with torch.no_grad():
         full = model(x).logits
         first = model(x[:, :21], use_cache=True)
-        cache = first.past_key_values
+        cache = first.cache
         assert isinstance(cache, KDAHybridCache) and cache.get_seq_length() == 21
         # a multi-token continuation, then single tokens
-        steps = [first.logits, model(x[:, 21:30], past_key_values=cache).logits]
+        steps = [first.logits, model(x[:, 21:30], cache=cache).logits]
         for t in range(30, 40):
-            steps.append(model(x[:, t:t + 1], past_key_values=cache).logits)
+            steps.append(model(x[:, t:t + 1], cache=cache).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
 

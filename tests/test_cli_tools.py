@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import pty
+import shutil
 import struct
 import subprocess
 import sys
@@ -140,7 +141,6 @@ def test_show_decodes_tokens_and_teacher_probabilities(dataset, capsys, monkeypa
 def test_show_without_the_tokenizer_prints_ids(dataset, tmp_path, capsys, monkeypatch):
     """The dataset copied to a machine where the teacher's directory does not exist."""
     moved = tmp_path / "moved"
-    import shutil
     shutil.copytree(dataset, moved)
     m = Manifest.from_json((moved / "manifest.json").read_bytes())
     m.teacher.name_or_path = str(tmp_path / "elsewhere" / "teacher")

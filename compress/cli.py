@@ -19,18 +19,24 @@ from .codec import load_codec_config, preset_names
 @click.option("--calibration-tokens", default=8192, show_default=True, type=click.IntRange(1),
               help="Low-rank hidden codec: fit its projection on the hidden states of SRC's "
                    "first documents, about this many tokens per layer.")
-def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace a kdpipe dataset already in DST (only its files are removed).")
+def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int,
+                 overwrite: bool) -> None:
     """Re-encode dataset SRC (any codec) into DST with another codec.
 
     A low-rank hidden codec gets its projection fitted on SRC's first documents; the
     projection is stored in DST as an artifact. Rerunning the same command after an
     interruption resumes where it stopped (with the projection fitted the first time).
+    DST must be new, empty or a kdpipe dataset; SRC is only read.
     """
+    from .outputs import prepare_dataset_output
     from .reader import Dataset
     from .writer import PartWriter
 
     config = load_codec_config(codec)
     source = Dataset(src)
+    prepare_dataset_output(dst, sources=[src], overwrite=overwrite)
     m = source.manifest
     artifacts = None
     if config.hidden.kind == "lowrank" and "projection" not in config.hidden.params:
@@ -127,8 +133,12 @@ def fidelity_cmd(dataset: str, codecs: str | None, plot_path: str | None,
     import torch
 
     from . import fidelity
+    from .outputs import check_output_file
     from .reader import Dataset
 
+    for option, path in (("--plot", plot_path), ("--json", json_path)):
+        if path:
+            check_output_file(path, option)
     torch.set_num_threads(threads)
     names = codecs.split(",") if codecs else preset_names()
     configs = [load_codec_config(n.strip()) for n in names if n.strip()]
@@ -144,38 +154,51 @@ def fidelity_cmd(dataset: str, codecs: str | None, plot_path: str | None,
 
 
 @click.command("import")
-@click.argument("fmt", metavar="FORMAT", type=click.Choice(["distillkit"]))
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
-@click.argument("dst")
+@click.option("--format", "fmt", required=True, type=click.Choice(["distillkit"]),
+              help="Format of SRC.")
 @click.option("--codec", default="exact", show_default=True,
               help="Codec of the kdpipe dataset written (preset or file).")
 @click.option("--vocab-size", type=click.IntRange(1), default=None,
               help="The teacher's vocabulary (default: DistillKit's d).")
-def import_(fmt: str, src: str, dst: str, codec: str, vocab_size: int | None) -> None:
-    """Read a dataset of another tool (FORMAT: distillkit) into a kdpipe dataset.
+@click.option("--overwrite", is_flag=True,
+              help="Replace a kdpipe dataset already in DST (only its files are removed).")
+@click.argument("src")
+@click.argument("dst")
+def import_(fmt: str, codec: str, vocab_size: int | None, overwrite: bool, src: str,
+            dst: str) -> None:
+    """Read dataset SRC of another tool into DST, a new kdpipe dataset.
 
-    DistillKit rows are decoded exactly as DistillKit decodes them.
+    DistillKit rows are decoded exactly as DistillKit decodes them. DST must be new, empty
+    or a kdpipe dataset (an interrupted import resumes); SRC is only read.
     """
     from .interop import distillkit
 
-    n = distillkit.import_dataset(src, dst, codec=load_codec_config(codec), vocab_size=vocab_size)
+    n = distillkit.import_dataset(src, dst, codec=load_codec_config(codec), vocab_size=vocab_size,
+                                  overwrite=overwrite)
     click.echo(f"{dst}: imported {n} documents from {src}")
 
 
 @click.command("export")
-@click.option("--format", "fmt", required=True, type=click.Choice(["distillkit", "axolotl"]))
+@click.option("--format", "fmt", required=True, type=click.Choice(["distillkit", "axolotl"]),
+              help="Format to write.")
 @click.option("--codec", default="distillkit-recommended", show_default=True,
               help="distillkit only: a codec in DistillKit's layout (preset or file).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier export in OUT (only its files are removed).")
 @click.argument("dataset")
-@click.argument("out", type=click.Path(file_okay=False))
-def export(fmt: str, codec: str, dataset: str, out: str) -> None:
-    """Write a kdpipe dataset in another tool's format."""
+@click.argument("out")
+def export(fmt: str, codec: str, overwrite: bool, dataset: str, out: str) -> None:
+    """Write kdpipe dataset DATASET into OUT in another tool's format.
+
+    OUT must be new, empty or (with --overwrite) an earlier export; DATASET is only read.
+    """
     from .interop import axolotl, distillkit
     from .reader import Dataset
 
     source = Dataset(dataset)
     if fmt == "distillkit":
-        n = distillkit.export_dataset(source, out, codec=load_codec_config(codec))
+        n = distillkit.export_dataset(source, out, codec=load_codec_config(codec),
+                                      overwrite=overwrite)
     else:
-        n = axolotl.export_dataset(source, out)
+        n = axolotl.export_dataset(source, out, overwrite=overwrite)
     click.echo(f"{out}: {n} documents in {fmt} format")

@@ -1,4 +1,4 @@
-"""Dataset commands: ``inspect``, ``verify`` and ``dump``."""
+"""Dataset commands: ``inspect``, ``verify``, ``dump`` and ``show``."""
 
 from __future__ import annotations
 
@@ -43,11 +43,13 @@ def inspect_cmd(dataset: str, as_json: bool) -> None:
 @click.command("verify")
 @click.argument("dataset")
 @click.option("--deep", is_flag=True, help="Also decode every row and check its invariants.")
-def verify_cmd(dataset: str, deep: bool) -> None:
+@click.option("--no-progress", is_flag=True,
+              help="No progress bar (there is none either when stderr is not a terminal).")
+def verify_cmd(dataset: str, deep: bool, no_progress: bool) -> None:
     """Check every shard, manifest, fragment and artifact of DATASET (checksum, size, schema,
     codec); exit 1 if any is bad."""
     from .verify import verify_dataset
-    report = verify_dataset(dataset, deep=deep)
+    report = verify_dataset(dataset, deep=deep, progress=not no_progress)
     for p in report.problems:
         click.echo(f"BAD  {p.file}: {p.message}", err=True)
     click.echo(f"{report.shards_checked} shards, {report.documents_checked} documents checked"
@@ -63,7 +65,33 @@ def verify_cmd(dataset: str, deep: bool) -> None:
 def dump_cmd(dataset: str, out: str, limit: int | None) -> None:
     """Write decoded arrays of DATASET to an .npz (per document: DOCID/input_ids,
     DOCID/teacher_mask, DOCID/topk_ids, DOCID/topk_logprobs, DOCID/hidden/LAYER)."""
+    from .outputs import check_output_file
     from .verify import dump_arrays
+    path = check_output_file(out if out.endswith(".npz") else f"{out}.npz", "--out")
     arrays = dump_arrays(dataset, limit)
-    np.savez(out, **arrays)
-    click.echo(f"wrote {len(arrays)} arrays to {out}")
+    np.savez(path, **arrays)
+    click.echo(f"wrote {len(arrays)} arrays to {path}")
+
+
+@click.command("show")
+@click.argument("dataset")
+@click.option("--doc", "doc_index", default=0, show_default=True, type=click.IntRange(0),
+              help="Document index, in dataset order.")
+@click.option("--rows", default=16, show_default=True, type=click.IntRange(1),
+              help="Positions to show.")
+@click.option("--start", default=0, show_default=True, type=click.IntRange(0),
+              help="First position shown.")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1),
+              help="Teacher tokens shown per position.")
+@click.option("--tokenizer", default=None,
+              help="Tokenizer directory or hub id, if not the one at the manifest's teacher "
+                   "path (it must be the tokenizer the dataset was captured with).")
+def show_cmd(dataset: str, doc_index: int, rows: int, start: int, top: int,
+             tokenizer: str | None) -> None:
+    """Print a document of DATASET: its tokens, decoded, and at each position the teacher's
+    top tokens for the next one with their probabilities."""
+    from .reader import Dataset
+    from .show import format_document
+    lines = format_document(Dataset(dataset, allow_incomplete=True), doc_index, start=start,
+                            rows=rows, top=top, tokenizer=tokenizer)
+    click.echo("\n".join(lines))

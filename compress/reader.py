@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -41,6 +42,12 @@ def load_manifest_or_fragments(storage: Storage, *, allow_incomplete: bool = Fal
     if not frags:
         if missing_ok:
             return None
+        kind = storage.fs.get_file_info(storage.full("")).type
+        if kind == pafs.FileType.NotFound:
+            raise DatasetError("no such dataset directory", file=storage.describe(""))
+        if kind == pafs.FileType.File:
+            raise DatasetError("is a file; a kdpipe dataset is a directory holding "
+                               "manifest.json and shards/", file=storage.describe(""))
         raise DatasetError("no manifest.json and no part fragments: not a kdpipe dataset "
                            "(or a capture that has not committed anything yet)",
                            file=storage.describe(""))

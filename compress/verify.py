@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
 from schemas import DatasetError, KdpipeError, Manifest, ShardEntry, Storage
 from schemas import arrow as cols
@@ -35,8 +38,10 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_rows(ds: Dataset, entry: ShardEntry, pf: pq.ParquetFile) -> int:
-    """Decode every row group and check the invariants; returns documents checked."""
+def _check_rows(ds: Dataset, entry: ShardEntry, pf: pq.ParquetFile,
+                progress: Callable[[int], object]) -> int:
+    """Decode every row group and check the invariants; returns documents checked.
+    ``progress`` is told the documents of each row group checked."""
     where = ds.storage.describe(entry.file)
     vocab, n_docs, tokens, rows = ds.manifest.teacher.vocab_size, 0, 0, 0
     for rg in range(pf.num_row_groups):
@@ -74,6 +79,7 @@ def _check_rows(ds: Dataset, entry: ShardEntry, pf: pq.ParquetFile) -> int:
             tokens += doc.num_tokens
             rows += doc.num_teacher_rows
         n_docs += len(docs)
+        progress(len(docs))
     if tokens != entry.tokens or rows != entry.teacher_rows:
         raise DatasetError(f"holds {tokens} tokens / {rows} teacher rows, the manifest says "
                            f"{entry.tokens} / {entry.teacher_rows}", file=where)
@@ -93,9 +99,12 @@ def _check_artifact(ds: Dataset, rel: str, entry) -> None:
     check_sha256(ds.storage, rel, entry["sha256"])
 
 
-def verify_dataset(uri: str, *, deep: bool = False) -> VerifyReport:
+def verify_dataset(uri: str, *, deep: bool = False, progress: bool = False) -> VerifyReport:
     """Check every codec artifact's presence and sha256, and every shard's presence, size,
-    sha256, schema and codec (and rows, if deep), and that every manifest file is intact."""
+    sha256, schema and codec (and rows, if deep), and that every manifest file is intact.
+
+    ``progress``: a bar on stderr (documents when deep, else shards), shown only when
+    stderr is a terminal."""
     report = VerifyReport()
     storage = Storage(uri)
     fragments = [f"{PARTS_DIR}/{n}" for n in storage.listdir(PARTS_DIR) if is_fragment_name(n)]
@@ -116,16 +125,24 @@ def verify_dataset(uri: str, *, deep: bool = False) -> VerifyReport:
         except Exception as e:  # anything a damaged file makes a library raise
             report.problems.append(ShardProblem(rel, f"{ds.storage.describe(rel)}: "
                                                      f"unreadable: {e}"))
-    for entry in ds.shards:
-        where = ds.storage.describe(entry.file)
-        report.shards_checked += 1
-        try:
-            pf = ds.open_shard(entry, verify_sha256=True)
-            report.documents_checked += _check_rows(ds, entry, pf) if deep else entry.documents
-        except KdpipeError as e:
-            report.problems.append(ShardProblem(entry.file, str(e)))
-        except Exception as e:  # anything a damaged file makes a library raise
-            report.problems.append(ShardProblem(entry.file, f"{where}: unreadable: {e}"))
+    bar = tqdm(total=ds.manifest.documents if deep else len(ds.shards),
+               unit="doc" if deep else "shard", desc="verify", file=sys.stderr,
+               disable=None if progress else True)
+    with bar:
+        for entry in ds.shards:
+            where = ds.storage.describe(entry.file)
+            report.shards_checked += 1
+            done = bar.n
+            try:
+                pf = ds.open_shard(entry, verify_sha256=True)
+                report.documents_checked += _check_rows(ds, entry, pf, bar.update) if deep \
+                    else entry.documents
+            except KdpipeError as e:
+                report.problems.append(ShardProblem(entry.file, str(e)))
+            except Exception as e:  # anything a damaged file makes a library raise
+                report.problems.append(ShardProblem(entry.file, f"{where}: unreadable: {e}"))
+            # a shard's count, also for the part of a bad shard that was not checked
+            bar.update(done + (entry.documents if deep else 1) - bar.n)
     return report
 
 

@@ -29,3 +29,16 @@ def write_jsonl(path: Path, records: list, raw_lines: list[bytes] = ()) -> Path:
         for line in raw_lines:
             f.write(line + b"\n")
     return path
+
+
+def capture_small(out: Path, teacher_dir: Path, n_docs: int = 4, **options) -> Path:
+    """A real capture of the embedded teacher: ``n_docs`` short documents, exact codec, the
+    embedding layer's hidden states; a few seconds on a CPU."""
+    from capture.run import CaptureOptions, run_capture
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(out.parent / f"{out.name}.jsonl",
+                       [{"text": t} for t in docstring_texts(n_docs, 200)])
+    settings = dict(top_k=4, max_seq_len=32, hidden_layers="0", progress=False) | options
+    run_capture(CaptureOptions(model=str(teacher_dir), data=str(data), out=str(out), **settings))
+    return out

@@ -195,7 +195,7 @@ def test_import_decodes_an_independently_written_dataset(tmp_path, name):
     cfg = CONFIGS[name]
     docs = [topk_rows(n, 32, seed=20 + n) for n in (5, 1, 9, 3)]
     expected = write_distillkit(tmp_path / "dk", cfg, docs)
-    result = CliRunner().invoke(import_, ["distillkit", str(tmp_path / "dk"),
+    result = CliRunner().invoke(import_, ["--format", "distillkit", str(tmp_path / "dk"),
                                           str(tmp_path / "kd")])
     assert result.exit_code == 0, result.output
     ds = Dataset(str(tmp_path / "kd"))
@@ -217,7 +217,8 @@ def test_import_refuses_malformed_data(tmp_path):
     runner = CliRunner()
 
     def run(src):
-        return runner.invoke(import_, ["distillkit", str(src), str(tmp_path / f"out{run.n}")])
+        return runner.invoke(import_, ["--format", "distillkit", str(src),
+                                       str(tmp_path / f"out{run.n}")])
     run.n = 0
 
     table = pq.read_table(tmp_path / "dk" / "data_1.parquet").to_pylist()
@@ -279,7 +280,7 @@ def test_export_is_readable_by_the_layout(tmp_path, preset):
                                             "distillkit-budget": 0.5}[preset]
         read_back.append(vals)
     # and kdpipe's importer reads the export as the layout says
-    result = CliRunner().invoke(import_, ["distillkit", str(tmp_path / "dk"),
+    result = CliRunner().invoke(import_, ["--format", "distillkit", str(tmp_path / "dk"),
                                           str(tmp_path / "back")])
     assert result.exit_code == 0, result.output
     for vals, doc in zip(read_back, Dataset(str(tmp_path / "back")).iter_documents()):

@@ -17,16 +17,23 @@ without a teacher row are padded with id 0 and log-prob -1e9, as axolotl's colla
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from ..outputs import ExportDir
 from ..reader import Dataset
 
 IGNORE = -100
 PAD_LOGPROB = -1e9
+_DATA_FILE = re.compile(r"^data_\d+\.parquet$")
+
+
+def is_export_file(name: str) -> bool:
+    """A file name this export writes."""
+    return bool(_DATA_FILE.match(name))
 
 
 def schema() -> pa.Schema:
@@ -72,28 +79,31 @@ def _column(arrays: list[np.ndarray], field: pa.Field) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(flat, field.type.value_type))
 
 
-def export_dataset(dataset: Dataset, out: str | Path, *, docs_per_file: int = 1024) -> int:
-    """kdpipe dataset -> axolotl KD Parquet files ``data_{i}.parquet``; returns documents."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def export_dataset(dataset: Dataset, out: str | Path, *, docs_per_file: int = 1024,
+                   overwrite: bool = False) -> int:
+    """kdpipe dataset -> axolotl KD Parquet files ``data_{i}.parquet``; returns documents.
+
+    ``out`` must be new, empty or (with ``overwrite``) an earlier export of this format."""
     sch = schema()
     buf: list[dict[str, np.ndarray]] = []
     files = written = 0
+    with ExportDir(out, sources=[dataset.uri], overwrite=overwrite,
+                   is_export_file=is_export_file) as target:
 
-    def flush() -> None:
-        nonlocal files, buf
-        if buf:
-            table = pa.Table.from_arrays([_column([b[f.name] for b in buf], f) for f in sch],
-                                         schema=sch)
-            pq.write_table(table, out / f"data_{files}.parquet", compression="zstd")
-            files += 1
-            buf = []
+        def flush() -> None:
+            nonlocal files, buf
+            if buf:
+                table = pa.Table.from_arrays([_column([b[f.name] for b in buf], f)
+                                              for f in sch], schema=sch)
+                target.write_table(f"data_{files}.parquet", table)
+                files += 1
+                buf = []
 
-    for doc in dataset.iter_documents(hidden_layers=[]):
-        buf.append(document_row(doc.input_ids, doc.topk_ids.numpy(), doc.topk_logprobs.numpy(),
-                                doc.loss_mask, doc.teacher_mask))
-        written += 1
-        if len(buf) >= docs_per_file:
-            flush()
-    flush()
+        for doc in dataset.iter_documents(hidden_layers=[]):
+            buf.append(document_row(doc.input_ids, doc.topk_ids.numpy(),
+                                    doc.topk_logprobs.numpy(), doc.loss_mask, doc.teacher_mask))
+            written += 1
+            if len(buf) >= docs_per_file:
+                flush()
+        flush()
     return written

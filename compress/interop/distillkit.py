@@ -36,10 +36,12 @@ from schemas import (CaptureSettings, CodecConfig, ComponentSpec, ConfigError, D
 
 from ..codec import Codec
 from ..codecs.ids import vocab_bits
+from ..outputs import ExportDir, prepare_dataset_output
 from ..reader import Dataset
 from ..writer import PartWriter
 
 CONFIG_FILE = "compression_config.yaml"
+_DATA_FILE = re.compile(r"^data_\d+\.parquet$")
 COLUMNS = ("input_ids", "compressed_logprobs", "bytepacked_indices")
 VALUE_KEYS = ("exact_k", "exact_dtype", "polynomial_terms", "term_dtype", "residual_bins",
               "delta_encoding", "error_diffusion", "normalize_t")
@@ -99,6 +101,31 @@ def _shard_files(src: Path) -> list[Path]:
     return files
 
 
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    """A DistillKit data file, refused by name if it is not Parquet or lacks its columns."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"not a readable Parquet file: {e}", file=str(path)) from e
+    missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
+    if missing:
+        raise DatasetError(f"missing columns {missing} (has {pf.schema_arrow.names}): not a "
+                           f"DistillKit data file", file=str(path))
+    return pf
+
+
+def _check_source_dir(src: Path) -> None:
+    if not src.exists():
+        raise DatasetError("no such directory", file=str(src))
+    if not src.is_dir():
+        raise DatasetError(f"is a file; a DistillKit dataset is a directory of Parquet files "
+                           f"with a {CONFIG_FILE}", file=str(src))
+    if not (src / CONFIG_FILE).exists():
+        kdpipe = " (it is a kdpipe dataset)" if (src / "manifest.json").exists() else ""
+        raise DatasetError(f"no {CONFIG_FILE}: not a DistillKit offline dataset{kdpipe}",
+                           file=str(src))
+
+
 def _byte_rows(column: pa.ChunkedArray, width: int, what: str, file: str
                ) -> tuple[np.ndarray, np.ndarray]:
     """list<list<uint8>> of a batch -> ([total rows, width] uint8, rows per document)."""
@@ -117,20 +144,21 @@ def read_documents(src: str | Path, *, batch_rows: int = 256
                    ) -> tuple[CodecConfig, int, Iterator[TeacherDocument]]:
     """Open a DistillKit dataset: (its codec, its d, an iterator of decoded documents)."""
     src = Path(src)
+    _check_source_dir(src)
     cfg_path = src / CONFIG_FILE
-    if not cfg_path.exists():
-        raise DatasetError(f"no {CONFIG_FILE}: not a DistillKit offline dataset", file=str(src))
-    codec_config, d = codec_from_config(yaml.safe_load(cfg_path.read_text()))
+    try:
+        codec_config, d = codec_from_config(yaml.safe_load(cfg_path.read_text()))
+    except (yaml.YAMLError, ConfigError) as e:
+        raise ConfigError(f"{cfg_path}: {str(e).replace(chr(10), ' ')}") from e
     codec = Codec(codec_config, vocab_size=d, top_k=codec_config.top_k, hidden_size=0,
                   hidden_dtype="float32")
     files = _shard_files(src)
+    for path in files:   # every file checked before anything is written
+        _open_parquet(path)
 
     def documents() -> Iterator[TeacherDocument]:
         for path in files:
-            pf = pq.ParquetFile(path)
-            missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
-            if missing:
-                raise DatasetError(f"missing columns {missing}", file=str(path))
+            pf = _open_parquet(path)
             first = 0
             for batch in pf.iter_batches(batch_size=batch_rows, columns=list(COLUMNS)):
                 yield from _decode_batch(codec, pa.Table.from_batches([batch]), str(path),
@@ -171,12 +199,16 @@ def _decode_batch(codec: Codec, table: pa.Table, file: str, stem: str, first: in
 
 
 def import_dataset(src: str | Path, dst: str, *, codec: CodecConfig,
-                   vocab_size: int | None = None) -> int:
-    """DistillKit dataset -> kdpipe dataset written with ``codec``; returns documents written."""
+                   vocab_size: int | None = None, overwrite: bool = False) -> int:
+    """DistillKit dataset -> kdpipe dataset written with ``codec``; returns documents written.
+
+    ``dst`` must be new, empty or a kdpipe dataset (an interrupted import is resumed; with
+    ``overwrite`` an earlier dataset there is replaced)."""
     dk_codec, d, docs = read_documents(src)
+    prepare_dataset_output(dst, sources=[str(src)], overwrite=overwrite)
     vocab = vocab_size or d
     max_len = max((int(n) for f in _shard_files(Path(src))
-                   for n in pc.list_value_length(pq.read_table(f, columns=["input_ids"])
+                   for n in pc.list_value_length(_open_parquet(f).read(columns=["input_ids"])
                                                  .column("input_ids")).to_numpy()), default=0)
     teacher = TeacherInfo(name_or_path=str(src), architecture="unknown (DistillKit import)",
                           config_sha256="", vocab_size=vocab, hidden_size=0,
@@ -188,7 +220,8 @@ def import_dataset(src: str | Path, dst: str, *, codec: CodecConfig,
                               data_source=str(Path(src).resolve()))
     writer = PartWriter(dst, teacher=teacher, capture=capture, codec=codec, index=0, count=1)
     if writer.complete:
-        raise ConfigError(f"{dst} already holds a complete import; use another destination")
+        raise ConfigError(f"{dst} already holds a complete import; use another destination "
+                          f"or --overwrite")
     written = 0
     try:
         for i, doc in enumerate(docs):
@@ -213,53 +246,60 @@ def _list_of_rows(rows: np.ndarray, per_doc: list[int]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.cumsum([0] + per_doc), pa.int32()), inner)
 
 
+def is_export_file(name: str) -> bool:
+    """A file name this export writes."""
+    return name == CONFIG_FILE or bool(_DATA_FILE.match(name))
+
+
 def export_dataset(dataset: Dataset, out: str | Path, *, codec: CodecConfig,
-                   docs_per_file: int = 1024) -> int:
+                   docs_per_file: int = 1024, overwrite: bool = False) -> int:
     """kdpipe dataset -> DistillKit dataset encoded with ``codec`` (DistillKit's layout).
 
     Every position but the last must have a teacher row: DistillKit has no mask for
-    missing rows. Returns the number of documents written.
+    missing rows. ``out`` must be new, empty or (with ``overwrite``) an earlier DistillKit
+    export. Returns the number of documents written.
     """
     m = dataset.manifest
     k = codec.top_k or m.capture.top_k
     config = config_from_codec(codec, m.teacher.vocab_size, k)
     enc = Codec(codec, vocab_size=m.teacher.vocab_size, top_k=m.capture.top_k, hidden_size=0,
                 hidden_dtype="float32")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True))
     buf: list[tuple[np.ndarray, bytes, bytes, int]] = []
     files = written = 0
+    with ExportDir(out, sources=[dataset.uri], overwrite=overwrite,
+                   is_export_file=is_export_file) as target:
+        target.write_text(CONFIG_FILE, yaml.safe_dump(config, sort_keys=True))
 
-    def flush() -> None:
-        nonlocal files, buf
-        if not buf:
-            return
-        per_doc = [n for *_, n in buf]
-        ids = np.frombuffer(b"".join(b[1] for b in buf), np.uint8).reshape(-1, enc.ids.row_bytes)
-        vals = np.frombuffer(b"".join(b[2] for b in buf), np.uint8) \
-            .reshape(-1, enc.values.layout.row_bytes)
-        table = pa.Table.from_arrays(
-            [pa.array([b[0] for b in buf], pa.list_(pa.uint64())), _list_of_rows(vals, per_doc),
-             _list_of_rows(ids, per_doc)], schema=schema())
-        pq.write_table(table, out / f"data_{files}.parquet", compression="zstd")
-        files += 1
-        buf = []
+        def flush() -> None:
+            nonlocal files, buf
+            if not buf:
+                return
+            per_doc = [n for *_, n in buf]
+            ids = np.frombuffer(b"".join(b[1] for b in buf), np.uint8) \
+                .reshape(-1, enc.ids.row_bytes)
+            vals = np.frombuffer(b"".join(b[2] for b in buf), np.uint8) \
+                .reshape(-1, enc.values.layout.row_bytes)
+            table = pa.Table.from_arrays(
+                [pa.array([b[0] for b in buf], pa.list_(pa.uint64())),
+                 _list_of_rows(vals, per_doc), _list_of_rows(ids, per_doc)], schema=schema())
+            target.write_table(f"data_{files}.parquet", table)
+            files += 1
+            buf = []
 
-    for doc in dataset.iter_documents(hidden_layers=[]):
-        n = doc.num_tokens - 1
-        if n < 1:
-            continue
-        mask = doc.teacher_mask
-        if mask is not None and not mask[:n].all():
-            raise DatasetError("positions without a teacher row cannot be exported to "
-                               "DistillKit (it has no mask for them)", row=doc.record_index,
-                               field=doc.doc_id)
-        ids_b, vals_b = enc.encode_rows(doc.topk_ids[:n].numpy(), doc.topk_logprobs[:n].numpy())
-        buf.append((doc.input_ids.astype(np.uint64), ids_b, vals_b, n))
-        written += 1
-        if len(buf) >= docs_per_file:
-            flush()
-    flush()
+        for doc in dataset.iter_documents(hidden_layers=[]):
+            n = doc.num_tokens - 1
+            if n < 1:
+                continue
+            mask = doc.teacher_mask
+            if mask is not None and not mask[:n].all():
+                raise DatasetError("positions without a teacher row cannot be exported to "
+                                   "DistillKit (it has no mask for them)", row=doc.record_index,
+                                   field=doc.doc_id)
+            ids_b, vals_b = enc.encode_rows(doc.topk_ids[:n].numpy(),
+                                            doc.topk_logprobs[:n].numpy())
+            buf.append((doc.input_ids.astype(np.uint64), ids_b, vals_b, n))
+            written += 1
+            if len(buf) >= docs_per_file:
+                flush()
+        flush()
     return written
-

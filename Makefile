@@ -96,7 +96,7 @@ train: setup heldout
 		--set out="$(or $(OUT),runs/train)" --set eval.data="$(HELDOUT)" $(ARGS)
 
 demo: setup
-	$(MAKE) capture DATA= OUT= ARGS=--no-progress
+	$(MAKE) capture DATA= OUT= ARGS=
 	$(MAKE) train DATA=runs/capture OUT=runs/train ARGS=
 	$(KDPIPE) demo-summary --capture runs/capture --run runs/train --out runs/demo/summary.json
 

@@ -4,8 +4,8 @@ Crash safety: a shard is written under a temporary name and renamed when whole; 
 then, at the end of the caller's window, is it listed in the part's fragment, which is
 itself replaced atomically. A killed writer therefore leaves at most temporary files or
 unlisted shards of its own part, removed when the part is reopened, and resumption
-starts at the fragment's ``next_record``. Shard names are deterministic, so a resumed run rewrites the same
-files an uninterrupted one would.
+starts at the fragment's ``next_record``. Shard names are deterministic, so a resumed
+run rewrites the same files an uninterrupted one would.
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ train: setup heldout
 		--set out="$(or $(OUT),$(RUNS)/train)" --set eval.data="$(HELDOUT)" $(ARGS)
 
 demo: setup
-	$(MAKE) capture DATA= OUT= ARGS=--no-progress
+	$(MAKE) capture DATA= OUT= ARGS=
 	$(MAKE) train DATA=$(RUNS)/capture OUT=$(RUNS)/train ARGS=
 	$(KDPIPE) demo-summary --capture $(RUNS)/capture --run $(RUNS)/train --out $(RUNS)/demo/summary.json
 

@@ -115,16 +115,31 @@ def corpus_build(out: Path, heldout: Path | None, heldout_percent: int) -> None:
 def capture(**kw) -> None:
     """Run a teacher over a text dataset and write its top-k log-probs and hidden states.
 
-    Rerunning the same command resumes after a crash or kill; rerunning a finished
-    capture does nothing; a changed configuration against existing output is refused.
+    Every window of records is committed when written. SIGINT/SIGTERM (Ctrl-C) finish the
+    current window and stop (a second one stops at once), exit 130/143 and say how much is
+    stored; rerunning the same command resumes, rerunning a finished capture does nothing,
+    and a changed configuration against existing output is refused.
     """
-    from .run import CaptureOptions, run_capture
+    import signal
+    import sys
+
+    from .run import CaptureOptions, Interrupted, run_capture
     kw["progress"] = not kw.pop("no_progress")
     kw["vllm_options"] = _vllm_options(kw)
-    s = run_capture(CaptureOptions(**kw))
-    state = "complete" if s.complete else "stopped (rerun the same command to resume)"
+    try:
+        s = run_capture(CaptureOptions(**kw))
+    except Interrupted as e:
+        click.echo(f"{kw['out']}: stopped by {e} before capturing began; nothing new was "
+                   f"written", err=True)
+        sys.exit(128 + e.signum)
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(s.skipped.items())) or "none"
-    click.echo(f"{s.out}: {state}; {s.documents} documents, {s.tokens} tokens, "
+    if s.stopped_by is not None:
+        click.echo(f"{s.out}: stopped by {signal.Signals(s.stopped_by).name}; {s.documents} "
+                   f"documents from {s.records} input records are safely stored "
+                   f"({s.tokens} tokens, {s.bytes / 1e6:.1f} MB); skipped records: {skipped}; "
+                   f"rerun the same command to resume")
+        sys.exit(128 + s.stopped_by)
+    click.echo(f"{s.out}: complete; {s.documents} documents, {s.tokens} tokens, "
                f"{s.bytes / 1e6:.1f} MB ({s.bytes_per_token:.1f} bytes/token), "
                f"{s.seconds:.1f} s; skipped records: {skipped}")
 

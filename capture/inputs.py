@@ -24,11 +24,14 @@ from schemas import ConfigError
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 FIELD_PROBE = 64  # records inspected before a missing field is declared a wrong --text-field
+UTF8_BOM = b"\xef\xbb\xbf"
+FINGERPRINT_BYTES = 1 << 16   # bytes hashed at each end of every input file
 
 
 @dataclass
 class BadRecord:
-    reason: str
+    reason: str      # the skip category counted in the manifest
+    where: str = ""  # file:line, where the reader knows it
 
 
 @dataclass
@@ -39,33 +42,37 @@ class Tokenized:
 
 def _iter_jsonl(path: Path) -> Iterator[dict | BadRecord]:
     with open(path, "rb") as f:
-        for raw in f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(UTF8_BOM)  # editors on Windows write one
             if not raw.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                yield BadRecord("undecodable bytes")
+                yield BadRecord("undecodable bytes", where)
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                yield BadRecord("malformed json")
+                yield BadRecord("malformed json", where)
                 continue
-            yield rec if isinstance(rec, dict) else BadRecord("record is not an object")
+            yield rec if isinstance(rec, dict) else BadRecord("record is not an object", where)
 
 
 def _iter_json(path: Path) -> Iterator[dict | BadRecord]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().removeprefix(UTF8_BOM).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not a readable JSON file: {e}") from e
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise ConfigError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
-    for rec in data:
-        yield rec if isinstance(rec, dict) else BadRecord("record is not an object")
+    for i, rec in enumerate(data):
+        yield rec if isinstance(rec, dict) else BadRecord("record is not an object",
+                                                          f"{path}: item {i}")
 
 
 def _iter_table(table) -> Iterator[dict]:
@@ -128,6 +135,78 @@ def source_files(source: str) -> list[Path]:
     return []
 
 
+def _is_local(source: str) -> bool:
+    """Whether ``source`` names a local path rather than a hub dataset id."""
+    return Path(source).exists() or source.startswith((".", "/", "~")) or \
+        source.lower().endswith(EXTENSIONS)
+
+
+def check_source(source: str) -> None:
+    """Fail now, before any model is loaded, if a local input is missing or unreadable."""
+    if not _is_local(source):
+        return   # a hub dataset id: `datasets` reports its own errors
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"--data {source}: no such file or directory")
+    files = [path] if path.is_file() else \
+        [p for p in path.rglob("*") if p.is_file()] if _is_saved_hf_dataset(path) else \
+        source_files(source)
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                fh.read(1)
+        except OSError as e:
+            raise ConfigError(f"--data {f}: cannot read: {e.strerror or e}") from e
+
+
+def source_identity(source: str) -> tuple[str, str]:
+    """(normalized name, content fingerprint) of an input, so that a rerun recognizes the
+    same input however its path is spelled, and notices when its content changed.
+
+    A local input is named by its resolved absolute path. Its fingerprint hashes, for every
+    file read (sorted, relative to the input), the relative name, the size, and the first
+    and last FINGERPRINT_BYTES bytes: cheap for any size, independent of mtimes (a copied
+    input still matches), and it sees appended, truncated or rewritten files; an edit inside
+    a large file that keeps its size and both ends is not seen. A hub id is its own name and
+    has no fingerprint (empty)."""
+    if not _is_local(source):
+        return source, ""
+    path = Path(source).resolve()
+    files = [path] if path.is_file() else \
+        sorted(p for p in path.rglob("*") if p.is_file()) if _is_saved_hf_dataset(path) else \
+        source_files(str(path))
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(FINGERPRINT_BYTES)
+            fh.seek(max(size - FINGERPRINT_BYTES, 0))
+            tail = fh.read(FINGERPRINT_BYTES)
+        rel = f.name if f == path else f.relative_to(path).as_posix()
+        digest.update(json.dumps([rel, size]).encode())
+        digest.update(hashlib.sha256(head).digest() + hashlib.sha256(tail).digest())
+    return str(path), digest.hexdigest()
+
+
+def count_records(source: str) -> int | None:
+    """Records in a local JSONL or Parquet input (cheap: lines, or Parquet metadata);
+    None where counting would mean parsing everything (JSON, CSV) or for a hub id."""
+    if not _is_local(source) or _is_saved_hf_dataset(Path(source)):
+        return None
+    total = 0
+    for f in source_files(source):
+        suffix = f.suffix.lower()
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+            total += pq.ParquetFile(f).metadata.num_rows
+        elif suffix == ".jsonl":
+            with open(f, "rb") as fh:
+                total += sum(1 for line in fh if line.strip())
+        else:
+            return None
+    return total
+
+
 def iter_records(source: str, *, split: str = "train") -> Iterator[dict | BadRecord]:
     """Every record of the source in a stable order."""
     path = Path(source)
@@ -139,7 +218,7 @@ def iter_records(source: str, *, split: str = "train") -> Iterator[dict | BadRec
         for f in files:
             yield from _iter_file(f)
         return
-    if path.exists() or source.startswith((".", "/")) or source.endswith(EXTENSIONS):
+    if _is_local(source):
         raise ConfigError(f"{source}: no such file or directory")
     yield from _iter_hf(source, split)  # a hub dataset id
 

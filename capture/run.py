@@ -2,35 +2,42 @@
 
 Work proceeds in windows of ``window`` records of this part, aligned to the part's
 record numbering. Inside a window, sequences are sorted by length and batched under a
-token budget; results are written back in record order, and shards are committed only
-at window ends. A resumed run therefore starts on a window boundary and forms exactly
-the batches an uninterrupted run formed, so its output is identical, not merely close.
+token budget; results are written back in record order, and every window is committed
+at its end (its shard closed and listed; a shard also closes inside a window when it
+reaches --shard-mb or --docs-per-shard). A stop or kill loses at most the windows in
+flight; a resumed run starts on a window boundary and forms exactly the batches, and
+the shard boundaries, an uninterrupted run formed, so its output is identical.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from compress import PartWriter, load_codec_config
-from schemas import CaptureSettings, ConfigError, TeacherDocument
+from schemas import CaptureSettings, ConfigError, Storage, TeacherDocument
 
 from .backends import (HFBackend, parse_hidden_layers, resolve_device, resolve_dtype)
-from .inputs import BadRecord, doc_id, iter_part, tokenize_record
-from .teacher import resolve_model, teacher_info
+from .inputs import (BadRecord, check_source, count_records, doc_id, iter_part,
+                     source_identity, tokenize_record)
+from .lock import PartLock
+from .teacher import locate_model, teacher_info
 
 
 # Hidden states a window keeps on the GPU for the writer to encode there (two windows are in
 # flight); beyond this they go to host memory and are encoded on the CPU, more slowly.
 HIDDEN_ON_DEVICE_BYTES = 8 << 30
 DEFAULT_TOP_K = 128
+REPORTED_BAD_RECORDS = 20
 
 
 @dataclass
@@ -71,6 +78,8 @@ class CaptureSummary:
     seconds: float
     complete: bool
     skipped: dict[str, int]
+    records: int = 0                # input records of this part committed (read)
+    stopped_by: int | None = None   # the signal that stopped the capture, if one did
 
     @property
     def bytes_per_token(self) -> float:
@@ -79,8 +88,6 @@ class CaptureSummary:
 
 def _make_backend(opts: CaptureOptions, model_path: str, device: str, dtype: str, layers):
     if opts.backend == "hf":
-        if opts.vllm_options:
-            raise ConfigError(f"{sorted(opts.vllm_options)}: vLLM options need --backend vllm")
         return HFBackend(model_path, device=device, dtype=dtype, top_k=opts.top_k,
                          hidden_layers=layers, trust_remote_code=opts.trust_remote_code)
     if opts.backend == "vllm":
@@ -118,11 +125,22 @@ def _batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches
 
 
+class Interrupted(BaseException):
+    """A second SIGINT/SIGTERM (or one before the first window): stop now, keeping only
+    committed windows. A BaseException, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class _GracefulStop:
-    """SIGTERM/SIGINT finish the current window, commit it and exit resumable."""
+    """Once windows run (``draining``), the first SIGTERM/SIGINT lets the current window
+    finish and commit; a second one, or one before that, raises Interrupted at once."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum: int | None = None
+        self.draining = False
         self._old = {}
 
     def __enter__(self):
@@ -131,20 +149,60 @@ class _GracefulStop:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # second signal: stop now
-            signal.signal(signum, self._old[signum])
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.signum is not None or not self.draining:
+            self.__exit__()    # a third signal gets the default behaviour
+            raise Interrupted(signum)
+        self.signum = signum
+        _say(f"{signal.Signals(signum).name}: finishing the current window, then stopping; "
+             f"Ctrl-C again to abort it")
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+        self._old = {}
 
 
-def run_capture(opts: CaptureOptions) -> CaptureSummary:
-    t0 = time.time()
+def _say(message: str) -> None:
+    """A line on stderr that leaves the progress bar intact."""
+    tqdm.write(f"kdpipe capture: {message}", file=sys.stderr)
+
+
+@contextmanager
+def _output(out: str, index: int, count: int):
+    """Check a local --out (create it if needed, prove it writable) and hold the part's lock;
+    a directory this run created and left empty is removed again."""
+    storage = Storage(out)
+    if not storage.local:
+        yield    # object stores: no lock (see capture/lock.py)
+        return
+    root = Path(storage.root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create it ({e.strerror or e})") from e
+    try:
+        with PartLock(str(root), index, count, _say):
+            yield
+    finally:
+        if created and not any(root.iterdir()):
+            root.rmdir()
+
+
+def _part_records(n: int, count: int, index: int) -> int:
+    """How many of the records 0..n-1 belong to part ``index`` of ``count``."""
+    return max(0, (n - index + count - 1) // count)
+
+
+def _check_options(opts: CaptureOptions) -> tuple[CaptureOptions, object]:
     if opts.long_documents not in ("truncate", "split"):
         raise ConfigError(f"--long-documents {opts.long_documents!r}: use truncate or split")
+    if opts.backend not in ("hf", "vllm"):
+        raise ConfigError(f"--backend {opts.backend!r}: available backends: hf, vllm")
+    if opts.backend == "hf" and opts.vllm_options:
+        raise ConfigError(f"{sorted(opts.vllm_options)}: vLLM options need --backend vllm")
     codec_cfg = load_codec_config(opts.codec)
     if opts.top_k is None:   # the teacher computes no more log-probs than the codec keeps
         opts = replace(opts, top_k=codec_cfg.top_k or DEFAULT_TOP_K)
@@ -155,58 +213,96 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
                           f"on captured hidden states, so capture cannot write it; capture "
                           f"with --codec exact (or default), then run `kdpipe compress "
                           f"CAPTURED OUT --codec {opts.codec}`")
-    model_path = resolve_model(opts.model)
+    return opts, codec_cfg
+
+
+def run_capture(opts: CaptureOptions) -> CaptureSummary:
+    """Capture one part. Everything cheap (options, input, teacher path, --out, the part's
+    lock) is checked before the teacher loads. A stop by signal returns a summary with
+    ``stopped_by`` set once windows run; before that it raises Interrupted."""
+    opts, codec_cfg = _check_options(opts)
+    check_source(opts.data)
+    model_path, model_id = locate_model(opts.model, _say)
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model_path,
+                                            trust_remote_code=opts.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {opts.model}: cannot read its configuration: {e}") from e
+    layers = parse_hidden_layers(opts.hidden_layers, config.num_hidden_layers)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and opts.top_k > vocab:
+        raise ConfigError(f"--top-k {opts.top_k} exceeds the teacher's vocabulary ({vocab})")
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
-    from transformers import AutoConfig
-    n_layers = AutoConfig.from_pretrained(
-        model_path, trust_remote_code=opts.trust_remote_code).num_hidden_layers
-    layers = parse_hidden_layers(opts.hidden_layers, n_layers)
-    backend = _make_backend(opts, model_path, device, dtype, layers)
-    tok = backend.tokenizer
+    data_id, data_fp = source_identity(opts.data)
     settings = CaptureSettings(
         backend=opts.backend, top_k=opts.top_k, max_seq_len=opts.max_seq_len, dtype=dtype,
         chat_template=opts.chat_template, hidden_layers=layers, text_field=opts.text_field,
-        long_documents=opts.long_documents, data_source=opts.data, num_shards=opts.num_shards,
-        limit=opts.limit)
-    info = (backend.teacher_info(opts.model, dtype) if hasattr(backend, "teacher_info")
-            else teacher_info(opts.model, backend.model, tok, dtype))
-    writer = PartWriter(opts.out, teacher=info,
-                        capture=settings, codec=codec_cfg, index=opts.shard_index,
-                        count=opts.num_shards, docs_per_shard=opts.docs_per_shard,
-                        shard_bytes=int(opts.shard_mb * (1 << 20)))
-    t0 = time.time()  # throughput counts processing, not model loading
-    if writer.complete:
-        writer.finish()  # writes manifest.json if other parts finished meanwhile
-        return _summary(opts, writer, t0)
+        long_documents=opts.long_documents, data_source=data_id, num_shards=opts.num_shards,
+        limit=opts.limit, data_fingerprint=data_fp)
+    counted = count_records(opts.data)
+    n = opts.limit if counted is None else min(counted, opts.limit or counted)
+    total = None if n is None else _part_records(n, opts.num_shards, opts.shard_index)
+    part = f" (part {opts.shard_index} of {opts.num_shards})" if opts.num_shards > 1 else ""
+    _say(f"backend {opts.backend}, device {device}, dtype {dtype}, top-k {opts.top_k}, "
+         f"hidden layers {','.join(map(str, layers)) or 'none'}, codec {codec_cfg.name}, "
+         f"records to read: {'unknown' if total is None else total}{part}; loading the teacher")
+    with _GracefulStop() as stop, _output(opts.out, opts.shard_index, opts.num_shards):
+        backend = _make_backend(opts, model_path, device, dtype, layers)
+        info = (backend.teacher_info(model_id, dtype) if hasattr(backend, "teacher_info")
+                else teacher_info(model_id, backend.model, backend.tokenizer, dtype))
+        writer = PartWriter(opts.out, teacher=info, capture=settings, codec=codec_cfg,
+                            index=opts.shard_index, count=opts.num_shards,
+                            docs_per_shard=opts.docs_per_shard,
+                            shard_bytes=int(opts.shard_mb * (1 << 20)))
+        if writer.complete:
+            writer.finish()  # writes manifest.json if other parts finished meanwhile
+            return _summary(opts, writer, time.time())
+        t0 = time.time()  # throughput counts processing, not model loading
+        try:
+            _capture_records(opts, backend, writer, device, stop, total)
+        except Interrupted as e:
+            return _summary(opts, writer, t0, stopped_by=e.signum)
+        return _summary(opts, writer, t0, stopped_by=None if writer.complete else stop.signum)
+
+
+def _capture_records(opts: CaptureOptions, backend, writer: PartWriter, device: str,
+                     stop: _GracefulStop, total: int | None) -> None:
+    """Run the windows from the part's resume point; commit each; finish the part unless
+    stopped. A part that wrote no document is an error that says why."""
     start = writer.next_record
     records = iter_part(opts.data, text_field=opts.text_field, num_parts=opts.num_shards,
                         part=opts.shard_index, start=start, limit=opts.limit, split=opts.split)
-    bar = tqdm(disable=not opts.progress, unit="doc", desc=f"capture part {opts.shard_index}",
-               dynamic_ncols=True)
-    tokens_done = 0
+    done = _part_records(start, opts.num_shards, opts.shard_index)
+    bar = tqdm(disable=not opts.progress, unit="rec", desc=f"capture part {opts.shard_index}",
+               total=total, initial=done, dynamic_ncols=True)
+    t0 = time.time()
+    stop.draining = True
+    tokens_done = bad = 0
     window: list[tuple[int, object]] = []
-    with _GracefulStop() as stop, _BackgroundWrites(writer, opts, device) as writes:
+    with _BackgroundWrites(writer, opts, device) as writes:
         try:
             for index, rec in records:
                 window.append((index, rec))
-                local = index // opts.num_shards
-                if (local + 1) % opts.window == 0:
-                    prepared, outputs, tokens = _run_window(window, backend, opts)
-                    writes.submit(prepared, outputs)
-                    tokens_done += tokens
-                    bar.update(len(window))
-                    bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):.0f}")
-                    window = []
-                    if stop.requested:
-                        writes.wait()
-                        bar.close()
-                        return _summary(opts, writer, t0, interrupted=True)
+                if isinstance(rec, BadRecord) and rec.where:   # name the first few
+                    bad += 1
+                    if bad <= REPORTED_BAD_RECORDS:
+                        _say(f"{rec.where}: {rec.reason}; record skipped")
+                if (index // opts.num_shards + 1) % opts.window:
+                    continue
+                tokens_done += _submit(window, backend, opts, writes, bar)
+                bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):.0f}")
+                window = []
+                if stop.signum is not None:
+                    writes.wait()
+                    return
             if window:
-                prepared, outputs, _ = _run_window(window, backend, opts)
-                writes.submit(prepared, outputs)
-                bar.update(len(window))
+                _submit(window, backend, opts, writes, bar)
             writes.wait()
+            if writer.manifest.documents == 0 and (opts.num_shards == 1 or
+                                                   writer.manifest.records.read):
+                raise ConfigError(_nothing_written(opts, writer))
             writer.finish()
         except BaseException:
             writes.wait(raise_error=False)   # never abort under a write in flight
@@ -214,7 +310,23 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
             raise
         finally:
             bar.close()
-    return _summary(opts, writer, t0)
+
+
+def _submit(window: list, backend, opts: CaptureOptions, writes: "_BackgroundWrites",
+            bar) -> int:
+    prepared, outputs, tokens = _run_window(window, backend, opts)
+    writes.submit(prepared, outputs)
+    bar.update(len(window))
+    return tokens
+
+
+def _nothing_written(opts: CaptureOptions, writer: PartWriter) -> str:
+    counts = writer.manifest.records
+    if not counts.read:
+        return f"--data {opts.data}: no input records to capture; nothing was written"
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counts.skipped.items()))
+    return (f"--data {opts.data}: all {counts.read} records were skipped ({reasons}); "
+            f"nothing was written (wrong --text-field, or --no-chat-template on chat data?)")
 
 
 class _BackgroundWrites:
@@ -331,14 +443,14 @@ def _write_window(prepared: list, outputs: list, writer: PartWriter, opts: Captu
                                              hidden=out.hidden, record_index=index))
             writer.add_record(index, tdocs, truncated=cut and opts.long_documents == "truncate",
                               split=cut and opts.long_documents == "split")
-        writer.end_window()
+        writer.end_window(commit=True)   # every window is durable once written
 
 
 def _summary(opts: CaptureOptions, writer: PartWriter, t0: float,
-             interrupted: bool = False) -> CaptureSummary:
+             stopped_by: int | None = None) -> CaptureSummary:
     m = writer.manifest
     return CaptureSummary(out=opts.out, documents=m.documents, tokens=m.tokens,
                           bytes=m.total_bytes, seconds=time.time() - t0,
-                          complete=writer.complete and not interrupted,
-                          skipped=dict(m.records.skipped))
+                          complete=writer.complete, skipped=dict(m.records.skipped),
+                          records=m.records.read, stopped_by=stopped_by)
 

@@ -12,7 +12,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+import socket
 from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
 
 from schemas import ConfigError, TeacherInfo, tokenizer_fingerprint
 
@@ -82,11 +86,47 @@ def prepare_embedded_teacher(force: bool = False) -> Path:
     return out
 
 
-def resolve_model(name_or_path: str) -> str:
-    """``embedded`` (or empty) means the packaged default; anything else is a path or hub id."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def locate_model(name_or_path: str, say: Callable[[str], None]) -> tuple[str, str]:
+    """(what to load, normalized identity) of a teacher, checked before any weights load.
+
+    ``embedded`` (or empty) and the embedded teacher's directory are both ``embedded``; a
+    local directory is its resolved path and must hold ``config.json``; anything else is a
+    hub id, announced through ``say`` (a mistyped path must not pass silently for one) and
+    tried only if the hub's cache has it or the hub can be reached."""
     if name_or_path in ("", "embedded", EMBEDDED_NAME):
-        return str(prepare_embedded_teacher())
-    return name_or_path
+        return str(prepare_embedded_teacher()), "embedded"
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ConfigError(f"--model {name_or_path}: not a model directory (no config.json "
+                              f"in it); give a Hugging Face checkpoint directory, a hub id or "
+                              f"'embedded'")
+        resolved = path.resolve()
+        if resolved == embedded_teacher_dir().resolve():
+            return str(resolved), "embedded"
+        return str(resolved), str(resolved)
+    if not HUB_ID.fullmatch(name_or_path):
+        raise ConfigError(f"--model {name_or_path}: no such local directory")
+    say(f"--model {name_or_path}: no such local path; trying it as a hub model id")
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return name_or_path, name_or_path
+    offline = [v for v in OFFLINE_VARS
+               if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
+    if offline:
+        raise ConfigError(f"--model {name_or_path}: no such local path, and {offline[0]} is "
+                          f"set, so the hub cannot be tried")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(f"--model {name_or_path}: no such local path, and the hub "
+                          f"({constants.ENDPOINT}) cannot be reached ({e})") from e
+    return name_or_path, name_or_path
 
 
 def config_fingerprint(config) -> str:

@@ -1,11 +1,11 @@
 """Writing one part of a dataset: encoded documents into Parquet shards, then the fragment.
 
 Crash safety: a shard is written under a temporary name and renamed when whole; only
-then is it listed in the part's fragment, which is itself replaced atomically. A
-killed writer therefore leaves at most a temporary file or an unlisted shard, both
-removed when the part is reopened, and resumption starts at the fragment's
-``next_record``. Shard names are deterministic, so a resumed run rewrites the same
-files an uninterrupted one would.
+then, at the end of the caller's window, is it listed in the part's fragment, which is
+itself replaced atomically. A killed writer therefore leaves at most temporary files or
+unlisted shards of its own part, removed when the part is reopened, and resumption
+starts at the fragment's ``next_record``. Shard names are deterministic, so a resumed
+run rewrites the same files an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import dataclasses
 import functools
 import hashlib
 import os
+import posixpath
+import re
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 
@@ -25,7 +27,8 @@ from schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetError, Ma
                      PartState, RecordCounts, ShardEntry, Storage, TeacherDocument, TeacherInfo,
                      hidden_column, shard_schema)
 from schemas import arrow as cols
-from schemas.layout import MANIFEST, PARTS_DIR, SHARDS_DIR, fragment_path, shard_path
+from schemas.layout import (MANIFEST, PARTS_DIR, SHARDS_DIR, TMP_PREFIX, fragment_path,
+                            shard_path)
 from schemas.storage import HashingWriter
 
 from .codec import Codec
@@ -34,6 +37,7 @@ from .reader import ArtifactLoader, artifact_relpath, load_manifest_or_fragments
 PARQUET_ZSTD_LEVEL = 3
 ENCODE_THREADS = min(8, os.cpu_count() or 1)
 QUEUED_RECORDS = 256     # records whose documents wait for the window's end, at most
+_TMP_RE = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]{8}-(.+)")   # Storage.atomic_output's
 
 
 def parquet_options(schema: pa.Schema, codec: Codec, *, zstd_hidden: bool = False) -> dict:
@@ -136,8 +140,10 @@ class PartWriter:
         # top-k rows are encoded by a pool of threads (numpy and zstd release the GIL) between
         # a record's arrival and the window's end, where documents are appended in order
         self._encoder = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="kdpipe-encode")
-        self._queued: list[list[tuple[TeacherDocument, Future]]] = []
+        self._queued: list[tuple[int, list[tuple[TeacherDocument, Future]]]] = []
+        self._closed: list[ShardEntry] = []    # shards closed since the last commit, unlisted
         self._reset_shard()
+        self._reset_window()
         self._clean_leftovers()
         self._store_artifacts(artifacts or {}, codec)
         self.codec = Codec(codec, vocab_size=teacher.vocab_size, top_k=capture.top_k,
@@ -167,6 +173,9 @@ class PartWriter:
                 problems += [f"teacher {d}" for d in _describe_diff(teacher, existing.teacher)]
             if existing.capture.fingerprint() != capture.fingerprint():
                 problems += [f"capture {d}" for d in _describe_diff(capture, existing.capture)]
+                if existing.capture.data_fingerprint != capture.data_fingerprint:
+                    problems.append("the input's content changed since this capture began "
+                                    "(data_fingerprint: file sizes or first/last bytes)")
             if existing.codec.fingerprint() != codec.fingerprint():
                 problems.append(f"codec: existing {existing.codec.to_json()} vs requested "
                                 f"{codec.to_json()}")
@@ -222,16 +231,22 @@ class PartWriter:
                     f"given to the writer nor written by another part of {where}")
             recorded[rel] = dict(known[rel])
 
+    @_io_guard
     def _clean_leftovers(self) -> None:
-        """Remove temporary files and shards of this part that its fragment does not list."""
-        self.storage.remove_stale_tmp(SHARDS_DIR)
-        self.storage.remove_stale_tmp(PARTS_DIR)
+        """Remove what a killed writer of this part left: its temporary files and the shards
+        its fragment does not list. Only names this part writes are touched, in the dataset's
+        ``shards/`` and ``parts/``: other parts may be writing beside it, and a file under
+        any other name (a user's) is not ours to delete."""
+        shard_re = re.compile(rf"p{self.index:05d}-of-{self.count:05d}-\d{{6}}\.parquet")
+        fragment = posixpath.basename(self.frag_rel)
         listed = {s.file for s in self.manifest.shards}
-        prefix = shard_path(self.index, self.count, 0).rsplit("-", 1)[0].split("/")[-1]
-        for name in self.storage.listdir(SHARDS_DIR):
-            rel = f"{SHARDS_DIR}/{name}"
-            if name.startswith(prefix) and rel not in listed:
-                self.storage.delete(rel)
+        for folder, ours in ((SHARDS_DIR, shard_re.fullmatch), (PARTS_DIR, fragment.__eq__)):
+            for name in self.storage.listdir(folder):
+                tmp = _TMP_RE.fullmatch(name)
+                rel = f"{folder}/{name}"
+                if (ours(tmp.group(1)) if tmp else
+                        folder == SHARDS_DIR and ours(name) and rel not in listed):
+                    self.storage.delete(rel)
 
     @property
     def part(self) -> PartState:
@@ -251,7 +266,10 @@ class PartWriter:
         self._buf: dict[str, list] = {f.name: [] for f in self.schema}
         self._buf_bytes = 0
         self._shard_docs = self._shard_tokens = self._shard_rows = self._shard_bytes = 0
-        self._first_record: int | None = None
+        self._shard_first: int | None = None     # input records the open shard covers
+        self._shard_last = -1
+
+    def _reset_window(self) -> None:
         self._pending = RecordCounts()
         self._last_record = -1
 
@@ -271,33 +289,40 @@ class PartWriter:
             self._pending.split += int(split)
         for doc in docs:
             self._check(doc)
-        if self._first_record is None:
-            self._first_record = index
         self._last_record = index
-        self._queued.append([(doc, self._encoder.submit(self._encode_topk, doc))
-                             for doc in docs])
+        self._queued.append((index, [(doc, self._encoder.submit(self._encode_topk, doc))
+                                     for doc in docs]))
         if len(self._queued) >= QUEUED_RECORDS:
             self._append_queued()
 
     def _append_queued(self) -> None:
-        """Append the queued records' documents in arrival order (top-k encoded by now)."""
+        """Append the queued records' documents in arrival order (top-k encoded by now); a
+        shard that the last record filled is closed, to be listed at the window's end."""
         queued, self._queued = self._queued, []
-        for record in queued:
+        for index, record in queued:
+            if self._shard_first is None:
+                self._shard_first = index
+            self._shard_last = index
             for doc, topk in record:
                 self._append(doc, *topk.result())
-            if self._buf_bytes >= self.row_group_bytes:
+            if (self.docs_per_shard and self._shard_docs >= self.docs_per_shard) or \
+                    self._shard_bytes + self._buf_bytes >= self.shard_bytes:
+                self._close_shard()
+            elif self._buf_bytes >= self.row_group_bytes:
                 self._write_row_group()
 
     @_io_guard
-    def end_window(self) -> None:
-        """A point where the caller may be resumed from: commit the shard if it is full.
+    def end_window(self, *, commit: bool = False) -> None:
+        """A point where the caller may be resumed from. Lists the shards that filled during
+        the window; with ``commit`` (or if one filled) the open shard is closed and listed
+        too, so everything up to here survives a kill.
 
-        Shards end only here, so a resumed run restarts on a boundary the caller chose
-        (capture uses its batching windows, which keeps resumed output identical)."""
+        The resume pointer moves only here, so a resumed run restarts on a boundary the
+        caller chose (capture: its batching windows, committed at each one's end), and a
+        shard's boundaries depend only on the records before it: resumed output is identical."""
         self._append_queued()
-        if (self.docs_per_shard and self._shard_docs >= self.docs_per_shard) or \
-                self._shard_bytes + self._buf_bytes >= self.shard_bytes:
-            self._commit_shard()
+        if commit or self._closed:
+            self._commit()
 
     def _check(self, doc: TeacherDocument) -> None:
         n = doc.num_teacher_rows
@@ -340,7 +365,8 @@ class PartWriter:
         if self._pq is None:
             self._drain()
             self._stack = ExitStack()
-            rel = shard_path(self.index, self.count, len(self.manifest.shards))
+            seq = len(self.manifest.shards) + len(self._closed)
+            rel = shard_path(self.index, self.count, seq)
             self._sink = HashingWriter(self._stack.enter_context(self.storage.atomic_output(rel)))
             self._pq = pq.ParquetWriter(self._sink, self.schema, **self.parquet_options)
         arrays = [_binary_column(self._buf[f.name]) if f.name.startswith(cols.HIDDEN_PREFIX)
@@ -358,35 +384,43 @@ class PartWriter:
         if pending is not None:
             pending.result()
 
-    def _commit_shard(self) -> None:
-        """Close the open shard (if any), list it, and move the resume pointer."""
-        self._append_queued()
+    def _close_shard(self) -> None:
+        """Close the open shard (if any) under its final name; it is listed at the commit."""
         self._write_row_group()
         self._drain()
-        seq = len(self.manifest.shards)
-        rel = shard_path(self.index, self.count, seq)
         if self._pq is not None:
+            seq = len(self.manifest.shards) + len(self._closed)
             self._pq.close()
             self._stack.close()  # renames the temporary file into place
             self._pq = self._stack = None
-            self.manifest.shards.append(ShardEntry(
-                file=rel, part=self.index, seq=seq, documents=self._shard_docs,
-                tokens=self._shard_tokens, teacher_rows=self._shard_rows,
-                bytes=self._sink.bytes, sha256=self._sink.sha256(),
-                first_record=self._first_record, last_record=self._last_record))
+            self._closed.append(ShardEntry(
+                file=shard_path(self.index, self.count, seq), part=self.index, seq=seq,
+                documents=self._shard_docs, tokens=self._shard_tokens,
+                teacher_rows=self._shard_rows, bytes=self._sink.bytes,
+                sha256=self._sink.sha256(), first_record=self._shard_first,
+                last_record=self._shard_last))
+        self._reset_shard()
+
+    def _commit(self) -> None:
+        """Close the open shard, list every closed one, and move the resume pointer."""
+        self._append_queued()
+        self._close_shard()
         if self._last_record >= 0:
+            self.manifest.shards.extend(self._closed)
             self.manifest.records.add(self._pending)
             self.part.next_record = self._last_record + 1
             self._save_fragment()
-        self._reset_shard()
+        self._closed = []
+        self._reset_window()
 
     def _save_fragment(self) -> None:
         self.storage.write_bytes(self.frag_rel, self.manifest.to_json().encode())
 
     def abort(self) -> None:
         """Drop the shard in progress (its temporary file is removed, nothing is listed)."""
-        wait([topk for record in self._queued for _, topk in record])
+        wait([topk for _, record in self._queued for _, topk in record])
         self._queued = []
+        self._closed = []     # closed but unlisted: removed as leftovers when reopened
         if self._io_pending is not None:
             wait([self._io_pending])           # never close the file under a write
             self._io_pending = None
@@ -406,7 +440,7 @@ class PartWriter:
     def finish(self) -> Manifest | None:
         """Commit the last shard, mark the part complete; returns the whole manifest if every
         part is now complete (and writes it), else None."""
-        self._commit_shard()
+        self._commit()
         if not self.part.complete:
             self.part.complete = True
             self._save_fragment()

@@ -75,6 +75,7 @@ class CaptureSettings:
     data_source: str
     num_shards: int = 1
     limit: int | None = None
+    data_fingerprint: str = ""  # content of a local input (capture.inputs.source_identity)
 
     def fingerprint(self) -> str:
         """What must not change between a killed run and its resumption."""

@@ -83,7 +83,8 @@ def test_sigterm_stops_gracefully_and_resumes(tmp_path, teacher_dir, data, unint
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0
+    assert proc.returncode == 143, stdout
+    assert "rerun the same command to resume" in stdout
     run_capture(CaptureOptions(model=str(teacher_dir), data=str(data), out=str(out), **OPTS))
     _assert_same_arrays(dump_arrays(str(uninterrupted)), dump_arrays(str(out)))
 

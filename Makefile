@@ -16,6 +16,7 @@ MODEL   ?=
 DATA    ?=
 OUT     ?=
 ARGS    ?=
+OVERWRITE ?=
 CONFIG  ?= student_train/configs/demo.yaml
 HELDOUT ?= runs/heldout
 # `make capture` defaults: a few minutes on a 2-core CPU. ARGS come after them, so they win
@@ -34,7 +35,8 @@ help:
 	@echo "make capture         - embedded teacher over the embedded corpus into runs/capture/"
 	@echo "                       ($(CAPTURE_DEFAULTS); MODEL=, DATA=, OUT=, ARGS= override)"
 	@echo "make train           - train a 3:1 KDA hybrid on runs/capture/ into runs/train/"
-	@echo "                       (CONFIG=, DATA=, OUT=, ARGS= override)"
+	@echo "                       (CONFIG=, DATA=, OUT=, ARGS= override; OVERWRITE=1 replaces"
+	@echo "                       the previous run in OUT; ARGS=--resume continues it)"
 
 setup: $(VENV)/.installed
 
@@ -89,15 +91,17 @@ heldout: setup corpus
 		--data runs/corpus/heldout.jsonl --out "$(HELDOUT)" --codec exact \
 		--limit 8 --max-seq-len 128 --no-progress
 
+# OVERWRITE=1 replaces the previous run in OUT (kdpipe deletes only a training run it wrote).
 train: setup heldout
 	@test -f "$(or $(DATA),runs/capture)/manifest.json" || \
 		{ echo "no captured dataset at $(or $(DATA),runs/capture): run make capture first (or DATA=...)"; exit 2; }
-	$(KDPIPE) train --config "$(CONFIG)" --overwrite --set data.path="$(or $(DATA),runs/capture)" \
+	$(KDPIPE) train --config "$(CONFIG)" $(if $(OVERWRITE),--overwrite) \
+		--set data.path="$(or $(DATA),runs/capture)" \
 		--set out="$(or $(OUT),runs/train)" --set eval.data="$(HELDOUT)" $(ARGS)
 
 demo: setup
 	$(MAKE) capture DATA= OUT= ARGS=--no-progress
-	$(MAKE) train DATA=runs/capture OUT=runs/train ARGS=
+	$(MAKE) train DATA=runs/capture OUT=runs/train ARGS= OVERWRITE=1
 	$(KDPIPE) demo-summary --capture runs/capture --run runs/train --out runs/demo/summary.json
 
 clean:

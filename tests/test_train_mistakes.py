@@ -135,7 +135,8 @@ def test_read_only_out_is_refused_first(inputs, read_only_dir):
     assert "read-only" in str(result.exception) and str(read_only_dir) in str(result.exception)
 
 
-def test_student_init_overwrite_replaces_only_its_own_student(tiny_arcee_teacher, tmp_path):  # noqa: F811
+def test_student_init_overwrite_replaces_only_its_own_student(
+        tiny_arcee_teacher, tmp_path):  # noqa: F811
     out = tmp_path / "student"
     convert_teacher(tiny_arcee_teacher, "3:1", out)
     convert_teacher(tiny_arcee_teacher, "kda", out, overwrite=True)
@@ -158,8 +159,8 @@ def _group_readable(root: Path) -> list[str]:
     return [str(p) for p in [root, *root.rglob("*")] if not p.stat().st_mode & stat.S_IRGRP]
 
 
-def test_written_files_are_group_readable_and_load_with_transformers(inputs, tmp_path,
-                                                                     tiny_arcee_teacher):  # noqa: F811
+def test_written_files_are_group_readable_and_load_with_transformers(
+        inputs, tmp_path, tiny_arcee_teacher):  # noqa: F811
     run = tmp_path / "run"
     assert _train(inputs, run, **{"checkpoint.every": 1}).exit_code == 0
     assert _group_readable(run) == []

@@ -1,5 +1,6 @@
 """`kdpipe train` killed with SIGKILL, or stopped with SIGTERM or SIGINT, and resumed with
---resume reproduces the uninterrupted run exactly: the same per-step losses, held-out metrics and final weights (CPU, bitwise)."""
+--resume reproduces the uninterrupted run exactly: the same per-step losses, held-out metrics
+and final weights (CPU, bitwise)."""
 
 from __future__ import annotations
 

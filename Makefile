@@ -39,6 +39,7 @@ MODEL   ?=
 DATA    ?=
 OUT     ?=
 ARGS    ?=
+OVERWRITE ?=
 CONFIG  ?= student_train/configs/demo.yaml
 HELDOUT ?= $(RUNS)/heldout
 # `make capture` defaults: a few minutes on a 2-core CPU. ARGS come after them, so they win
@@ -62,7 +63,8 @@ help:
 	@echo "make capture         - embedded teacher over the embedded corpus into $(RUNS)/capture/"
 	@echo "                       ($(CAPTURE_DEFAULTS); MODEL=, DATA=, OUT=, ARGS= override)"
 	@echo "make train           - train a 3:1 KDA hybrid on $(RUNS)/capture/ into $(RUNS)/train/"
-	@echo "                       (CONFIG=, DATA=, OUT=, ARGS= override)"
+	@echo "                       (CONFIG=, DATA=, OUT=, ARGS= override; OVERWRITE=1 replaces"
+	@echo "                       the previous run in OUT; ARGS=--resume continues it)"
 
 setup: $(VENV)/.installed
 
@@ -177,15 +179,17 @@ heldout: setup corpus
 		--data $(RUNS)/corpus/heldout.jsonl --out "$(HELDOUT)" --codec exact \
 		--limit 8 --max-seq-len 128 --no-progress
 
+# OVERWRITE=1 replaces the previous run in OUT (kdpipe deletes only a training run it wrote).
 train: setup heldout
 	@test -f "$(or $(DATA),$(RUNS)/capture)/manifest.json" || \
 		{ echo "no captured dataset at $(or $(DATA),$(RUNS)/capture): run make capture first (or DATA=...)"; exit 2; }
-	$(KDPIPE) train --config "$(CONFIG)" --overwrite --set data.path="$(or $(DATA),$(RUNS)/capture)" \
+	$(KDPIPE) train --config "$(CONFIG)" $(if $(filter 1,$(OVERWRITE)),--overwrite) \
+		--set data.path="$(or $(DATA),$(RUNS)/capture)" \
 		--set out="$(or $(OUT),$(RUNS)/train)" --set eval.data="$(HELDOUT)" $(ARGS)
 
 demo: setup
 	$(MAKE) capture DATA= OUT= ARGS=
-	$(MAKE) train DATA=$(RUNS)/capture OUT=$(RUNS)/train ARGS=
+	$(MAKE) train DATA=$(RUNS)/capture OUT=$(RUNS)/train ARGS= OVERWRITE=1
 	$(KDPIPE) demo-summary --capture $(RUNS)/capture --run $(RUNS)/train --out $(RUNS)/demo/summary.json
 
 clean:

@@ -93,7 +93,8 @@ def copy_tokenizer(src: str | Path | None, dst: Path) -> None:
 
 
 def link_tree(src: Path, dst: Path) -> None:
-    """Replace ``dst`` with ``src``'s files, hard-linked where the filesystem allows."""
+    """Replace ``dst`` (a run's own ``final``, never a directory of the user's) with
+    ``src``'s files, hard-linked where the filesystem allows."""
     tmp = dst.with_name(f".tmp-{dst.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -143,6 +144,7 @@ def save_checkpoint(out: str | Path, step: int, *, module, optimizer, scheduler,
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
     dist.barrier()
     if dist.is_main:
+        share_tree(tmp)
         fsync_tree(tmp)
         remove_checkpoint(final)
         tmp.rename(final)
@@ -151,6 +153,24 @@ def save_checkpoint(out: str | Path, step: int, *, module, optimizer, scheduler,
             remove_checkpoint(old)
     dist.barrier()
     return final
+
+
+def umask() -> int:
+    """The process's file-creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_tree(root: Path) -> None:
+    """Give the files under ``root`` the modes a plain ``open`` would (0666 and 0777 less the
+    umask): transformers writes weights through temporary files created 0600, which would
+    leave a checkpoint readable by its owner only."""
+    mask = umask()
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in files:
+            os.chmod(Path(dirpath) / name, 0o666 & ~mask)
 
 
 def fsync_tree(root: Path) -> None:

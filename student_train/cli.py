@@ -7,12 +7,20 @@ from pathlib import Path
 import click
 
 
-@click.group()
+@click.group(epilog="""\b
+Example:
+  kdpipe student init --teacher TEACHER_DIR --pattern 3:1 --out runs/student
+""")
 def student() -> None:
     """The KDA hybrid student."""
 
 
-@student.command("init")
+@student.command("init", epilog="""\b
+Examples:
+  kdpipe student init --teacher "$(kdpipe teacher prepare --quiet)" --out runs/student
+  kdpipe student init --teacher TEACHER_DIR --pattern KKKF --out runs/student --overwrite
+  kdpipe student init --teacher TEACHER_DIR --dry-run
+""")
 @click.option("--teacher", "teacher_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Teacher checkpoint directory (LlamaForCausalLM or ArceeForCausalLM, "
@@ -26,7 +34,9 @@ def student() -> None:
               help="Directory for the student checkpoint and tokenizer "
                    "(required unless --dry-run).")
 @click.option("--seed", default=0, show_default=True, help="Seed for the KDA-only parameters.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out directory.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a student that kdpipe student init wrote to --out (a directory "
+                   "holding other files is refused).")
 @click.option("--dry-run", is_flag=True,
               help="Only print the parameter table, from the teacher's config.json "
                    "(no weights read).")

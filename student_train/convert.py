@@ -14,7 +14,9 @@ needs memory for the student only. Parameter counts come from meta models and al
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +27,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from schemas import ConfigError
 from schemas.storage import fsync_path
 
-from .checkpoint import fsync_tree
-from .configuration import LAYER_TYPES, KDAHybridConfig, parse_layer_pattern
+from .checkpoint import fsync_tree, share_tree
+from .configuration import LAYER_TYPES, MODEL_TYPE, KDAHybridConfig, parse_layer_pattern
 from .modeling import KDAHybridForCausalLM
+from .run_dir import check_writable
 
 # Teacher model_type -> (architecture, whether its MLP is gated (Llama) or ReLU^2 (Arcee)).
 SUPPORTED_TEACHERS = {"llama": ("LlamaForCausalLM", True), "arcee": ("ArceeForCausalLM", False)}
 COPY, REPEAT_KV, FRESH = "copy", "repeat_kv", "fresh"
+# What a conversion writes: save_pretrained's files and a tokenizer's.
+STUDENT_FILES = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|"
+    r"vocab)\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+    r"tokenizer\.model|merges\.txt|chat_template\.jinja")
 
 
 def teacher_architecture(teacher_config) -> str:
@@ -171,7 +179,7 @@ class TeacherTensors:
 def plan_student(teacher_dir: str | Path,
                  pattern: str | list[str]) -> tuple[KDAHybridConfig, ConversionReport]:
     """Student config and parameter accounting from the teacher's config alone (no weights read)."""
-    teacher_config = _load_teacher_config(Path(teacher_dir))
+    teacher_config = load_teacher_config(Path(teacher_dir))
     return _plan(teacher_config, pattern)
 
 
@@ -185,7 +193,8 @@ def _plan(teacher_config, pattern) -> tuple[KDAHybridConfig, ConversionReport]:
     return config, report
 
 
-def _load_teacher_config(teacher_dir: Path):
+def load_teacher_config(teacher_dir: Path):
+    """The teacher's transformers config (read from its config.json alone)."""
     if not (teacher_dir / "config.json").exists():
         raise ConfigError(f"{teacher_dir}: not a Hugging Face model directory (no config.json)")
     return AutoConfig.from_pretrained(teacher_dir)
@@ -195,9 +204,8 @@ def convert_teacher(teacher_dir: str | Path, pattern: str | list[str], out_dir: 
                     seed: int = 0, overwrite: bool = False) -> ConversionReport:
     """Write a student checkpoint (safetensors, config, tokenizer) initialized from the teacher."""
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"{out_dir} exists and is not empty (use --overwrite to replace it)")
-    teacher_config = _load_teacher_config(teacher_dir)
+    check_student_out(out_dir, teacher_dir, overwrite=overwrite)
+    teacher_config = load_teacher_config(teacher_dir)
     config, report = _plan(teacher_config, pattern)
     tensors = TeacherTensors(teacher_dir)
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
@@ -230,18 +238,62 @@ def convert_teacher(teacher_dir: str | Path, pattern: str | list[str], out_dir: 
         if student.model.rotary_emb is not None:
             student._init_weights(student.model.rotary_emb)
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    report.tokenizer_written = _copy_tokenizer(teacher_dir, tmp)
-    if (teacher_dir / "generation_config.json").exists():
-        GenerationConfig.from_pretrained(teacher_dir).save_pretrained(tmp)
-    fsync_tree(tmp)   # a crash after the rename must not leave a partial student behind
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        student.save_pretrained(tmp)
+        report.tokenizer_written = _copy_tokenizer(teacher_dir, tmp)
+        if (teacher_dir / "generation_config.json").exists():
+            GenerationConfig.from_pretrained(teacher_dir).save_pretrained(tmp)
+        share_tree(tmp)
+        fsync_tree(tmp)   # a crash after the rename must not leave a partial student behind
+        if out_dir.exists():      # check_student_out accepted it: empty or a converted student
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_path(out_dir.parent)
     report.out_dir = out_dir
     return report
+
+
+def check_student_out(out_dir: Path, teacher_dir: Path, *, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` whose replacement could lose data: the teacher or a directory
+    above it, the working directory or one above it, a file, or a non-empty directory unless
+    ``overwrite`` is given and it holds a kdpipe student and nothing else (``STUDENT_FILES``).
+    Reads only."""
+    where = out_dir.resolve()
+    if teacher_dir.resolve() == where or where in teacher_dir.resolve().parents:
+        raise ConfigError(f"--out {out_dir} is or contains the teacher {teacher_dir}; choose "
+                          f"another directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        check_writable(out_dir)
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out_dir} exists and is not empty (use --overwrite to "
+                          f"replace a student written by kdpipe student init)")
+    cwd = Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        raise ConfigError(f"--out {out_dir} is the working directory or a directory above it; "
+                          f"--overwrite never deletes it")
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()
+                     if p.is_dir() or not STUDENT_FILES.fullmatch(p.name))
+    if foreign or _model_type(out_dir) != MODEL_TYPE:
+        why = (f"it holds files a conversion does not write ({', '.join(foreign[:5])})"
+               if foreign else f"its config.json is not a {MODEL_TYPE} student's")
+        raise ConfigError(f"--overwrite replaces only a student written by kdpipe student init; "
+                          f"{out_dir} is not one: {why}")
+    check_writable(out_dir)
+
+
+def _model_type(model_dir: Path) -> str | None:
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _copy_tokenizer(teacher_dir: Path, out_dir: Path) -> bool:

@@ -19,6 +19,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 
 import torch
+from tqdm import tqdm
 
 from compress import Dataset
 
@@ -44,15 +45,18 @@ def autocast_for(device: torch.device, bf16: bool):
 
 @torch.no_grad()
 def evaluate(model, stream: DistillStream, *, dist: DistInfo, bf16: bool = False,
-             chunk_size: int = 1024) -> dict[str, float]:
-    """Held-out metrics of ``model`` (a ``DistillModule``, wrapped or not) over ``stream``."""
+             chunk_size: int = 1024, progress: bool = False) -> dict[str, float]:
+    """Held-out metrics of ``model`` (a ``DistillModule``, wrapped or not) over ``stream``;
+    ``progress`` shows a bar of micro-batches on stderr (an evaluation can take minutes)."""
     objective = eval_objective(chunk_size)
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, float] = defaultdict(float)
     stream.set_state(StreamState(seed=stream.seed))
-    for item in stream:
+    bar = tqdm(stream, total=stream.micro_batches(), desc="eval", unit="batch",
+               dynamic_ncols=True, leave=False, disable=not progress)
+    for item in bar:
         batch = stream.materialize(item, dist.device) if isinstance(item, RawBatch) else item
         batch = batch.to(dist.device)
         with autocast_for(dist.device, bf16):
@@ -88,7 +92,8 @@ def load_student(path: str, *, kda_backend: str = "auto", dtype=torch.float32):
 
 def evaluate_student(student_dir: str, data: str, *, seq_len: int = 2048, max_tokens: int = 0,
                      micro_batch: int = 1, device: str = "auto", precision: str = "auto",
-                     chunk_size: int = 1024, check_tokenizer: bool = True) -> dict[str, float]:
+                     chunk_size: int = 1024, check_tokenizer: bool = True,
+                     progress: bool = False) -> dict[str, float]:
     """``kdpipe eval``: metrics of any student checkpoint on a captured dataset."""
     from .train_checks import check_dataset
     from .train_config import DataConfig, LossConfig
@@ -105,4 +110,5 @@ def evaluate_student(student_dir: str, data: str, *, seq_len: int = 2048, max_to
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
     stream = eval_stream(data, seq_len=seq_len, micro_batch=micro_batch, max_tokens=max_tokens,
                          dist=DistInfo(device=dev))
-    return evaluate(module, stream, dist=DistInfo(device=dev), bf16=bf16, chunk_size=chunk_size)
+    return evaluate(module, stream, dist=DistInfo(device=dev), bf16=bf16, chunk_size=chunk_size,
+                    progress=progress)

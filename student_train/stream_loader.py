@@ -17,6 +17,7 @@ CUDA also decode) the next step while the current one trains.
 
 from __future__ import annotations
 
+import signal
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -262,10 +263,20 @@ class DistillStream(IterableDataset):
                         hidden_size=ds.manifest.teacher.hidden_size)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT and SIGTERM to the trainer, which stops at a step boundary
+    and closes them: a terminal's Ctrl-C and a scheduler's preemption reach every process of
+    the group, and a worker that died of one would fail the step being checkpointed. (A
+    worker still exits when the trainer dies: torch's workers watch their parent.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(stream: DistillStream, *, workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader over one epoch of the stream (micro-batches arrive in rank order)."""
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=2 if workers else None, persistent_workers=False)
+                      prefetch_factor=2 if workers else None, persistent_workers=False,
+                      worker_init_fn=ignore_stop_signals if workers else None)
 
 
 class TrainBatches:

@@ -30,16 +30,20 @@ def resolve_layer_map(layer_map, *, student_layers: int,
 
 
 def check_dataset(manifest: Manifest, *, where: str, student_config, student_dir: str | None,
-                  data: DataConfig, loss: LossConfig, layer_map: list[tuple[int, int]]) -> None:
-    """Refuse a dataset whose teacher, codec or captured layers do not fit the student."""
+                  data: DataConfig, loss: LossConfig, layer_map: list[tuple[int, int]],
+                  tokenizer_dir: str | None = None) -> None:
+    """Refuse a dataset whose teacher, codec or captured layers do not fit the student.
+    ``student_dir`` None: the student is still to be built from the teacher, whose tokenizer
+    (in ``tokenizer_dir``) it will get; by default the tokenizer is the student's."""
     problems = []
+    tokenizer_dir = tokenizer_dir or student_dir
     t = manifest.teacher
     student = f"student {student_dir or '(built from the teacher)'}"
     if t.vocab_size != student_config.vocab_size:
         problems.append(f"vocabulary: dataset {where} has teacher vocab_size {t.vocab_size}, "
                         f"{student} has vocab_size {student_config.vocab_size}")
     if data.check_tokenizer:
-        fp = tokenizer_fingerprint_of(student_dir)
+        fp = tokenizer_fingerprint_of(tokenizer_dir)
         if fp is None:
             problems.append(f"tokenizer: {student} has no tokenizer to compare with the dataset's "
                             f"({t.tokenizer_sha256[:12]}...); set data.check_tokenizer=false to "

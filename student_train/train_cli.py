@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import shlex
+import signal
+import sys
 from pathlib import Path
 
 import click
 
 
-@click.command()
+TRAIN_EXAMPLES = """\b
+Examples:
+  kdpipe train --config student_train/configs/demo.yaml \\
+      --set data.path=runs/capture --set eval.data=runs/heldout --set out=runs/train
+  kdpipe train --config student_train/configs/demo.yaml --set out=runs/train --resume
+  torchrun --nproc-per-node 8 -m kdpipe.cli train --config student_train/configs/stage1.yaml
+"""
+
+
+@click.command(epilog=TRAIN_EXAMPLES)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML config (student_train/configs/reference.yaml documents every key; "
                    "without it the defaults apply).")
@@ -17,7 +29,10 @@ import click
                    "loss.terms.0.weight=0.5 (values are YAML). Repeatable.")
 @click.option("--resume", is_flag=True,
               help="Continue from the latest checkpoint in the run's out directory.")
-@click.option("--overwrite", is_flag=True, help="Delete the out directory first.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over: delete the previous run in the out directory, after the config "
+                   "and data are checked. Only a kdpipe run directory holding nothing else is "
+                   "deleted; never one holding an input, nor the working directory.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
 def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, overwrite: bool,
           print_config: bool) -> None:
@@ -26,7 +41,8 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
     Runs on one process, or under torchrun on several GPUs or nodes (DDP, or FSDP2 when a
     replica does not fit one GPU or with --set parallel.strategy=fsdp). Writes checkpoints,
     metrics.jsonl, TensorBoard logs and the final student (OUT/final) to the config's out
-    directory.
+    directory. Ctrl-C or SIGTERM checkpoints, prints the command that resumes and exits
+    with 130 or 143.
     """
     from .train_config import dump_config, load_config
 
@@ -45,9 +61,13 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
     try:
         trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
         result = trainer.train()
-        if trainer.dist.is_main and result.get("stopped"):
-            click.echo(f"stopped after {result['step']} steps; rerun with --resume to continue")
-        elif trainer.dist.is_main:
+        if result.get("stopped"):
+            if trainer.dist.is_main:
+                click.echo(f"stopped by {result['stopped']} after step {result['step']}; "
+                           f"checkpoint saved. Continue with:\n  "
+                           + resume_command(config_path, overrides, trainer.dist.distributed))
+            raise SystemExit(128 + signal.Signals[result["stopped"]])
+        if trainer.dist.is_main:
             ev = result["eval"]
             tail = f"; held-out kl {ev['kl']:.4f}, top1 {ev['top1']:.3f}" if ev else ""
             click.echo(f"trained {result['step']} steps, final loss "
@@ -60,7 +80,21 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
         shutdown_distributed()
 
 
-@click.command("eval")
+def resume_command(config_path: Path | None, overrides: tuple[str, ...],
+                   distributed: bool) -> str:
+    """The command line that continues a stopped run: the same config and overrides, with
+    ``--resume`` (under torchrun: the same launch with these arguments)."""
+    args = ["kdpipe", "train"] + (["--config", str(config_path)] if config_path else [])
+    for item in overrides:
+        args += ["--set", item]
+    line = shlex.join(args + ["--resume"])
+    return f"{line}   (as arguments of the same torchrun launch)" if distributed else line
+
+
+@click.command("eval", epilog="""\b
+Example:
+  kdpipe eval --student runs/train/final --data runs/heldout --json eval.json
+""")
 @click.option("--student", "student_dir", required=True,
               type=click.Path(exists=True, file_okay=False),
               help="Student checkpoint (kdpipe student init output, OUT/final, or a "
@@ -76,8 +110,11 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
               help="Do not compare the student's tokenizer with the dataset's.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the metrics to this JSON file.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar on stderr (default: when stderr is a terminal).")
 def eval_cmd(student_dir: str, data: str, seq_len: int, max_tokens: int, device: str,
-             precision: str, no_tokenizer_check: bool, json_out: Path | None) -> None:
+             precision: str, no_tokenizer_check: bool, json_out: Path | None,
+             progress: bool | None) -> None:
     """Held-out metrics of a student against the teacher's captured distributions:
     sparse KL (top-k plus tail bucket, and top-k renormalized), top-1 agreement, and
     next-token cross-entropy."""
@@ -87,7 +124,8 @@ def eval_cmd(student_dir: str, data: str, seq_len: int, max_tokens: int, device:
     hf_logging.disable_progress_bar()
     m = evaluate_student(student_dir, data, seq_len=seq_len, max_tokens=max_tokens,
                          device=device, precision=precision,
-                         check_tokenizer=not no_tokenizer_check)
+                         check_tokenizer=not no_tokenizer_check,
+                         progress=sys.stderr.isatty() if progress is None else progress)
     click.echo(f"{student_dir} on {data}: {m['rows']} rows, {m['tokens']} tokens")
     click.echo(f"  kl       {m['kl']:.5f}  (teacher || student, top-k + tail bucket)")
     click.echo(f"  kl_topk  {m['kl_topk']:.5f}  (teacher renormalized on its top-k)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import signal
 import sys
 import time
@@ -28,13 +27,13 @@ from tqdm import tqdm
 
 from compress import Dataset
 from schemas import ConfigError, DatasetError
-from schemas.storage import fsync_path
 
 from . import checkpoint as ckpt
 from .evaluate import autocast_for, eval_stream, evaluate, load_student
 from .metrics import MetricsLog
 from .modeling import enable_activation_checkpointing
 from .packing import PackedBatch
+from .run_dir import check_out, local_path, mark_run, remove_run
 from .stream import StreamState, global_batch
 from .stream_loader import DistillStream, TrainBatches, build_index
 from .train_checks import check_dataset, check_same_teacher, resolve_layer_map
@@ -118,47 +117,88 @@ def build_optimizer(module: torch.nn.Module, *, optim: OptimConfig) -> torch.opt
                              betas=tuple(optim.betas), eps=optim.eps)
 
 
+def teacher_dir(student: StudentConfig, *, is_main: bool, barrier) -> Path:
+    """The directory of the teacher a student is built from (the embedded one prepared once,
+    by the main rank)."""
+    if student.teacher not in ("embedded", ""):
+        return Path(student.teacher)
+    from capture.teacher import prepare_embedded_teacher
+    if is_main:
+        prepare_embedded_teacher()
+    barrier()
+    return prepare_embedded_teacher()
+
+
 def prepare_student(student: StudentConfig, out: Path, *, is_main: bool, barrier) -> str:
     """The student checkpoint directory: ``student.path``, or the teacher converted once into
     ``OUT/student-init`` (written under a temporary name and renamed when whole, so a kill
     mid-conversion cannot leave a partial student that a rerun would load)."""
     if student.path is not None:
-        if not (Path(student.path) / "config.json").exists():
-            raise ConfigError(f"student.path {student.path}: no config.json (not a checkpoint)")
         return student.path
     target = out / "student-init"
     if is_main and not (target / "config.json").exists():
         from .convert import convert_teacher
-        teacher = student.teacher
-        if teacher in ("embedded", ""):
-            from capture.teacher import prepare_embedded_teacher
-            teacher = str(prepare_embedded_teacher())
-        tmp = out / f".tmp-{target.name}"
-        convert_teacher(teacher, student.pattern, tmp, seed=student.init_seed, overwrite=True)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-        fsync_path(out)
+        convert_teacher(teacher_dir(student, is_main=True, barrier=lambda: None),
+                        student.pattern, target, seed=student.init_seed, overwrite=True)
     barrier()
     return str(target)
 
 
-class _SigtermFlag:
-    """Turns SIGTERM (a scheduler's preemption notice) into a flag the loop checks between
-    steps, so the run can checkpoint and exit resumable instead of dying mid-step."""
+def student_config(student: StudentConfig, out: Path, *, resume_from: Path | None,
+                   fresh: bool, is_main: bool, barrier) -> tuple[object, str | None, str | None]:
+    """The config of the student a run will train, without converting or loading any
+    weights: (config, the student's directory or None if it is still to be built, the
+    directory holding its tokenizer). ``fresh``: a conversion left in ``out`` is not reused."""
+    from transformers import AutoConfig
+
+    from . import KDAHybridConfig  # registers the student's config class
+    if resume_from is not None:
+        path = str(resume_from / "model")
+    elif student.path is not None:
+        if not (Path(student.path) / "config.json").exists():
+            raise ConfigError(f"student.path {student.path}: no config.json (not a checkpoint)")
+        path = student.path
+    elif not fresh and (out / "student-init" / "config.json").exists():
+        path = str(out / "student-init")
+    else:
+        from .convert import load_teacher_config, student_config_from_teacher
+        teacher = teacher_dir(student, is_main=is_main, barrier=barrier)
+        config = student_config_from_teacher(load_teacher_config(teacher), student.pattern)
+        return config, None, str(teacher)
+    config = AutoConfig.from_pretrained(path)
+    if not isinstance(config, KDAHybridConfig):
+        raise ConfigError(f"{path}: a {type(config).__name__} checkpoint; the trainer distills "
+                          f"into KDA hybrid students (kdpipe student init --teacher ...)")
+    return config, path, path
+
+
+class StopSignals:
+    """Turns SIGTERM (a scheduler's preemption notice) and SIGINT (Ctrl-C) into a flag the
+    loop checks between steps, so the run checkpoints and exits resumable instead of dying
+    mid-step. ``signum`` is the first signal received; a second one acts as it normally
+    would (Ctrl-C twice stops at once, losing only the steps since the last checkpoint)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.raised = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict = {}
 
-    def __enter__(self) -> "_SigtermFlag":
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def __enter__(self) -> "StopSignals":
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        self._restore()
 
 
 class Trainer:
@@ -169,34 +209,47 @@ class Trainer:
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto"
                                                       and self.device.type == "cuda")
         self.out = Path(cfg.out)
-        self.resume_from = self._prepare_out(resume=resume, overwrite=overwrite)
+
+        # everything is checked, reading only, before anything is written or deleted: the out
+        # directory, the resume point, the datasets against the student's config, every shard
+        self.resume_from = self._check_out(resume=resume, overwrite=overwrite)
         meta = ckpt.read_meta(self.resume_from) if self.resume_from else {}
         if self.resume_from:
             self._check_resumable(meta)
-        torch.manual_seed(cfg.train.seed)
-
-        # data index (every shard checked whole; corrupt ones refused or left out) and student
         self.dataset = Dataset(cfg.data.path)
+        manifest = self.dataset.manifest
+        eval_manifest = Dataset(cfg.eval.data).manifest if cfg.eval.data else None
+        config, student_dir, tokenizer_dir = student_config(
+            cfg.student, self.out, resume_from=self.resume_from, fresh=overwrite,
+            is_main=dist.is_main, barrier=dist.barrier)
+        layer_map = resolve_layer_map(cfg.loss.layer_map,
+                                      student_layers=config.num_hidden_layers,
+                                      captured=manifest.capture.hidden_layers)
+        check_dataset(manifest, where=cfg.data.path, student_config=config,
+                      student_dir=student_dir, tokenizer_dir=tokenizer_dir, data=cfg.data,
+                      loss=cfg.loss, layer_map=layer_map)
+        if eval_manifest is not None:
+            check_same_teacher(manifest, eval_manifest, train_where=cfg.data.path,
+                               other_where=cfg.eval.data)
         index = build_index(self.dataset, on_corrupt=cfg.data.on_corrupt_shard, dist=dist,
                             skipped=meta.get("skipped_shards"))
         self.skipped = index.skipped
         self._check_skipped(meta)
+        self.eval_stream = None
+        if cfg.eval.data:
+            self.eval_stream = eval_stream(
+                cfg.eval.data, seq_len=cfg.eval.seq_len or cfg.data.seq_len,
+                micro_batch=cfg.eval.micro_batch, max_tokens=cfg.eval.max_tokens, dist=dist)
+
+        # then the out directory and the student
+        if not self.resume_from:
+            self._prepare_out(overwrite=overwrite)
+        torch.manual_seed(cfg.train.seed)
         init_dir = prepare_student(cfg.student, self.out, is_main=dist.is_main,
                                    barrier=dist.barrier)
         self.tokenizer_src = init_dir
-        student_dir = str(self.resume_from / "model") if self.resume_from else init_dir
-        student = load_student(student_dir, kda_backend=cfg.student.kda_backend)
-
-        # the dataset must fit the student before step 1
-        manifest = self.dataset.manifest
-        layer_map = resolve_layer_map(cfg.loss.layer_map,
-                                      student_layers=student.config.num_hidden_layers,
-                                      captured=manifest.capture.hidden_layers)
-        check_dataset(manifest, where=cfg.data.path, student_config=student.config,
-                      student_dir=init_dir, data=cfg.data, loss=cfg.loss, layer_map=layer_map)
-        if cfg.eval.data:
-            check_same_teacher(manifest, Dataset(cfg.eval.data).manifest,
-                               train_where=cfg.data.path, other_where=cfg.eval.data)
+        student = load_student(str(self.resume_from / "model") if self.resume_from else init_dir,
+                               kda_backend=cfg.student.kda_backend)
 
         # objective, projections, frozen parameters, memory savers
         self.objective = training_objective(cfg.loss, layer_map=layer_map)
@@ -248,11 +301,6 @@ class Trainer:
             decode_in_worker=d.decode_on == "worker" or self.device.type != "cuda",
             cache_row_groups=d.cache_row_groups)
         self.batches = TrainBatches(stream, state, workers=d.workers, device=self.device)
-        self.eval_stream = None
-        if cfg.eval.data:
-            self.eval_stream = eval_stream(cfg.eval.data, seq_len=cfg.eval.seq_len or d.seq_len,
-                                           micro_batch=cfg.eval.micro_batch,
-                                           max_tokens=cfg.eval.max_tokens, dist=dist)
         self.metrics = MetricsLog(self.out, enabled=dist.is_main, tensorboard=cfg.log.tensorboard,
                                   resume_step=self.step if self.resume_from else None)
         if self.skipped and not self.resume_from:   # a resumed run keeps its first start's
@@ -264,21 +312,40 @@ class Trainer:
 
     # -- setup helpers ----------------------------------------------------------------------
 
-    def _prepare_out(self, *, resume: bool, overwrite: bool) -> Path | None:
+    def _inputs(self) -> dict[str, Path]:
+        """The local directories the run reads, by config key."""
+        cfg = self.cfg
+        found = {"data.path": local_path(cfg.data.path), "eval.data": local_path(cfg.eval.data),
+                 "student.path": local_path(cfg.student.path)}
+        if cfg.student.teacher == "embedded":
+            from capture.teacher import embedded_teacher_dir
+            found["student.teacher"] = embedded_teacher_dir()
+        elif cfg.student.teacher:
+            found["student.teacher"] = Path(cfg.student.teacher)
+        return {k: v for k, v in found.items() if v is not None}
+
+    def _check_out(self, *, resume: bool, overwrite: bool) -> Path | None:
+        """The checkpoint to resume from, after checking (reading only) that ``out`` may be
+        written and, with ``overwrite``, deleted (``run_dir.check_out``)."""
+        check_out(self.out, self._inputs(), overwrite=overwrite)
         existing = ckpt.latest_checkpoint(self.out)
-        if resume and existing is not None:
+        if resume:
             return existing
+        if existing is not None and not overwrite:
+            raise ConfigError(f"{self.out} already holds checkpoints (latest "
+                              f"{existing.name}); pass --resume to continue that run or "
+                              f"--overwrite to start over")
+        return None
+
+    def _prepare_out(self, *, overwrite: bool) -> None:
+        """A fresh run: the previous run in ``out`` deleted (with ``overwrite``; checked
+        before), the directory marked as a run and the config written."""
         if self.dist.is_main:
-            if overwrite and self.out.exists():
-                shutil.rmtree(self.out)
-            elif existing is not None and not resume:
-                raise ConfigError(f"{self.out} already holds checkpoints (latest "
-                                  f"{existing.name}); pass --resume to continue that run or "
-                                  f"--overwrite to start over")
-            self.out.mkdir(parents=True, exist_ok=True)
+            if overwrite and self.out.is_dir() and any(self.out.iterdir()):
+                remove_run(self.out)
+            mark_run(self.out)
             (self.out / "config.yaml").write_text(dump_config(self.cfg))
         self.dist.barrier()
-        return None
 
     def _check_skipped(self, meta: dict) -> None:
         """Report shards left out; refuse to resume if a shard went bad after the checkpoint,
@@ -316,19 +383,18 @@ class Trainer:
             self.evaluate()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (dist.is_main and cfg.log.progress), desc="train")
-        with _SigtermFlag() as sigterm:
+        with StopSignals() as stop:
             while self.step < self.total_steps:
                 state = self._one_step(bar)
-                # every rank must stop at the same step: the flag is agreed like a metric
-                if self.dist.all_reduce_sum({"stop": float(sigterm.raised)})["stop"]:
+                # every rank must stop at the same step: the signals are agreed like metrics
+                got = self.dist.all_reduce_sum({s.name: float(stop.signum == s)
+                                                for s in StopSignals.SIGNALS})
+                if any(got.values()):
                     self.batches.close()
                     self.save(state)
                     bar.close()
                     self.metrics.close()
-                    if dist.is_main:
-                        tqdm.write(f"stopped by SIGTERM after step {self.step}; checkpoint "
-                                   f"saved, rerun with --resume to continue")
-                    return self._summary(stopped=True)
+                    return self._summary(stopped=max(got, key=got.get))
         bar.close()
         self.batches.close()
         if self.eval_stream is not None and cfg.eval.at_end and \
@@ -412,7 +478,8 @@ class Trainer:
 
     def evaluate(self) -> dict:
         result = evaluate(self.model, self.eval_stream, dist=self.dist, bf16=self.bf16,
-                          chunk_size=self.cfg.loss.chunk_size or 1024)
+                          chunk_size=self.cfg.loss.chunk_size or 1024,
+                          progress=self.dist.is_main and self.cfg.log.progress)
         result["step"] = self.step
         self.last_eval = result
         self.metrics.log("eval", self.step, result)

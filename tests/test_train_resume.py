@@ -1,10 +1,13 @@
-"""`kdpipe train` killed with SIGKILL and resumed with --resume reproduces the uninterrupted
-run exactly: the same per-step losses, held-out metrics and final weights (CPU, bitwise)."""
+"""`kdpipe train` killed with SIGKILL, or stopped with SIGTERM or SIGINT, and resumed with
+--resume reproduces the uninterrupted run exactly: the same per-step losses, held-out metrics
+and final weights (CPU, bitwise)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_fixtures import tiny_config, write_training_inputs
+from test_train_fixtures import finish_or_fail, tiny_config, write_training_inputs
 
 LAUNCH = "from kdpipe.cli import main; main()"
 
@@ -61,10 +64,8 @@ def _assert_same_run(full, other) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-def test_sigkill_then_resume_equals_uninterrupted(inputs, tmp_path):
-    full = tmp_path / "full"
-    subprocess.run(_args(inputs, full), check=True, env=_env(), capture_output=True)
-
+def test_sigkill_then_resume_equals_uninterrupted(inputs, uninterrupted, tmp_path):
+    full = uninterrupted
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_args(inputs, killed), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -102,27 +103,42 @@ def test_existing_run_needs_resume_or_overwrite(inputs, tmp_path):
     assert Trainer(cfg, overwrite=True).train()["step"] == 2
 
 
-def test_sigterm_checkpoints_and_resume_equals_uninterrupted(inputs, tmp_path):
-    full = tmp_path / "full"
+@pytest.fixture(scope="module")
+def uninterrupted(inputs, tmp_path_factory):
+    full = tmp_path_factory.mktemp("full")
     subprocess.run(_args(inputs, full), check=True, env=_env(), capture_output=True)
+    return full
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_checkpoints_prints_the_resume_command_and_resume_equals_uninterrupted(
+        inputs, uninterrupted, tmp_path, sig, code):
+    """SIGTERM (preemption) and SIGINT (Ctrl-C, sent to the whole process group as a terminal
+    does, loader workers included) both checkpoint the step they stop at and print the exact
+    command that continues; running that command finishes the run as if never stopped."""
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen(_args(inputs, stopped), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_args(inputs, stopped), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = stopped / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and not (
             metrics.exists() and '"step": 4' in metrics.read_text()):
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be stopped"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    os.killpg(proc.pid, sig)
+    out, err = finish_or_fail(proc, 300, "the stopped run did not exit")
+    assert proc.returncode == code, err[-3000:]
+    step = int(re.search(rf"stopped by {sig.name} after step (\d+)", out).group(1))
     steps = sorted(p.name for p in (stopped / "run" / "checkpoints").iterdir())
-    assert steps and steps[-1] < "step-00000024"       # stopped early, with a checkpoint
+    assert steps[-1] == f"step-{step:08d}" and step < 24    # checkpointed where it stopped
     assert not (stopped / "run" / "final").exists()
-    result = subprocess.run(_args(inputs, stopped) + ["--resume"], env=_env(),
+    command = shlex.split(out.split("Continue with:", 1)[1].strip().splitlines()[0])
+    assert command[:2] == ["kdpipe", "train"] and command[-1] == "--resume"
+    assert command[2:-1] == _args(inputs, stopped)[4:]       # the same --set overrides
+    result = subprocess.run([sys.executable, "-c", LAUNCH] + command[1:], env=_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    _assert_same_run(full, stopped)
+    _assert_same_run(uninterrupted, stopped)
 
 
 def test_checkpoints_are_flushed_to_disk_before_they_are_published(inputs, tmp_path,

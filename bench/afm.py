@@ -15,7 +15,21 @@ from pathlib import Path
 
 import torch
 
-from capture.teacher import afm_4p5b_config
+# arcee-ai/AFM-4.5B-Base's architecture (its config.json): the teacher kdpipe is sized for.
+# Used to count parameters and to benchmark with random weights where the hub is out of reach.
+AFM_4P5B = dict(
+    vocab_size=128004, hidden_size=2560, intermediate_size=18432, num_hidden_layers=36,
+    num_attention_heads=20, num_key_value_heads=4, head_dim=128, hidden_act="relu2",
+    max_position_embeddings=65536, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 20.0,
+                     "original_max_position_embeddings": 4096},
+    bos_token_id=128000, eos_token_id=128001, dtype="bfloat16", architectures=["ArceeForCausalLM"])
+
+
+def afm_4p5b_config():
+    """An ``ArceeConfig`` of AFM-4.5B (``ArceeConfig()``'s defaults are a different model)."""
+    from transformers import ArceeConfig
+    return ArceeConfig(**AFM_4P5B)
 
 
 def random_afm_teacher(out: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
@@ -44,7 +58,7 @@ def long_documents(out: Path, tokenizer_dir: Path, *, n_docs: int, min_tokens: i
     consecutive records of the embedded corpus (stdlib docstrings, built on this machine)."""
     from transformers import AutoTokenizer
 
-    from capture.corpus import build_corpus
+    from kdpipe.capture.corpus import build_corpus
 
     corpus = out.with_suffix(".corpus.jsonl")
     build_corpus(corpus, out.with_suffix(".heldout.jsonl"))

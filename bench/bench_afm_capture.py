@@ -31,9 +31,9 @@ import torch
 
 from afm import (attention_flops_per_token, gpu_name, linear_params, long_documents,
                  matmul_tflops, print_table, random_afm_teacher, synced, write_json)
-from capture.backends import parse_hidden_layers
-from capture.run import CaptureOptions, run_capture
-from capture.topk import topk_logprobs
+from kdpipe.capture.backends import parse_hidden_layers
+from kdpipe.capture.run import CaptureOptions, run_capture
+from kdpipe.capture.topk import topk_logprobs
 
 
 def time_spent() -> dict[str, float]:
@@ -41,8 +41,8 @@ def time_spent() -> dict[str, float]:
     import functools
     import time
 
-    import capture.run as run
-    from compress import Codec, PartWriter
+    import kdpipe.capture.run as run
+    from kdpipe.compress import Codec, PartWriter
 
     totals: dict[str, float] = {}
     targets = [(run, "_run_window", "main: tokenize + teacher forward + top-k"),

@@ -15,12 +15,11 @@ import argparse
 
 import torch
 
-from afm import gpu_name, print_table, synced, write_json
+from afm import afm_4p5b_config, gpu_name, print_table, synced, write_json
 from bench_afm_train import KERNEL_KINDS
-from capture.teacher import afm_4p5b_config
-from student_train.convert import student_config_from_teacher
-from student_train.layers.packing import SequenceLayout
-from student_train.modeling import KDAHybridDecoderLayer
+from kdpipe.student_train.model.convert import student_config_from_teacher
+from kdpipe.student_train.model.layers.packing import SequenceLayout
+from kdpipe.student_train.model.modeling import KDAHybridDecoderLayer
 
 
 def timed(fn, reps: int) -> float:

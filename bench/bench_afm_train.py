@@ -36,14 +36,13 @@ from pathlib import Path
 
 import torch
 
-from afm import gpu_name, print_table, synced, write_json
-from capture.teacher import afm_4p5b_config
-from capture.topk import topk_logprobs
-from student_train import KDAHybridForCausalLM
-from student_train import trainer as trainer_module
-from student_train.convert import student_config_from_teacher
-from student_train.sparse_kl import HeadTerm, head_losses
-from student_train.train_config import Config, from_dict
+from afm import afm_4p5b_config, gpu_name, print_table, synced, write_json
+from kdpipe.capture.topk import topk_logprobs
+from kdpipe.student_train import KDAHybridForCausalLM
+from kdpipe.student_train import trainer as trainer_module
+from kdpipe.student_train.model.convert import student_config_from_teacher
+from kdpipe.student_train.sparse_kl import HeadTerm, head_losses
+from kdpipe.student_train.train_config import Config, from_dict
 
 LAYERS = [9, 18, 27, 36]
 FROZEN = ["embed_tokens", "lm_head", r"(^|\.)(input_layernorm|post_attention_layernorm|norm)"

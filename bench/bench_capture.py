@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from capture.backends import resolve_device, resolve_dtype
-from capture.inputs import BadRecord, iter_part, tokenize_record
-from capture.run import CaptureOptions, _batches, run_capture
-from capture.teacher import resolve_model
+from kdpipe.capture.backends import resolve_device, resolve_dtype
+from kdpipe.capture.inputs import BadRecord, iter_part, tokenize_record
+from kdpipe.capture.run import CaptureOptions, _batches, run_capture
+from kdpipe.capture.teacher import resolve_model
 
 
 def plain_forward(model_path: str, seqs: list, device: str, dtype: str, budget: int) -> float:
     from transformers import AutoModelForCausalLM
-    from capture.backends import DTYPES
+    from kdpipe.capture.backends import DTYPES
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).to(device)
     model.eval()
     batches = _batches([len(s) for s in seqs], budget)

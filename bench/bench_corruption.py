@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress.verify import verify_dataset  # noqa: E402
+from kdpipe.compress.verify import verify_dataset  # noqa: E402
 
 
 def _kind(rel: str) -> str:

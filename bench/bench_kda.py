@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from student_train.layers.kda import KimiDeltaAttention
-from student_train.layers.packing import SequenceLayout
+from kdpipe.student_train.model.layers.kda import KimiDeltaAttention
+from kdpipe.student_train.model.layers.packing import SequenceLayout
 
 BACKENDS = ("fla", "torch")
 

@@ -27,8 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress import Dataset  # noqa: E402
-from compress.verify import dump_arrays  # noqa: E402
+from kdpipe.compress import Dataset  # noqa: E402
+from kdpipe.compress.verify import dump_arrays  # noqa: E402
 
 
 def capture_cmd(model: str, data: Path, out: Path, extra: list[str]) -> list[str]:

@@ -31,9 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from capture.run import CaptureOptions, run_capture  # noqa: E402
-from compress import Dataset  # noqa: E402
-from student_train.train_config import load_config  # noqa: E402
+from kdpipe.capture.run import CaptureOptions, run_capture  # noqa: E402
+from kdpipe.compress import Dataset  # noqa: E402
+from kdpipe.student_train.train_config import load_config  # noqa: E402
 
 TARGET = 0.02
 
@@ -41,7 +41,7 @@ TARGET = 0.02
 def ensure_corpus(train: Path, heldout: Path) -> None:
     if train.exists() and heldout.exists():
         return
-    from capture.corpus import build_corpus
+    from kdpipe.capture.corpus import build_corpus
     train.parent.mkdir(parents=True, exist_ok=True)
     build_corpus(train, heldout)
 
@@ -61,7 +61,7 @@ def capture(data: Path, out: Path, *, codec: str, limit: int | None, max_seq_len
 
 
 def train(name: str, data: Path, args, student: Path, heldout: Path) -> dict:
-    from student_train.trainer import Trainer
+    from kdpipe.student_train.trainer import Trainer
     cfg = load_config(ROOT / "student_train" / "configs" / "stage1.yaml", [
         f"out={args.workdir / f'train-{name}'}", f"student.path={student}",
         f"data.path={data}", f"eval.data={heldout}", f"train.max_steps={args.steps}",
@@ -129,8 +129,8 @@ def main() -> int:
 
     student = args.workdir / "student-init"
     if not (student / "config.json").exists():
-        from capture.teacher import prepare_embedded_teacher
-        from student_train.convert import convert_teacher
+        from kdpipe.capture.teacher import prepare_embedded_teacher
+        from kdpipe.student_train.model.convert import convert_teacher
         convert_teacher(prepare_embedded_teacher(), "3:1", student, overwrite=True)
 
     rows = [train("exact", exact, args, student, heldout),

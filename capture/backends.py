@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from schemas import ConfigError
+from kdpipe.schemas import ConfigError
 
 from .topk import topk_logprobs
 

@@ -152,7 +152,7 @@ def _vllm_options(kw: dict) -> dict:
     """Pop the vLLM-only options from ``kw``: those given, as VLLMBackend arguments."""
     import json
 
-    from schemas import ConfigError
+    from kdpipe.schemas import ConfigError
     opts = {name: kw.pop(name) for name in VLLM_OPTIONS}
     opts = {k: v for k, v in opts.items() if v is not None}
     topk = kw.pop("vllm_topk")

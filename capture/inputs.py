@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from schemas import ConfigError
+from kdpipe.schemas import ConfigError
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 FIELD_PROBE = 64  # records inspected before a missing field is declared a wrong --text-field

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from schemas import ConfigError
+from kdpipe.schemas import ConfigError
 
 
 class PartLock:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from compress import PartWriter, load_codec_config
-from schemas import CaptureSettings, ConfigError, Storage, TeacherDocument
+from kdpipe.compress import PartWriter, Storage, load_codec_config
+from kdpipe.schemas import CaptureSettings, ConfigError, TeacherDocument
 
 from .backends import (HFBackend, parse_hidden_layers, resolve_device, resolve_dtype)
 from .inputs import (BadRecord, check_source, count_records, doc_id, iter_part,

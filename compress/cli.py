@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from schemas import CodecConfig, ConfigError
+from kdpipe.schemas import CodecConfig, ConfigError
 
 from .codec import load_codec_config, preset_names
 
@@ -74,7 +74,7 @@ def _resolve_lowrank(source, config: CodecConfig, dst: str, calibration_tokens: 
     """The low-rank codec completed with a projection: the one DST already holds when this
     run resumes an earlier one with the same codec, else one fitted on SRC's first
     documents (returned with its artifact)."""
-    from schemas import Storage
+    from .storage import Storage
 
     from .fidelity import resolve_lowrank
     from .reader import load_manifest_or_fragments

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import yaml
 
-from schemas import CodecConfig, CodecError, ConfigError
+from kdpipe.schemas import CodecConfig, CodecError, ConfigError
 
 from .codecs import HIDDEN, IDS, VALUES
 from .codecs.base import lookup

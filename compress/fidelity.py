@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from schemas import CodecConfig, ComponentSpec, ConfigError
+from kdpipe.schemas import CodecConfig, ComponentSpec, ConfigError
 
 from .codec import Codec
 from .codecs.hidden import fit_lowrank

@@ -19,11 +19,12 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import ConfigError, KdpipeError, Manifest, Storage
-from schemas.layout import (ARTIFACTS_DIR, MANIFEST, PARTS_DIR, SHARDS_DIR, TMP_PREFIX,
-                            is_fragment_name)
+from kdpipe.schemas import ConfigError, KdpipeError, Manifest
+from kdpipe.schemas.layout import (ARTIFACTS_DIR, MANIFEST, PARTS_DIR, SHARDS_DIR, TMP_PREFIX,
+                                   is_fragment_name)
 
 from .reader import artifact_relpath
+from .storage import Storage
 
 DATASET_ENTRIES = {MANIFEST, PARTS_DIR, SHARDS_DIR, ARTIFACTS_DIR}
 _SHARD_RE = re.compile(r"^p\d{5}-of-\d{5}-\d{6}\.parquet$")

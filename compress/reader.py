@@ -19,12 +19,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from schemas import (CodecConfig, DatasetError, Manifest, ShardEntry, Storage, TeacherDocument,
-                     hidden_column, merge_fragments)
-from schemas import arrow as cols
-from schemas.layout import ARTIFACTS_DIR, MANIFEST, PARTS_DIR, is_fragment_name, safe_relpath
+from kdpipe.schemas import (CodecConfig, DatasetError, Manifest, ShardEntry, TeacherDocument,
+                            hidden_column, merge_fragments)
+from kdpipe.schemas import arrow as cols
+from kdpipe.schemas.layout import ARTIFACTS_DIR, MANIFEST, PARTS_DIR, is_fragment_name, safe_relpath
 
 from .codec import Codec
+from .storage import Storage
 
 
 def load_manifest_or_fragments(storage: Storage, *, allow_incomplete: bool = False,

@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from schemas import ConfigError, DatasetError, TeacherDocument, TeacherInfo, tokenizer_fingerprint
+from kdpipe.schemas import (ConfigError, DatasetError, TeacherDocument, TeacherInfo,
+                            tokenizer_fingerprint)
+from kdpipe.schemas.layout import embedded_teacher_dir, is_embedded_teacher
 
 from .reader import Dataset
 
@@ -26,6 +28,8 @@ def load_tokenizer(teacher: TeacherInfo, path: str | None = None) -> tuple[Any |
     the manifest points to may be missing here (dataset copied to another machine), and
     then the ids are shown."""
     source = path or teacher.name_or_path
+    if not path and is_embedded_teacher(source):
+        source = str(embedded_teacher_dir())
     try:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(source, local_files_only=True)

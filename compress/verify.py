@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from schemas import DatasetError, KdpipeError, Manifest, ShardEntry, Storage
-from schemas import arrow as cols
-from schemas.layout import MANIFEST, PARTS_DIR, is_fragment_name
+from kdpipe.schemas import DatasetError, KdpipeError, Manifest, ShardEntry
+from kdpipe.schemas import arrow as cols
+from kdpipe.schemas.layout import MANIFEST, PARTS_DIR, is_fragment_name
 
 from .reader import Dataset, check_sha256
+from .storage import Storage
 
 _LOGPROB_SLACK = 1e-4  # lossy codecs may reconstruct tiny positive log-probs
 

@@ -23,16 +23,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetError, Manifest,
-                     PartState, RecordCounts, ShardEntry, Storage, TeacherDocument, TeacherInfo,
-                     hidden_column, shard_schema)
-from schemas import arrow as cols
-from schemas.layout import (MANIFEST, PARTS_DIR, SHARDS_DIR, TMP_PREFIX, fragment_path,
-                            shard_path)
-from schemas.storage import HashingWriter
+from kdpipe.schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetError, Manifest,
+                            PartState, RecordCounts, ShardEntry, TeacherDocument, TeacherInfo,
+                            hidden_column, shard_schema)
+from kdpipe.schemas import arrow as cols
+from kdpipe.schemas.layout import (MANIFEST, PARTS_DIR, SHARDS_DIR, TMP_PREFIX, fragment_path,
+                                   shard_path)
 
 from .codec import Codec
 from .reader import ArtifactLoader, artifact_relpath, load_manifest_or_fragments
+from .storage import HashingWriter, Storage
 
 PARQUET_ZSTD_LEVEL = 3
 ENCODE_THREADS = min(8, os.cpu_count() or 1)

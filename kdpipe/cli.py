@@ -12,27 +12,27 @@ import sys
 
 import click
 
-from schemas import KdpipeError
+from kdpipe.schemas import KdpipeError
 
 # command name -> "module:attribute" of a click command or group
 COMMANDS: dict[str, str] = {
     "doctor": "kdpipe.doctor:doctor_cmd",
-    "teacher": "capture.cli:teacher",
-    "corpus": "capture.cli:corpus",
-    "capture": "capture.cli:capture",
-    "inspect": "compress.dataset_cli:inspect_cmd",
-    "verify": "compress.dataset_cli:verify_cmd",
-    "dump": "compress.dataset_cli:dump_cmd",
-    "show": "compress.dataset_cli:show_cmd",
-    "student": "student_train.cli:student",
-    "compress": "compress.cli:compress_cmd",
-    "fidelity": "compress.cli:fidelity_cmd",
-    "import": "compress.cli:import_",
-    "export": "compress.cli:export",
-    "train": "student_train.train_cli:train",
-    "eval": "student_train.train_cli:eval_cmd",
-    "plot": "student_train.train_cli:plot",
-    "demo-summary": "student_train.train_cli:demo_summary",
+    "teacher": "kdpipe.capture.cli:teacher",
+    "corpus": "kdpipe.capture.cli:corpus",
+    "capture": "kdpipe.capture.cli:capture",
+    "inspect": "kdpipe.compress.dataset_cli:inspect_cmd",
+    "verify": "kdpipe.compress.dataset_cli:verify_cmd",
+    "dump": "kdpipe.compress.dataset_cli:dump_cmd",
+    "show": "kdpipe.compress.dataset_cli:show_cmd",
+    "student": "kdpipe.student_train.cli:student",
+    "compress": "kdpipe.compress.cli:compress_cmd",
+    "fidelity": "kdpipe.compress.cli:fidelity_cmd",
+    "import": "kdpipe.compress.cli:import_",
+    "export": "kdpipe.compress.cli:export",
+    "train": "kdpipe.student_train.train_cli:train",
+    "eval": "kdpipe.student_train.train_cli:eval_cmd",
+    "plot": "kdpipe.student_train.train_cli:plot",
+    "demo-summary": "kdpipe.student_train.train_cli:demo_summary",
 }
 
 _HELP = {
@@ -125,8 +125,16 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
              epilog=_epilog(EXAMPLES[""]))
 @click.version_option(package_name="kdpipe")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Offline knowledge distillation: capture -> compressed Parquet shards -> student training."""
+    ctx.obj = {"prepare_embedded_teacher": _prepare_embedded_teacher}
+
+
+def _prepare_embedded_teacher():
+    """Training builds students from the embedded teacher, which capture prepares."""
+    from kdpipe.capture.teacher import prepare_embedded_teacher
+    return prepare_embedded_teacher()
 
 
 def _describe_os_error(e: OSError) -> str:

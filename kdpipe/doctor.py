@@ -151,7 +151,7 @@ def hf_cache() -> str:
 
 
 def cache_lines() -> list[str]:
-    from capture.teacher import cache_dir, embedded_teacher_dir
+    from kdpipe.schemas.layout import cache_dir, embedded_teacher_dir
 
     source = "KDPIPE_CACHE" if "KDPIPE_CACHE" in os.environ else \
         "default; KDPIPE_CACHE overrides it"

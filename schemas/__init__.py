@@ -10,13 +10,12 @@ from .errors import (CodecError, CodecMismatchError, ConfigError, DatasetError,
                      FormatVersionError, KdpipeError)
 from .manifest import (CaptureSettings, Manifest, PartState, RecordCounts, ShardEntry,
                        TeacherInfo, merge_fragments, tokenizer_fingerprint)
-from .storage import Storage
 from .version import FORMAT_VERSION, producer_version
 
 __all__ = [
     "CaptureSettings", "CodecConfig", "CodecError", "CodecMismatchError", "ComponentSpec",
     "ConfigError", "DatasetError", "FORMAT_VERSION", "FormatVersionError", "KdpipeError",
-    "Manifest", "PartState", "RecordCounts", "ShardEntry", "Storage", "TeacherDocument", "TeacherInfo",
+    "Manifest", "PartState", "RecordCounts", "ShardEntry", "TeacherDocument", "TeacherInfo",
     "hidden_column", "merge_fragments", "producer_version", "shard_schema",
     "tokenizer_fingerprint",
 ]

@@ -1,18 +1,11 @@
-"""Student training: the KDA hybrid student model and its conversion from a teacher.
+"""Student training: the KDA hybrid student (``model``) and its training from captured shards.
 
-Importing this package registers the student with transformers' Auto classes, so
-``AutoModelForCausalLM.from_pretrained(dir)`` loads a converted student without remote code.
+Importing this package registers the student with transformers' Auto classes (through
+``model``), so ``AutoModelForCausalLM.from_pretrained(dir)`` loads a trained student.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-from .cache import KDAHybridCache
-from .configuration import LAYER_TYPES, MODEL_TYPE, KDAHybridConfig, parse_layer_pattern
-from .modeling import KDAHybridForCausalLM, KDAHybridModel
-
-AutoConfig.register(MODEL_TYPE, KDAHybridConfig, exist_ok=True)
-AutoModel.register(KDAHybridConfig, KDAHybridModel, exist_ok=True)
-AutoModelForCausalLM.register(KDAHybridConfig, KDAHybridForCausalLM, exist_ok=True)
+from .model import (LAYER_TYPES, MODEL_TYPE, KDAHybridCache, KDAHybridConfig,
+                    KDAHybridForCausalLM, KDAHybridModel, parse_layer_pattern)
 
 __all__ = ["LAYER_TYPES", "MODEL_TYPE", "KDAHybridCache", "KDAHybridConfig",
            "KDAHybridForCausalLM", "KDAHybridModel", "parse_layer_pattern"]

@@ -32,8 +32,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
-from schemas import ConfigError
-from schemas.storage import fsync_path
+from kdpipe.compress import fsync_path, fsync_tree, share_tree
+from kdpipe.schemas import ConfigError
 
 from .train_dist import DistInfo
 
@@ -153,33 +153,6 @@ def save_checkpoint(out: str | Path, step: int, *, module, optimizer, scheduler,
             remove_checkpoint(old)
     dist.barrier()
     return final
-
-
-def umask() -> int:
-    """The process's file-creation mask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def share_tree(root: Path) -> None:
-    """Give the files under ``root`` the modes a plain ``open`` would (0666 and 0777 less the
-    umask): transformers writes weights through temporary files created 0600, which would
-    leave a checkpoint readable by its owner only."""
-    mask = umask()
-    for dirpath, _, files in os.walk(root):
-        os.chmod(dirpath, 0o777 & ~mask)
-        for name in files:
-            os.chmod(Path(dirpath) / name, 0o666 & ~mask)
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file under ``root``, then the directories bottom-up, so a rename that
-    publishes ``root`` cannot survive a crash that its contents did not."""
-    for dirpath, _, files in os.walk(root, topdown=False):
-        for name in files:
-            fsync_path(Path(dirpath) / name)
-        fsync_path(Path(dirpath))
 
 
 def remove_checkpoint(path: Path) -> None:

@@ -46,9 +46,9 @@ def init(teacher_dir: Path, pattern: str, out_dir: Path | None, seed: int, overw
     weights; start KDA-only parameters fresh. Prints parameter counts (total, copied, fresh)."""
     from transformers.utils import logging as hf_logging
 
-    from schemas import ConfigError
+    from kdpipe.schemas import ConfigError
 
-    from .convert import convert_teacher, plan_student
+    from .model.convert import convert_teacher, plan_student
 
     if dry_run:
         _, report = plan_student(teacher_dir, pattern)

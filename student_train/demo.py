@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from compress import Dataset
-from schemas import ConfigError
+from kdpipe.compress import Dataset
+from kdpipe.schemas import ConfigError
 
 from .metrics import read_metrics
 

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
-from compress import Dataset
+from kdpipe.compress import Dataset
 
 from .stream import StreamState
 from .stream_loader import DistillStream, RawBatch, build_index
@@ -77,7 +77,7 @@ def load_student(path: str, *, kda_backend: str = "auto", dtype=torch.float32):
     """A student checkpoint as a ``KDAHybridForCausalLM`` in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from schemas import ConfigError
+    from kdpipe.schemas import ConfigError
 
     from . import KDAHybridConfig, KDAHybridForCausalLM  # registers the Auto classes
     config = AutoConfig.from_pretrained(path)

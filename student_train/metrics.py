@@ -81,7 +81,7 @@ def plot_run(run_dir: str | Path, out_png: str | Path | None = None) -> Path:
 
     records = read_metrics(run_dir)
     if not records:
-        from schemas import ConfigError
+        from kdpipe.schemas import ConfigError
         raise ConfigError(f"{Path(run_dir) / METRICS_FILE}: no metrics to plot")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]

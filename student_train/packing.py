@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from schemas import TeacherDocument
+from kdpipe.schemas import TeacherDocument
 
 IGNORE = -100
 

@@ -21,12 +21,12 @@ configuration and the data.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
-from schemas import ConfigError
+from kdpipe.compress import check_writable
+from kdpipe.schemas import ConfigError
 
 from .checkpoint import CHECKPOINTS, list_checkpoints, remove_checkpoint
 
@@ -107,21 +107,6 @@ def check_out(out: Path, inputs: dict[str, Path], *, overwrite: bool) -> None:
                               f"write ({', '.join(foreign[:5])}); kdpipe deletes only what it "
                               f"wrote: move them or choose another out")
     check_writable(out)
-
-
-def check_writable(out: Path) -> None:
-    """``out``, or the nearest existing directory above it, must let this process create
-    files: a read-only location is refused before any work is done."""
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"out {out}: {existing} is a file, so the directory cannot be created")
-    ro_fs = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
-    if ro_fs or not os.access(existing, os.W_OK | os.X_OK):
-        what = "is on a read-only filesystem" if ro_fs else "is read-only for this user"
-        verb = "write the run" if existing == out else "create the run directory"
-        raise ConfigError(f"out {out}: {existing} {what}; cannot {verb}")
 
 
 def remove_run(out: Path) -> None:

@@ -29,9 +29,9 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from compress import Dataset
-from schemas import DatasetError
-from schemas import arrow as cols
+from kdpipe.compress import Dataset
+from kdpipe.schemas import DatasetError
+from kdpipe.schemas import arrow as cols
 
 from .packing import PackedBatch, assemble
 from .stream import (EpochPlan, StreamState, advance, global_batch, micro_batches_left,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from schemas import ConfigError, Manifest, tokenizer_fingerprint
+from kdpipe.schemas import ConfigError, Manifest, tokenizer_fingerprint
 
 from .train_config import DataConfig, LossConfig
 
@@ -52,7 +52,7 @@ def check_dataset(manifest: Manifest, *, where: str, student_config, student_dir
             problems.append(f"tokenizer: dataset {where} was captured with tokenizer "
                             f"{t.tokenizer_sha256[:12]}..., {student} has {fp[:12]}...")
     if data.codec is not None:
-        from compress import load_codec_config
+        from kdpipe.compress import load_codec_config
         want = load_codec_config(data.codec)
         if want.fingerprint() != manifest.codec.fingerprint():
             problems.append(f"codec: dataset {where} is encoded with {manifest.codec.name!r} "

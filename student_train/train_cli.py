@@ -51,7 +51,7 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
         click.echo(dump_config(cfg), nl=False)
         return
     if resume and overwrite:
-        from schemas import ConfigError
+        from kdpipe.schemas import ConfigError
         raise ConfigError("--resume and --overwrite contradict each other")
     from transformers.utils import logging as hf_logging
 
@@ -59,7 +59,8 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
     from .trainer import Trainer
     hf_logging.disable_progress_bar()
     try:
-        trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite,
+                          prepare_embedded=_from_kdpipe_cli("prepare_embedded_teacher"))
         result = trainer.train()
         if result.get("stopped"):
             if trainer.dist.is_main:
@@ -78,6 +79,13 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
                        f"{', '.join(result['skipped_shards'])}")
     finally:
         shutdown_distributed()
+
+
+def _from_kdpipe_cli(name: str):
+    """A function the ``kdpipe`` command hands to its stages (it alone knows every stage), or
+    None when this command runs on its own."""
+    ctx = click.get_current_context(silent=True)
+    return ((ctx.find_root().obj if ctx else None) or {}).get(name)
 
 
 def resume_command(config_path: Path | None, overrides: tuple[str, ...],

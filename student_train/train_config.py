@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from schemas import ConfigError
+from kdpipe.schemas import ConfigError
 
 SPARSE_LOSSES = ("kl", "reverse_kl", "jsd", "tvd")
 HEAD_LOSSES = SPARSE_LOSSES + ("ce",)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from schemas import ConfigError
+from kdpipe.schemas import ConfigError
 
 from .train_config import ParallelConfig
 

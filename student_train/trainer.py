@@ -19,19 +19,21 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from compress import Dataset
-from schemas import ConfigError, DatasetError
+from kdpipe.compress import Dataset
+from kdpipe.schemas import ConfigError, DatasetError
+from kdpipe.schemas.layout import embedded_teacher_dir, is_embedded_teacher
 
 from . import checkpoint as ckpt
 from .evaluate import autocast_for, eval_stream, evaluate, load_student
 from .metrics import MetricsLog
-from .modeling import enable_activation_checkpointing
+from .model.modeling import enable_activation_checkpointing
 from .packing import PackedBatch
 from .run_dir import check_out, local_path, mark_run, remove_run
 from .stream import StreamState, global_batch
@@ -117,19 +119,26 @@ def build_optimizer(module: torch.nn.Module, *, optim: OptimConfig) -> torch.opt
                              betas=tuple(optim.betas), eps=optim.eps)
 
 
-def teacher_dir(student: StudentConfig, *, is_main: bool, barrier) -> Path:
-    """The directory of the teacher a student is built from (the embedded one prepared once,
-    by the main rank)."""
-    if student.teacher not in ("embedded", ""):
+def teacher_dir(student: StudentConfig, *, is_main: bool, barrier,
+                prepare_embedded: Callable[[], Path] | None = None) -> Path:
+    """The directory of the teacher a student is built from. The embedded teacher is read
+    where ``kdpipe teacher prepare`` writes it; ``prepare_embedded`` (the CLI passes capture's
+    preparation) writes it there first when it is missing, on the main rank."""
+    if not is_embedded_teacher(student.teacher):
         return Path(student.teacher)
-    from capture.teacher import prepare_embedded_teacher
-    if is_main:
-        prepare_embedded_teacher()
-    barrier()
-    return prepare_embedded_teacher()
+    path = embedded_teacher_dir()
+    if not (path / "config.json").exists():
+        if prepare_embedded is None:
+            raise ConfigError(f"student.teacher: the embedded teacher is not prepared at "
+                              f"{path}; run `kdpipe teacher prepare` first")
+        if is_main:
+            prepare_embedded()
+        barrier()
+    return path
 
 
-def prepare_student(student: StudentConfig, out: Path, *, is_main: bool, barrier) -> str:
+def prepare_student(student: StudentConfig, out: Path, *, is_main: bool, barrier,
+                    prepare_embedded: Callable[[], Path] | None = None) -> str:
     """The student checkpoint directory: ``student.path``, or the teacher converted once into
     ``OUT/student-init`` (written under a temporary name and renamed when whole, so a kill
     mid-conversion cannot leave a partial student that a rerun would load)."""
@@ -137,15 +146,18 @@ def prepare_student(student: StudentConfig, out: Path, *, is_main: bool, barrier
         return student.path
     target = out / "student-init"
     if is_main and not (target / "config.json").exists():
-        from .convert import convert_teacher
-        convert_teacher(teacher_dir(student, is_main=True, barrier=lambda: None),
+        from .model.convert import convert_teacher
+        convert_teacher(teacher_dir(student, is_main=True, barrier=lambda: None,
+                                    prepare_embedded=prepare_embedded),
                         student.pattern, target, seed=student.init_seed, overwrite=True)
     barrier()
     return str(target)
 
 
 def student_config(student: StudentConfig, out: Path, *, resume_from: Path | None,
-                   fresh: bool, is_main: bool, barrier) -> tuple[object, str | None, str | None]:
+                   fresh: bool, is_main: bool, barrier,
+                   prepare_embedded: Callable[[], Path] | None = None
+                   ) -> tuple[object, str | None, str | None]:
     """The config of the student a run will train, without converting or loading any
     weights: (config, the student's directory or None if it is still to be built, the
     directory holding its tokenizer). ``fresh``: a conversion left in ``out`` is not reused."""
@@ -161,8 +173,9 @@ def student_config(student: StudentConfig, out: Path, *, resume_from: Path | Non
     elif not fresh and (out / "student-init" / "config.json").exists():
         path = str(out / "student-init")
     else:
-        from .convert import load_teacher_config, student_config_from_teacher
-        teacher = teacher_dir(student, is_main=is_main, barrier=barrier)
+        from .model.convert import load_teacher_config, student_config_from_teacher
+        teacher = teacher_dir(student, is_main=is_main, barrier=barrier,
+                              prepare_embedded=prepare_embedded)
         config = student_config_from_teacher(load_teacher_config(teacher), student.pattern)
         return config, None, str(teacher)
     config = AutoConfig.from_pretrained(path)
@@ -202,8 +215,12 @@ class StopSignals:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
+                 prepare_embedded: Callable[[], Path] | None = None) -> None:
+        """``prepare_embedded`` prepares the embedded teacher if the run needs it and it is
+        missing (training never imports capture code; the CLI passes capture's)."""
         self.cfg = cfg
+        self.prepare_embedded = prepare_embedded
         self.dist = dist = init_distributed(parallel=cfg.parallel, device=cfg.train.device)
         self.device = dist.device
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto"
@@ -221,7 +238,7 @@ class Trainer:
         eval_manifest = Dataset(cfg.eval.data).manifest if cfg.eval.data else None
         config, student_dir, tokenizer_dir = student_config(
             cfg.student, self.out, resume_from=self.resume_from, fresh=overwrite,
-            is_main=dist.is_main, barrier=dist.barrier)
+            is_main=dist.is_main, barrier=dist.barrier, prepare_embedded=prepare_embedded)
         layer_map = resolve_layer_map(cfg.loss.layer_map,
                                       student_layers=config.num_hidden_layers,
                                       captured=manifest.capture.hidden_layers)
@@ -246,7 +263,7 @@ class Trainer:
             self._prepare_out(overwrite=overwrite)
         torch.manual_seed(cfg.train.seed)
         init_dir = prepare_student(cfg.student, self.out, is_main=dist.is_main,
-                                   barrier=dist.barrier)
+                                   barrier=dist.barrier, prepare_embedded=prepare_embedded)
         self.tokenizer_src = init_dir
         student = load_student(str(self.resume_from / "model") if self.resume_from else init_dir,
                                kda_backend=cfg.student.kda_backend)
@@ -317,8 +334,7 @@ class Trainer:
         cfg = self.cfg
         found = {"data.path": local_path(cfg.data.path), "eval.data": local_path(cfg.eval.data),
                  "student.path": local_path(cfg.student.path)}
-        if cfg.student.teacher == "embedded":
-            from capture.teacher import embedded_teacher_dir
+        if is_embedded_teacher(cfg.student.teacher):
             found["student.teacher"] = embedded_teacher_dir()
         elif cfg.student.teacher:
             found["student.teacher"] = Path(cfg.student.teacher)

@@ -21,5 +21,5 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def teacher_dir():
-    from capture.teacher import prepare_embedded_teacher
+    from kdpipe.capture.teacher import prepare_embedded_teacher
     return prepare_embedded_teacher()

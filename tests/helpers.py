@@ -34,7 +34,7 @@ def write_jsonl(path: Path, records: list, raw_lines: list[bytes] = ()) -> Path:
 def capture_small(out: Path, teacher_dir: Path, n_docs: int = 4, **options) -> Path:
     """A real capture of the embedded teacher: ``n_docs`` short documents, exact codec, the
     embedding layer's hidden states; a few seconds on a CPU."""
-    from capture.run import CaptureOptions, run_capture
+    from kdpipe.capture.run import CaptureOptions, run_capture
 
     out.parent.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(out.parent / f"{out.name}.jsonl",

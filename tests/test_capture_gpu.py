@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from capture import run as capture_run
-from capture.run import CaptureOptions, run_capture
-from capture.topk import logsum_and_group_max, topk_logprobs
-from compress import Dataset
-from compress.codecs.hidden import FP8_MAX, _scaled_encode
+from kdpipe.capture import run as capture_run
+from kdpipe.capture.run import CaptureOptions, run_capture
+from kdpipe.capture.topk import logsum_and_group_max, topk_logprobs
+from kdpipe.compress import Dataset
+from kdpipe.compress.codecs.hidden import FP8_MAX, _scaled_encode
 from tests.helpers import docstring_texts, write_jsonl
 
 pytestmark = pytest.mark.gpu

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from capture.backends import parse_hidden_layers
-from capture.inputs import BadRecord, iter_part, iter_records
-from capture.topk import topk_logprobs
-from schemas import ConfigError
+from kdpipe.capture.backends import parse_hidden_layers
+from kdpipe.capture.inputs import BadRecord, iter_part, iter_records
+from kdpipe.capture.topk import topk_logprobs
+from kdpipe.schemas import ConfigError
 
 RECS = [{"text": f"document number {i}"} for i in range(7)]
 

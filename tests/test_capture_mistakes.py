@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from capture.inputs import iter_records
-from capture.lock import PartLock
-from capture.run import CaptureOptions, run_capture
-from compress import Dataset
-from compress.verify import verify_dataset
-from schemas import ConfigError
+from kdpipe.capture.inputs import iter_records
+from kdpipe.capture.lock import PartLock
+from kdpipe.capture.run import CaptureOptions, run_capture
+from kdpipe.compress import Dataset
+from kdpipe.compress.verify import verify_dataset
+from kdpipe.schemas import ConfigError
 from tests.helpers import docstring_texts, write_jsonl
 
 TEXTS = docstring_texts(24, 300)
@@ -119,7 +119,7 @@ def test_second_process_on_the_same_part_is_refused_and_a_dead_holder_is_not(tmp
     out = tmp_path / "ds"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from capture.lock import PartLock\n"
+        [sys.executable, "-c", "import sys, time; from kdpipe.capture.lock import PartLock\n"
          f"with PartLock({str(out)!r}, 0, 1, print):\n print('held', flush=True)\n"
          " time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from capture.run import CaptureOptions, run_capture
-from compress import Dataset
+from kdpipe.capture.run import CaptureOptions, run_capture
+from kdpipe.compress import Dataset
 from tests.helpers import docstring_texts, write_jsonl
 
 LAYERS = [0, 7, 30]

@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from capture.run import CaptureOptions, run_capture
-from compress import Dataset
-from compress.verify import dump_arrays, verify_dataset
-from schemas import ConfigError
+from kdpipe.capture.run import CaptureOptions, run_capture
+from kdpipe.compress import Dataset
+from kdpipe.compress.verify import dump_arrays, verify_dataset
+from kdpipe.schemas import ConfigError
 from tests.helpers import docstring_texts, write_jsonl
 
 TEXTS = docstring_texts(24, 300)

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from capture import run as capture_run
-from capture.run import CaptureOptions, run_capture
-from capture.vllm_backend import (AlignmentError, _flat_topk, align_rows, prompt_topk,
-                                  sort_rows)
-from compress import Dataset
-from compress.verify import dump_arrays, verify_dataset
-from schemas import ConfigError
+from kdpipe.capture import run as capture_run
+from kdpipe.capture.run import CaptureOptions, run_capture
+from kdpipe.capture.vllm_backend import (AlignmentError, _flat_topk, align_rows, prompt_topk,
+                                         sort_rows)
+from kdpipe.compress import Dataset
+from kdpipe.compress.verify import dump_arrays, verify_dataset
+from kdpipe.schemas import ConfigError
 from tests.helpers import docstring_texts, write_jsonl
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

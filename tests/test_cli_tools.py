@@ -19,9 +19,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from compress import Dataset
+from kdpipe.compress import Dataset
 from kdpipe.cli import cli, main
-from schemas import Manifest
+from kdpipe.schemas import Manifest
 from tests.helpers import capture_small
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def run_main(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
 
 
 def test_doctor_reports_this_environment(capsys, monkeypatch):
-    from capture.teacher import cache_dir
+    from kdpipe.schemas.layout import cache_dir
 
     code, out, err = run_main(["doctor"], capsys, monkeypatch)
     rows = {line[:23].strip(): line[23:].strip() for line in out.splitlines()}
@@ -115,12 +115,14 @@ def _show(args, capsys, monkeypatch) -> list[str]:
     return out.splitlines()
 
 
-def test_show_decodes_tokens_and_teacher_probabilities(dataset, capsys, monkeypatch):
+def test_show_decodes_tokens_and_teacher_probabilities(dataset, teacher_dir, capsys,
+                                                       monkeypatch):
     from transformers import AutoTokenizer
 
     ds = Dataset(str(dataset))
+    assert ds.manifest.teacher.name_or_path == "embedded"
     doc = list(ds.iter_documents(hidden_layers=[]))[1]
-    tok = AutoTokenizer.from_pretrained(ds.manifest.teacher.name_or_path)
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
     lines = _show([dataset, "--doc", 1, "--rows", 5, "--top", 3], capsys, monkeypatch)
     assert lines[0].startswith(f"document    1 of 3: {doc.doc_id}")
     assert lines[3] == f"text        {tok.decode(doc.input_ids[:5].tolist())!r}"

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from compress.codecs import bitpack, entropy, naive
-from schemas import CodecError
+from kdpipe.compress.codecs import bitpack, entropy, naive
+from kdpipe.schemas import CodecError
 
 
 @st.composite
@@ -102,7 +102,7 @@ def test_symbol_streams_refuse_corruption():
 def test_container_checks_every_field():
     blob = entropy.pack_container(7, 3, 5, [b"abc", b"de"])
     assert entropy.unpack_container(blob, 7, 3, 5, 2, "t") == [b"abc", b"de"]
-    from schemas import CodecMismatchError
+    from kdpipe.schemas import CodecMismatchError
     with pytest.raises(CodecMismatchError):
         entropy.unpack_container(blob, 8, 3, 5, 2, "t")
     for args in [(7, 4, 5, 2), (7, 3, 6, 2), (7, 3, 5, 1)]:

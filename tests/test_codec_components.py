@@ -10,13 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compress.codecs import HIDDEN, IDS, VALUES, entropy, naive
-from compress.codecs.base import sort_rows
-from compress.codecs.grid import GridValues
-from compress.codecs.hidden import fit_lowrank
-from compress.codecs.ids import GapIds, PackedIds
-from compress.codecs.poly import DistillKitValues, PolyValues
-from schemas import CodecError, ConfigError
+from kdpipe.compress.codecs import HIDDEN, IDS, VALUES, entropy, naive
+from kdpipe.compress.codecs.base import sort_rows
+from kdpipe.compress.codecs.grid import GridValues
+from kdpipe.compress.codecs.hidden import fit_lowrank
+from kdpipe.compress.codecs.ids import GapIds, PackedIds
+from kdpipe.compress.codecs.poly import DistillKitValues, PolyValues
+from kdpipe.schemas import CodecError, ConfigError
 
 CPU = torch.device("cpu")
 VOCAB = 5000

@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compress import Codec, Dataset, PartWriter, load_codec_config, preset_names
-from compress.codec import _rank_sort_torch, rank_sort, rank_sort_ordinals
-from compress.codecs import grid
-from schemas import (CaptureSettings, CodecConfig, CodecError, CodecMismatchError, ConfigError,
-                     DatasetError, TeacherDocument, TeacherInfo)
+from kdpipe.compress import Codec, Dataset, PartWriter, load_codec_config, preset_names
+from kdpipe.compress.codec import _rank_sort_torch, rank_sort, rank_sort_ordinals
+from kdpipe.compress.codecs import grid
+from kdpipe.schemas import (CaptureSettings, CodecConfig, CodecError, CodecMismatchError, ConfigError,
+                            DatasetError, TeacherDocument, TeacherInfo)
 
 VOCAB, K, H, LAYERS = 5000, 128, 48, (0, 3)
 PRESETS = ["exact", "default", "small", "distillkit-recommended", "distillkit-budget"]
@@ -272,7 +272,7 @@ def test_codec_files_and_unknown_names(tmp_path):
 def test_compress_command_reencodes_and_resumes(tmp_path):
     from click.testing import CliRunner
 
-    from compress.cli import compress_cmd
+    from kdpipe.compress.cli import compress_cmd
 
     docs = make_documents(7, seed=6)
     src = write_dataset(tmp_path / "exact", docs)

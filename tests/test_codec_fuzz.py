@@ -11,8 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compress import Codec, load_codec_config
-from schemas import KdpipeError
+from kdpipe.compress import Codec, load_codec_config
+from kdpipe.schemas import KdpipeError
 
 VOCAB, K, H = 2000, 128, 8
 PRESETS = ["exact", "default", "small", "distillkit-recommended", "distillkit-budget"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress import Codec, load_codec_config
-from compress.codec import _rank_sort_torch, rank_sort, rank_sort_ordinals
-from schemas import CodecConfig
+from kdpipe.compress import Codec, load_codec_config
+from kdpipe.compress.codec import _rank_sort_torch, rank_sort, rank_sort_ordinals
+from kdpipe.schemas import CodecConfig
 
 from test_codec_facade import topk_rows
 

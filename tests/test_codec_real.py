@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from compress import Codec, load_codec_config
-from compress.codecs import HIDDEN
+from kdpipe.compress import Codec, load_codec_config
+from kdpipe.compress.codecs import HIDDEN
 
 from helpers import docstring_texts
 
@@ -19,7 +19,7 @@ def real(teacher_dir):
     """Exact top-128 rows and two hidden layers of the teacher on three short documents."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from capture.topk import topk_logprobs
+    from kdpipe.capture.topk import topk_logprobs
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from schemas import DatasetError, Manifest
+from kdpipe.schemas import DatasetError, Manifest
 from tests.test_dataset_io import _doc, _write
 
 _spec = importlib.util.spec_from_file_location(

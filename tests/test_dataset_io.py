@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from compress import Dataset, PartWriter
-from compress.verify import dump_arrays, verify_dataset
-from schemas import (CaptureSettings, CodecConfig, CodecMismatchError, DatasetError,
-                     Manifest, TeacherDocument, TeacherInfo)
+from kdpipe.compress import Dataset, PartWriter
+from kdpipe.compress.verify import dump_arrays, verify_dataset
+from kdpipe.schemas import (CaptureSettings, CodecConfig, CodecMismatchError, DatasetError,
+                            Manifest, TeacherDocument, TeacherInfo)
 
 VOCAB, K, H = 500, 6, 8
 EXACT = CodecConfig.from_dict({"name": "exact", "ids": "int32", "values": "float32",

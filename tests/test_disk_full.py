@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capture.run import CaptureOptions, run_capture
-from compress.verify import dump_arrays, verify_dataset
-from schemas import DatasetError
+from kdpipe.capture.run import CaptureOptions, run_capture
+from kdpipe.compress.verify import dump_arrays, verify_dataset
+from kdpipe.schemas import DatasetError
 from tests.helpers import docstring_texts, write_jsonl
 
 

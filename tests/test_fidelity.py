@@ -7,10 +7,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from compress import Dataset
-from compress.cli import fidelity_cmd
-from compress.fidelity import evaluate, load_sample
-from schemas import CodecConfig, ConfigError
+from kdpipe.compress import Dataset
+from kdpipe.compress.cli import fidelity_cmd
+from kdpipe.compress.fidelity import evaluate, load_sample
+from kdpipe.schemas import CodecConfig, ConfigError
 
 from test_codec_facade import make_documents, write_dataset
 

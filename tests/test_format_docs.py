@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress import Dataset
+from kdpipe.compress import Dataset
 from tests.helpers import capture_small
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "format.md"

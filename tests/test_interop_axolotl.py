@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from click.testing import CliRunner
 
-from compress import Dataset
-from compress.cli import export
+from kdpipe.compress import Dataset
+from kdpipe.compress.cli import export
 
 from test_codec_facade import make_documents, write_dataset
 

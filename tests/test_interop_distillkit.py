@@ -19,9 +19,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from compress import Dataset
-from compress.cli import export, import_
-from schemas import CodecError, ConfigError, DatasetError
+from kdpipe.compress import Dataset
+from kdpipe.compress.cli import export, import_
+from kdpipe.schemas import CodecError, ConfigError, DatasetError
 
 from test_codec_facade import make_documents, topk_rows, write_dataset
 

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from student_train import losses_reference as ref
-from student_train.losses import hidden_loss, sparse_loss, teacher_buckets
-from student_train.sparse_kl import HeadTerm, head_losses
+from kdpipe.student_train import losses_reference as ref
+from kdpipe.student_train.losses import hidden_loss, sparse_loss, teacher_buckets
+from kdpipe.student_train.sparse_kl import HeadTerm, head_losses
 
 V, K, R = 37, 5, 6
 SPARSE = ["kl", "reverse_kl", "jsd", "tvd"]

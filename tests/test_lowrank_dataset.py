@@ -12,13 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from compress import Dataset, PartWriter
-from compress.cli import compress_cmd
-from compress.codec import load_codec_config
-from compress.fidelity import LOWRANK_ARTIFACT, resolve_lowrank
-from compress.verify import verify_dataset
-from schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetError, Manifest,
-                     TeacherDocument, TeacherInfo, hidden_column)
+from kdpipe.compress import Dataset, PartWriter
+from kdpipe.compress.cli import compress_cmd
+from kdpipe.compress.codec import load_codec_config
+from kdpipe.compress.fidelity import LOWRANK_ARTIFACT, resolve_lowrank
+from kdpipe.compress.verify import verify_dataset
+from kdpipe.schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetError, Manifest,
+                            TeacherDocument, TeacherInfo, hidden_column)
 
 VOCAB, K, H, RANK = 300, 8, 32, 6
 LAYERS = (0, 3)
@@ -214,7 +214,7 @@ def test_compress_exact_to_lowrank_end_to_end(tmp_path):
 
 
 def test_capture_refuses_an_unfitted_lowrank_codec(tmp_path):
-    from capture.run import CaptureOptions, run_capture
+    from kdpipe.capture.run import CaptureOptions, run_capture
 
     codec_file = tmp_path / "lowrank.yaml"
     codec_file.write_text("ids: int32\nvalues: float32\nhidden: {kind: lowrank, rank: 4}\n")

@@ -14,10 +14,10 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from capture.run import CaptureOptions, run_capture
-from compress import Dataset
-from compress.verify import verify_dataset
-from schemas import Storage
+from kdpipe.capture.run import CaptureOptions, run_capture
+from kdpipe.compress import Dataset
+from kdpipe.compress.verify import verify_dataset
+from kdpipe.compress import Storage
 from tests.helpers import docstring_texts, write_jsonl
 from tests.test_dataset_io import _doc, _write
 

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from compress import Dataset
-from compress.codec import load_codec_config
-from compress.interop import distillkit
-from compress.verify import verify_dataset
+from kdpipe.compress import Dataset
+from kdpipe.compress.codec import load_codec_config
+from kdpipe.compress.interop import distillkit
+from kdpipe.compress.verify import verify_dataset
 from kdpipe.cli import main
-from schemas import DatasetError
+from kdpipe.schemas import DatasetError
 from tests.helpers import capture_small
 from tests.test_codec_facade import make_documents, write_dataset
 

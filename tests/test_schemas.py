@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from schemas import (CaptureSettings, CodecConfig, CodecMismatchError, ConfigError, DatasetError,
-                     FormatVersionError, Manifest, PartState, ShardEntry, TeacherInfo,
-                     merge_fragments)
-from schemas.layout import safe_relpath
+from kdpipe.schemas import (CaptureSettings, CodecConfig, CodecMismatchError, ConfigError, DatasetError,
+                            FormatVersionError, Manifest, PartState, ShardEntry, TeacherInfo,
+                            merge_fragments)
+from kdpipe.schemas.layout import safe_relpath
 
 
 def _manifest(part: int = 0, count: int = 1, complete: bool = True) -> Manifest:

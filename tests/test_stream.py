@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from student_train.packing import pack_documents
-from student_train.stream import (StreamState, advance, interleave, micro_batches_left,
-                                  plan_epoch, rank_sequences, stream_documents,
-                                  worker_micro_batches)
+from kdpipe.student_train.packing import pack_documents
+from kdpipe.student_train.stream import (StreamState, advance, interleave, micro_batches_left,
+                                         plan_epoch, rank_sequences, stream_documents,
+                                         worker_micro_batches)
 
 rg_sizes = st.lists(st.integers(0, 12), min_size=1, max_size=12)
 doc_lengths = st.lists(st.integers(0, 70), min_size=0, max_size=40)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from student_train.packing import IGNORE
-from student_train.stream import StreamState
-from student_train.stream_loader import (DistillStream, RawBatch, TrainBatches, build_index,
-                                         make_loader)
-from compress import Dataset
+from kdpipe.student_train.packing import IGNORE
+from kdpipe.student_train.stream import StreamState
+from kdpipe.student_train.stream_loader import (DistillStream, RawBatch, TrainBatches, build_index,
+                                                make_loader)
+from kdpipe.compress import Dataset
 from test_train_fixtures import LAYERS, write_dataset
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from compress import Dataset
-from student_train.stream_loader import DistillStream, build_index, make_loader
+from kdpipe.compress import Dataset
+from kdpipe.student_train.stream_loader import DistillStream, build_index, make_loader
 from test_train_fixtures import LAYERS, tiny_config, write_dataset, write_student
 from tests.test_object_store import BUCKET, s3_endpoint  # noqa: F401  (fixture)
 
@@ -32,8 +32,8 @@ def test_s3_stream_equals_local(s3_endpoint, tmp_path):  # noqa: F811
 
 
 def test_training_reads_from_s3(s3_endpoint, tmp_path):  # noqa: F811
-    from student_train.train_config import load_config
-    from student_train.trainer import Trainer
+    from kdpipe.student_train.train_config import load_config
+    from kdpipe.student_train.trainer import Trainer
     uri = f"s3://{BUCKET}/train?{s3_endpoint}"
     write_dataset(uri, n_docs=10)
     student = write_student(tmp_path / "student")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from capture.teacher import afm_4p5b_config
-from schemas import ConfigError
-from student_train import KDAHybridConfig, parse_layer_pattern
-from student_train.convert import count_parameters, student_config_from_teacher
-from student_train.layers.kda import KimiDeltaAttention
+from bench.afm import afm_4p5b_config
+from kdpipe.schemas import ConfigError
+from kdpipe.student_train import KDAHybridConfig, parse_layer_pattern
+from kdpipe.student_train.model.convert import count_parameters, student_config_from_teacher
+from kdpipe.student_train.model.layers.kda import KimiDeltaAttention
 
 
 def afm_config():

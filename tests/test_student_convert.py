@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, AutoTokenizer, ArceeConfig, ArceeForCausalLM,
                           MistralConfig)
 
-import student_train  # noqa: F401  (registers the Auto classes)
-from schemas import ConfigError
-from student_train import KDAHybridForCausalLM
-from student_train.cli import student
-from student_train.convert import convert_teacher, plan_student, repeat_kv_heads
+import kdpipe.student_train  # noqa: F401  (registers the Auto classes)
+from kdpipe.schemas import ConfigError
+from kdpipe.student_train import KDAHybridForCausalLM
+from kdpipe.student_train.cli import student
+from kdpipe.student_train.model.convert import convert_teacher, plan_student, repeat_kv_heads
 from test_student_config import afm_config
 
 TEXT = ("Knowledge distillation trains a small student model to match the output "

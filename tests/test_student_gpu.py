@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student_train import KDAHybridConfig, KDAHybridForCausalLM
-from student_train.layers.kda import KimiDeltaAttention
-from student_train.layers.packing import SequenceLayout
-from student_train.ops import kda_fla, kda_torch
+from kdpipe.student_train import KDAHybridConfig, KDAHybridForCausalLM
+from kdpipe.student_train.model.layers.kda import KimiDeltaAttention
+from kdpipe.student_train.model.layers.packing import SequenceLayout
+from kdpipe.student_train.model.ops import kda_fla, kda_torch
 
 pytestmark = pytest.mark.gpu
 

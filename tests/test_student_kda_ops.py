@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student_train.ops.kda_torch import (chunk_kda, kda, kda_gate, l2norm, recurrent_kda,
-                                         short_conv)
+from kdpipe.student_train.model.ops.kda_torch import (chunk_kda, kda, kda_gate, l2norm, recurrent_kda,
+                                                      short_conv)
 
 
 def make_inputs(B, T, H, K, V, dtype=torch.float64, decay=1.0, seed=0):

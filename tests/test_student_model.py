@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import student_train  # noqa: F401  (registers the Auto classes)
-from schemas import ConfigError
-from student_train import KDAHybridCache, KDAHybridConfig, KDAHybridForCausalLM
-from student_train.modeling import enable_activation_checkpointing
+import kdpipe.student_train  # noqa: F401  (registers the Auto classes)
+from kdpipe.schemas import ConfigError
+from kdpipe.student_train import KDAHybridCache, KDAHybridConfig, KDAHybridForCausalLM
+from kdpipe.student_train.model.modeling import enable_activation_checkpointing
 
 VOCAB = 97
 
@@ -181,7 +181,7 @@ def test_cpu_run_never_imports_fla():
     import subprocess
     import sys
     code = ("import sys, torch, student_train\n"
-            "from student_train import KDAHybridConfig, KDAHybridForCausalLM\n"
+            "from kdpipe.student_train import KDAHybridConfig, KDAHybridForCausalLM\n"
             "m = KDAHybridForCausalLM(KDAHybridConfig(vocab_size=50, hidden_size=32,"
             " intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,"
             " layer_types=['kda', 'full_nope']))\n"
@@ -203,7 +203,7 @@ def test_relu_squared_matches_transformers_relu2_bitwise(autocast):
     gradients of transformers' relu2 (whose square autocast may run in float32)."""
     from transformers.activations import ACT2FN
 
-    from student_train.layers.mlp import ReLUSquared
+    from kdpipe.student_train.model.layers.mlp import ReLUSquared
     g = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if autocast else torch.float32
     u0 = (torch.randn(64, 96, generator=g) * 3).to(dtype)
@@ -224,8 +224,8 @@ def test_relu_squared_matches_transformers_relu2_bitwise(autocast):
 def test_attention_per_document_equals_the_block_diagonal_mask(monkeypatch):
     """Packed rows attend once per document; rows of too many documents use the dense
     block-diagonal causal mask: both give the same output, with grouped KV heads."""
-    from student_train.layers import attention
-    from student_train.layers.packing import SequenceLayout
+    from kdpipe.student_train.model.layers import attention
+    from kdpipe.student_train.model.layers.packing import SequenceLayout
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 23, 8, generator=g)
     k, v = (torch.randn(1, 2, 23, 8, generator=g) for _ in range(2))

@@ -54,8 +54,8 @@ def test_eval_command_matches_the_trainers_evaluation(run, tmp_path):
 
 
 def test_eval_refuses_a_student_of_another_vocabulary(run, tmp_path):
-    import student_train  # noqa: F401
-    from student_train import KDAHybridConfig, KDAHybridForCausalLM
+    import kdpipe.student_train  # noqa: F401
+    from kdpipe.student_train import KDAHybridConfig, KDAHybridForCausalLM
     cfg = KDAHybridConfig(vocab_size=10, hidden_size=16, intermediate_size=16,
                           num_hidden_layers=1, num_attention_heads=2, layer_types=["kda"])
     KDAHybridForCausalLM(cfg).save_pretrained(tmp_path / "s")
@@ -75,7 +75,7 @@ def test_plot_and_demo_summary(run, tmp_path):
     assert result.exit_code == 0, result.output
     s = json.loads(out.read_text())
     assert {"tokens_captured", "bytes_per_token", "kl_before", "kl_after"} <= set(s)
-    from compress import Dataset
+    from kdpipe.compress import Dataset
     m = Dataset(str(run / "ds")).manifest
     assert s["tokens_captured"] == m.tokens
     assert s["bytes_per_token"] == pytest.approx(m.total_bytes / m.tokens)

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from schemas import ConfigError
-from student_train.train_config import Config, from_dict, load_config
-from student_train.trainer import freeze, frozen_linears_to_bf16, lr_multiplier
+from kdpipe.schemas import ConfigError
+from kdpipe.student_train.train_config import Config, from_dict, load_config
+from kdpipe.student_train.trainer import freeze, frozen_linears_to_bf16, lr_multiplier
 from test_train_fixtures import tiny_config, write_dataset, write_student
 
 CONFIGS = Path(__file__).resolve().parents[1] / "student_train" / "configs"
@@ -117,7 +117,7 @@ def test_lr_schedule():
 
 
 def test_frozen_patterns(tmp_path):
-    from student_train.evaluate import load_student
+    from kdpipe.student_train.evaluate import load_student
     student = load_student(str(write_student(tmp_path / "s")))
     trainable, frozen = freeze(student, ["embed_tokens", r"^model\.layers\.\d+\.mlp\."])
     names = {n for n, p in student.named_parameters() if not p.requires_grad}
@@ -135,7 +135,7 @@ def test_frozen_linears_in_bf16_change_no_number(tmp_path):
     weight stays float32."""
     import copy
 
-    from student_train.evaluate import load_student
+    from kdpipe.student_train.evaluate import load_student
     student = load_student(str(write_student(tmp_path / "s")))
     with torch.no_grad():                                   # as converted from a bf16 teacher
         for p in student.parameters():
@@ -174,15 +174,15 @@ def toy(tmp_path_factory):
 
 
 def _trainer(tmp, toy, *sets, student=None):
-    from student_train.trainer import Trainer
+    from kdpipe.student_train.trainer import Trainer
     cfg = load_config(None, tiny_config(tmp, toy / "ds", student or toy / "student") + list(sets))
     return Trainer(cfg)
 
 
 def test_vocabulary_mismatch_names_both_sides(toy, tmp_path):
     from test_train_fixtures import VOCAB
-    import student_train  # noqa: F401
-    from student_train import KDAHybridConfig, KDAHybridForCausalLM
+    import kdpipe.student_train  # noqa: F401
+    from kdpipe.student_train import KDAHybridConfig, KDAHybridForCausalLM
     cfg = KDAHybridConfig(vocab_size=VOCAB + 1, hidden_size=16, intermediate_size=16,
                           num_hidden_layers=1, num_attention_heads=2, layer_types=["full_nope"])
     KDAHybridForCausalLM(cfg).save_pretrained(tmp_path / "wide")
@@ -220,7 +220,7 @@ def test_tokenizer_is_checked(toy, tmp_path, teacher_dir):
 def test_heldout_from_another_teacher_is_refused(toy, tmp_path):
     import json
 
-    from schemas import Manifest
+    from kdpipe.schemas import Manifest
     other = tmp_path / "other"
     write_dataset(other, n_docs=3)
     m = json.loads((other / "manifest.json").read_text())

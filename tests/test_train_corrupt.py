@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compress import Dataset
-from schemas import DatasetError
-from student_train.stream_loader import build_index
+from kdpipe.compress import Dataset
+from kdpipe.schemas import DatasetError
+from kdpipe.student_train.stream_loader import build_index
 from test_train_fixtures import finish_or_fail, tiny_config, write_training_inputs
 
 LAUNCH = "from kdpipe.cli import main; main()"
@@ -127,8 +127,8 @@ def test_skip_trains_without_the_shard_and_reports_it(inputs, data, tmp_path):
 def test_resume_after_a_skip_equals_the_uninterrupted_run(inputs, data, tmp_path):
     """The resumed run leaves the shard out again (unchecked, even once restored), so its
     data order, losses, held-out metrics and weights are those of the uninterrupted run."""
-    from student_train.train_config import load_config
-    from student_train.trainer import Trainer
+    from kdpipe.student_train.train_config import load_config
+    from kdpipe.student_train.trainer import Trainer
 
     shard = _shard(data)
     original = shard.read_bytes()
@@ -162,8 +162,8 @@ def test_resume_after_a_skip_equals_the_uninterrupted_run(inputs, data, tmp_path
 
 
 def test_resume_refuses_a_shard_that_went_bad_after_the_checkpoint(inputs, data, tmp_path):
-    from student_train.train_config import load_config
-    from student_train.trainer import Trainer
+    from kdpipe.student_train.train_config import load_config
+    from kdpipe.student_train.trainer import Trainer
 
     sets = tiny_config(tmp_path, data, inputs / "student",
                        **{"data.on_corrupt_shard": "skip", "train.max_steps": 2})

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from capture.run import CaptureOptions, run_capture
+from kdpipe.capture.run import CaptureOptions, run_capture
 from tests.helpers import docstring_texts, write_jsonl
 
 SEQ = 24
@@ -28,8 +28,8 @@ def captured(tmp_path_factory, teacher_dir):
 
 @pytest.mark.slow
 def test_training_lowers_loss_and_heldout_kl(captured, teacher_dir, tmp_path):
-    from student_train.train_config import load_config
-    from student_train.trainer import Trainer
+    from kdpipe.student_train.train_config import load_config
+    from kdpipe.student_train.trainer import Trainer
 
     cfg = load_config(
         "student_train/configs/demo.yaml",

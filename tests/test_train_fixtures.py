@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from compress import PartWriter
-from schemas import CaptureSettings, CodecConfig, TeacherDocument, TeacherInfo
+from kdpipe.compress import PartWriter
+from kdpipe.schemas import CaptureSettings, CodecConfig, TeacherDocument, TeacherInfo
 
 VOCAB, K, HIDDEN, LAYERS = 64, 8, 16, (0, 1, 2)
 EXACT = CodecConfig.from_dict({"name": "exact", "ids": "int32", "values": "float32",
@@ -68,8 +68,8 @@ def write_dataset(out: Path | str, *, n_docs: int = 40, seed: int = 0, min_len: 
 
 def write_student(out: Path, *, seed: int = 0, hidden_size: int = 32,
                   layer_types=("kda", "full_nope")) -> Path:
-    import student_train  # noqa: F401
-    from student_train import KDAHybridConfig, KDAHybridForCausalLM
+    import kdpipe.student_train  # noqa: F401
+    from kdpipe.student_train import KDAHybridConfig, KDAHybridForCausalLM
 
     torch.manual_seed(seed)
     config = KDAHybridConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=48,

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from student_train.sparse_kl import HeadTerm, head_losses
+from kdpipe.student_train.sparse_kl import HeadTerm, head_losses
 from test_train_fixtures import finish_or_fail, tiny_config, write_training_inputs
 
 pytestmark = pytest.mark.gpu
@@ -39,8 +39,8 @@ def _records(run):
 
 
 def test_fla_bf16_device_decoding_trains(toy, tmp_path):
-    from student_train.train_config import load_config
-    from student_train.trainer import Trainer
+    from kdpipe.student_train.train_config import load_config
+    from kdpipe.student_train.trainer import Trainer
     Trainer(load_config(None, _sets(toy, tmp_path))).train()
     records = _records(tmp_path / "run")
     losses = [r["loss"] for r in records if r["kind"] == "train"]
@@ -51,8 +51,8 @@ def test_fla_bf16_device_decoding_trains(toy, tmp_path):
 
 def test_fla_and_torch_backends_agree_on_the_first_steps(toy, tmp_path):
     """Same data, same init, fp32: fla kernels and the PyTorch KDA path give close losses."""
-    from student_train.train_config import load_config
-    from student_train.trainer import Trainer
+    from kdpipe.student_train.train_config import load_config
+    from kdpipe.student_train.trainer import Trainer
     runs = {}
     for backend in ("fla", "torch"):
         out = tmp_path / backend

@@ -16,11 +16,11 @@ import pytest
 from click.testing import CliRunner
 
 from kdpipe.cli import cli
-from schemas import ConfigError
-from student_train.convert import check_student_out, convert_teacher
-from student_train.run_dir import MARKER
-from student_train.train_config import load_config
-from student_train.trainer import Trainer
+from kdpipe.schemas import ConfigError
+from kdpipe.student_train.model.convert import check_student_out, convert_teacher
+from kdpipe.student_train.run_dir import MARKER
+from kdpipe.student_train.train_config import load_config
+from kdpipe.student_train.trainer import Trainer
 from test_student_convert import tiny_arcee_teacher  # noqa: F401  (a fixture)
 from test_train_fixtures import tiny_config, write_training_inputs
 
@@ -166,7 +166,7 @@ def test_written_files_are_group_readable_and_load_with_transformers(
     assert _group_readable(run) == []
     convert_teacher(tiny_arcee_teacher, "3:1", tmp_path / "student")
     assert _group_readable(tmp_path / "student") == []
-    code = ("import student_train, torch\n"
+    code = ("import kdpipe.student_train, torch\n"
             "from transformers import AutoModelForCausalLM\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(run / 'final')!r})\n"
             "print(type(m).__name__, m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2,"

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress import Dataset
-from student_train.evaluate import load_student
-from student_train.modeling import enable_activation_checkpointing
-from student_train.stream_loader import DistillStream, build_index
-from student_train.train_config import LossConfig, LossTerm
-from student_train.train_objective import DistillModule, training_objective, weighted_loss
+from kdpipe.compress import Dataset
+from kdpipe.student_train.evaluate import load_student
+from kdpipe.student_train.model.modeling import enable_activation_checkpointing
+from kdpipe.student_train.stream_loader import DistillStream, build_index
+from kdpipe.student_train.train_config import LossConfig, LossTerm
+from kdpipe.student_train.train_objective import DistillModule, training_objective, weighted_loss
 from test_train_fixtures import HIDDEN, LAYERS, write_dataset, write_student
 
 TERMS = [LossTerm(kind="kl", weight=0.5, temperature=2.0, missing="tail"),

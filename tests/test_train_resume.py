@@ -90,9 +90,9 @@ def test_sigkill_then_resume_equals_uninterrupted(inputs, uninterrupted, tmp_pat
 
 
 def test_existing_run_needs_resume_or_overwrite(inputs, tmp_path):
-    from schemas import ConfigError
-    from student_train.train_config import load_config
-    from student_train.trainer import Trainer
+    from kdpipe.schemas import ConfigError
+    from kdpipe.student_train.train_config import load_config
+    from kdpipe.student_train.trainer import Trainer
 
     cfg = load_config(None, tiny_config(tmp_path, inputs / "ds", inputs / "student",
                                         **{"train.max_steps": 2}))
@@ -143,9 +143,9 @@ def test_signal_checkpoints_prints_the_resume_command_and_resume_equals_uninterr
 
 def test_checkpoints_are_flushed_to_disk_before_they_are_published(inputs, tmp_path,
                                                                     monkeypatch):
-    from student_train import checkpoint
-    from student_train.train_config import load_config
-    from student_train.trainer import Trainer
+    from kdpipe.student_train import checkpoint
+    from kdpipe.student_train.train_config import load_config
+    from kdpipe.student_train.trainer import Trainer
 
     synced, fsync = [], os.fsync
 

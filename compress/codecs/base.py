@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from schemas import CodecError, ConfigError
+from kdpipe.schemas import CodecError, ConfigError
 
 
 class IdsCodec(ABC):

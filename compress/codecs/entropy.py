@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import zstandard
 
-from schemas import CodecError, CodecMismatchError, ConfigError
+from kdpipe.schemas import CodecError, CodecMismatchError, ConfigError
 
 
 MAGIC = b"KDE2"

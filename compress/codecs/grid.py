@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from schemas import CodecError, ConfigError
+from kdpipe.schemas import CodecError, ConfigError
 
 from . import entropy
 from .base import VALUES, ValuesCodec, register, tail_from_values

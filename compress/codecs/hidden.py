@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from schemas import CodecError, ConfigError
+from kdpipe.schemas import CodecError, ConfigError
 
 from .base import HIDDEN, HiddenCodec, fixed_width_concat, register, tensor_from_bytes
 

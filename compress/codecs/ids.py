@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from schemas import CodecError, ConfigError
+from kdpipe.schemas import CodecError, ConfigError
 
 from . import entropy
 from .base import (IDS, IdsCodec, check_ids, fixed_width_concat, register, sort_rows,

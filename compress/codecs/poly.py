@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from schemas import CodecError, ConfigError
+from kdpipe.schemas import CodecError, ConfigError
 
 from .base import VALUES, ValuesCodec, fixed_width_concat, register, tensor_from_bytes
 from .bitpack import MAX_BITS, pack_rows, row_bytes, unpack_rows

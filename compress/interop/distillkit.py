@@ -31,8 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from schemas import (CaptureSettings, CodecConfig, ComponentSpec, ConfigError, DatasetError,
-                     TeacherDocument, TeacherInfo)
+from kdpipe.schemas import (CaptureSettings, CodecConfig, ComponentSpec, ConfigError, DatasetError,
+                            TeacherDocument, TeacherInfo)
 
 from ..codec import Codec
 from ..codecs.ids import vocab_bits

@@ -21,7 +21,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from schemas import ConfigError
+from kdpipe.schemas import ConfigError
 
 from .packing import SequenceLayout
 

@@ -20,7 +20,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-from schemas import ConfigError
+from kdpipe.schemas import ConfigError
 
 MODEL_TYPE = "kdpipe_hybrid"
 LAYER_TYPES = ("kda", "full_nope", "full_rope")

@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-from schemas import ConfigError
+from kdpipe.schemas import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Where a dataset lives: a local directory or any pyarrow/fsspec filesystem URL.
+"""Where a dataset lives: a local directory or any pyarrow/fsspec filesystem URL; and the
+local file-system helpers every stage publishes through (flush, modes, writability).
 
 Writes are atomic for readers: a local file is written under a temporary name,
 fsynced and renamed; on object stores an object becomes visible only once its
@@ -12,12 +13,13 @@ import os
 import posixpath
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import pyarrow.fs as pafs
 
-from .errors import DatasetError
-from .layout import TMP_PREFIX, safe_relpath, tmp_name
+from kdpipe.schemas.errors import ConfigError, DatasetError
+from kdpipe.schemas.layout import TMP_PREFIX, safe_relpath, tmp_name
 
 
 class HashingWriter:
@@ -162,3 +164,46 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def umask() -> int:
+    """The process's file-creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_tree(root: Path) -> None:
+    """Give the files under ``root`` the modes a plain ``open`` would (0666 and 0777 less the
+    umask): transformers writes weights through temporary files created 0600, which would
+    leave a checkpoint readable by its owner only."""
+    mask = umask()
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in files:
+            os.chmod(Path(dirpath) / name, 0o666 & ~mask)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, then the directories bottom-up, so a rename that
+    publishes ``root`` cannot survive a crash that its contents did not."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
+def check_writable(out: Path, label: str = "out") -> None:
+    """``out``, or the nearest existing directory above it, must let this process create
+    files: a read-only location is refused before any work is done."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{label} {out}: {existing} is a file, so the directory cannot be "
+                          f"created")
+    ro_fs = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    if ro_fs or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is on a read-only filesystem" if ro_fs else "is read-only for this user"
+        verb = "write the run" if existing == out else "create the run directory"
+        raise ConfigError(f"{label} {out}: {existing} {what}; cannot {verb}")

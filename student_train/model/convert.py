@@ -24,13 +24,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from schemas import ConfigError
-from schemas.storage import fsync_path
+from kdpipe.compress import check_writable, fsync_path, fsync_tree, share_tree
+from kdpipe.schemas import ConfigError
 
-from .checkpoint import fsync_tree, share_tree
 from .configuration import LAYER_TYPES, MODEL_TYPE, KDAHybridConfig, parse_layer_pattern
 from .modeling import KDAHybridForCausalLM
-from .run_dir import check_writable
 
 # Teacher model_type -> (architecture, whether its MLP is gated (Llama) or ReLU^2 (Arcee)).
 SUPPORTED_TEACHERS = {"llama": ("LlamaForCausalLM", True), "arcee": ("ArceeForCausalLM", False)}

@@ -20,7 +20,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from schemas import ConfigError
+from kdpipe.schemas import ConfigError
 
 from ..ops import kda_fla, kda_torch
 from .norm import GatedRMSNorm

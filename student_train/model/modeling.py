@@ -24,7 +24,7 @@ from transformers import initialization as init
 from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.utils import ModelOutput
 
-from schemas import ConfigError
+from kdpipe.schemas import ConfigError
 
 from .cache import KDAHybridCache
 from .configuration import KDAHybridConfig

@@ -12,9 +12,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from kdpipe.schemas import CodecConfig, CodecError, ConfigError
+from kdpipe.schemas.convert import load_file
 
 from .codecs import HIDDEN, IDS, VALUES
 from .codecs.base import lookup
@@ -43,10 +43,7 @@ def load_codec_config(name_or_path: str) -> CodecConfig:
     elif not path.exists():
         raise ConfigError(f"codec {name_or_path!r} is neither a preset "
                           f"({', '.join(preset_names())}) nor an existing file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from e
+    data = load_file(path)
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
     return CodecConfig.from_dict(data, str(path))

@@ -6,9 +6,10 @@ file-system helpers every stage publishes through (``Storage``, ``fsync_path``,
 """
 
 from .codec import Codec, load_codec_config, preset_names
+from .manifests import write_manifest_if_complete
 from .reader import Dataset
 from .storage import Storage, check_writable, fsync_path, fsync_tree, share_tree
-from .writer import PartWriter, write_manifest_if_complete
+from .writer import PartWriter
 
 __all__ = ["Codec", "Dataset", "PartWriter", "Storage", "check_writable", "fsync_path",
            "fsync_tree", "load_codec_config", "preset_names", "share_tree",

@@ -77,7 +77,7 @@ def _resolve_lowrank(source, config: CodecConfig, dst: str, calibration_tokens: 
     from .storage import Storage
 
     from .fidelity import resolve_lowrank
-    from .reader import load_manifest_or_fragments
+    from .manifests import load_manifest_or_fragments
 
     existing = load_manifest_or_fragments(Storage(dst), allow_incomplete=True, missing_ok=True)
     if existing is not None and existing.codec.hidden.kind == "lowrank" and \

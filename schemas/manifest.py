@@ -193,35 +193,3 @@ class Manifest:
 def _checksum(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":"))
                           .encode()).hexdigest()
-
-
-def merge_fragments(fragments: list[tuple[str, Manifest]]) -> Manifest:
-    """Union of part fragments into one manifest; they must agree on everything but content."""
-    if not fragments:
-        raise DatasetError("no manifest and no part fragments found")
-    fragments = sorted(fragments, key=lambda nf: nf[1].parts[0].index if nf[1].parts else -1)
-    first_name, first = fragments[0]
-    merged = Manifest(teacher=first.teacher, capture=first.capture, codec=first.codec,
-                      artifacts=dict(first.artifacts), format_version=first.format_version,
-                      producer=first.producer)
-    seen: set[int] = set()
-    for name, frag in fragments:
-        for attr in ("teacher", "codec"):
-            if getattr(frag, attr) != getattr(first, attr):
-                raise DatasetError(f"{attr} differs from that of {first_name}", file=name)
-        a, b = asdict(frag.capture), asdict(first.capture)
-        if a != b:
-            diff = sorted(k for k in a if a[k] != b[k])
-            raise DatasetError(f"capture settings {diff} differ from those of {first_name}",
-                               file=name)
-        for p in frag.parts:
-            if p.index in seen:
-                raise DatasetError(f"part {p.index} appears in two fragments", file=name)
-            seen.add(p.index)
-        merged.parts.extend(frag.parts)
-        merged.shards.extend(frag.shards)
-        merged.records.add(frag.records)
-        merged.artifacts.update(frag.artifacts)
-    merged.parts.sort(key=lambda p: p.index)
-    merged.shards.sort(key=lambda s: (s.part, s.seq))
-    return merged

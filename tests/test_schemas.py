@@ -8,8 +8,8 @@ import re
 import pytest
 
 from kdpipe.schemas import (CaptureSettings, CodecConfig, CodecMismatchError, ConfigError, DatasetError,
-                            FormatVersionError, Manifest, PartState, ShardEntry, TeacherInfo,
-                            merge_fragments)
+                            FormatVersionError, Manifest, PartState, ShardEntry, TeacherInfo)
+from kdpipe.compress.manifests import merge_fragments
 from kdpipe.schemas.layout import safe_relpath
 
 

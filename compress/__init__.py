@@ -5,12 +5,12 @@ file-system helpers every stage publishes through (``Storage``, ``fsync_path``,
 ``fsync_tree``, ``share_tree``, ``check_writable``).
 """
 
-from .codec import Codec, load_codec_config, preset_names
+from .codec import Codec, load_codec_config, needs_fitting, preset_names
 from .manifests import write_manifest_if_complete
 from .reader import Dataset
 from .storage import Storage, check_writable, fsync_path, fsync_tree, share_tree
 from .writer import PartWriter
 
 __all__ = ["Codec", "Dataset", "PartWriter", "Storage", "check_writable", "fsync_path",
-           "fsync_tree", "load_codec_config", "preset_names", "share_tree",
+           "fsync_tree", "load_codec_config", "needs_fitting", "preset_names", "share_tree",
            "write_manifest_if_complete"]

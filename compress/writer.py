@@ -30,7 +30,7 @@ from kdpipe.schemas import arrow as cols
 from kdpipe.schemas.layout import (PARTS_DIR, SHARDS_DIR, TMP_PREFIX, fragment_path,
                                    shard_path)
 
-from .codec import Codec
+from .codec import Codec, side_data_param
 from .manifests import (load_manifest_or_fragments, read_manifest, write_fragment,
                         write_manifest_if_complete)
 from .reader import ArtifactLoader, artifact_relpath
@@ -50,8 +50,8 @@ def parquet_options(schema: pa.Schema, codec: Codec, *, zstd_hidden: bool = Fals
     layers (10 KB/token), zstd on them held capture at 38% of the teacher's forward rate."""
     raw = {name for name, component in ((cols.TOPK_IDS, codec.ids),
                                         (cols.TOPK_VALUES, codec.values))
-           if component.entropy_coded}
-    if codec.hidden.entropy_coded or not zstd_hidden:
+           if component.capabilities.entropy_coded}
+    if codec.hidden.capabilities.entropy_coded or not zstd_hidden:
         raw |= {f.name for f in schema if f.name.startswith(cols.HIDDEN_PREFIX)}
     compression, level = {}, {}
     for path in _leaf_paths(schema):
@@ -102,9 +102,9 @@ def _describe_diff(a, b) -> list[str]:
 
 
 def _artifact_refs(codec: CodecConfig) -> set[str]:
-    """Dataset files a codec configuration names (the low-rank codec's ``projection``)."""
-    return {spec.params["projection"] for spec in (codec.ids, codec.values, codec.hidden)
-            if isinstance(spec.params.get("projection"), str)}
+    """Dataset files a codec configuration names (its hidden codec's side data)."""
+    ref = codec.hidden.params.get(side_data_param(codec) or "")
+    return {ref} if isinstance(ref, str) else set()
 
 
 class PartWriter:

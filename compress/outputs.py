@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +24,7 @@ from kdpipe.schemas.layout import (ARTIFACTS_DIR, MANIFEST, PARTS_DIR, SHARDS_DI
 
 from .manifests import manifest_files, read_manifest
 from .reader import artifact_relpath
-from .storage import Storage
+from .storage import Storage, publish_file
 
 DATASET_ENTRIES = {MANIFEST, PARTS_DIR, SHARDS_DIR, ARTIFACTS_DIR}
 _SHARD_RE = re.compile(r"^p\d{5}-of-\d{5}-\d{6}\.parquet$")
@@ -140,13 +139,8 @@ class ExportDir:
 
     def _atomic(self, name: str, write: Callable[[Path], None]) -> None:
         final = self.path / name
-        tmp = self.path / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
-        try:
+        with publish_file(final) as tmp:
             write(tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         self.written.append(final)
 
     def write_table(self, name: str, table: pa.Table) -> None:

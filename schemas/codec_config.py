@@ -59,9 +59,9 @@ class CodecConfig:
             raise ConfigError(f"top_k: must be a positive integer, got {self.top_k!r}")
 
     @classmethod
-    def from_dict(cls, d: Any, where: str | None = None, path: str = "") -> "CodecConfig":
+    def from_dict(cls, d: Any, where: str | None = None) -> "CodecConfig":
         """The configuration of plain data; errors name ``where`` (a file) and the key path."""
-        return from_data(cls, d, file=where, path=path)
+        return from_data(cls, d, file=where)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "ids": self.ids.to_obj(), "values": self.values.to_obj(),

@@ -54,12 +54,12 @@ def load_file(path: str | Path) -> Any:
     return load_yaml(p.read_text(), str(p))
 
 
-def from_data(cls: type[T], data: Any, *, file: str | None = None, path: str = "",
+def from_data(cls: type[T], data: Any, *, file: str | None = None,
               unknown: str = "error") -> T:
-    """Build dataclass ``cls`` from ``data``; errors name ``file`` and the key path below
-    ``path``. ``unknown="ignore"`` drops unknown keys (data of a newer minor format)."""
+    """Build dataclass ``cls`` from ``data``; errors name ``file`` and the key's path.
+    ``unknown="ignore"`` drops unknown keys (data of a newer minor format)."""
     try:
-        return _convert(data, cls, path, unknown == "ignore")
+        return _convert(data, cls, "", unknown == "ignore")
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}" if file else str(e)) from None
 

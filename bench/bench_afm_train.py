@@ -42,7 +42,8 @@ from kdpipe.student_train import KDAHybridForCausalLM
 from kdpipe.student_train import trainer as trainer_module
 from kdpipe.student_train.model.convert import student_config_from_teacher
 from kdpipe.student_train.sparse_kl import HeadTerm, head_losses
-from kdpipe.student_train.train_config import Config, from_dict
+from kdpipe.schemas.convert import from_data
+from kdpipe.student_train.train_config import Config
 
 LAYERS = [9, 18, 27, 36]
 FROZEN = ["embed_tokens", "lm_head", r"(^|\.)(input_layernorm|post_attention_layernorm|norm)"
@@ -51,7 +52,7 @@ FROZEN = ["embed_tokens", "lm_head", r"(^|\.)(input_layernorm|post_attention_lay
 
 def config(out: str, data: str, student_dir: str, recipe: str, seq_len: int,
            recompute: str) -> Config:
-    return from_dict(Config, {
+    return from_data(Config, {
         "out": out, "student": {"path": student_dir},
         "data": {"path": data, "seq_len": seq_len, "workers": 2, "decode_on": "device",
                  "check_tokenizer": False},

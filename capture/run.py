@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdpipe.compress import PartWriter, Storage, load_codec_config
+from kdpipe.compress import PartWriter, Storage, load_codec_config, needs_fitting
 from kdpipe.schemas import CaptureSettings, ConfigError, TeacherDocument
 
 from .backends import (HFBackend, parse_hidden_layers, resolve_device, resolve_dtype)
@@ -208,10 +208,10 @@ def _check_options(opts: CaptureOptions) -> tuple[CaptureOptions, object]:
         opts = replace(opts, top_k=codec_cfg.top_k or DEFAULT_TOP_K)
     if opts.max_seq_len < 1 or opts.top_k < 1 or opts.window < 1:
         raise ConfigError("--max-seq-len, --top-k and --window must be positive")
-    if codec_cfg.hidden.kind == "lowrank" and "projection" not in codec_cfg.hidden.params:
-        raise ConfigError(f"--codec {opts.codec}: the lowrank hidden codec fits its projection "
-                          f"on captured hidden states, so capture cannot write it; capture "
-                          f"with --codec exact (or default), then run `kdpipe compress "
+    if needs_fitting(codec_cfg):
+        raise ConfigError(f"--codec {opts.codec}: the {codec_cfg.hidden.kind} hidden codec fits "
+                          f"its side data on captured hidden states, so capture cannot write it; "
+                          f"capture with --codec exact (or default), then run `kdpipe compress "
                           f"CAPTURED OUT --codec {opts.codec}`")
     return opts, codec_cfg
 

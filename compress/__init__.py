@@ -1,15 +1,18 @@
 """The codec library: encoders for capture, decoders for training, and dataset I/O.
 
 Public interface: ``load_codec_config``, ``Codec``, ``PartWriter``, ``Dataset``, and the
-file-system helpers every stage publishes through (``Storage``, ``fsync_path``,
-``fsync_tree``, ``share_tree``, ``check_writable``).
+file-system helpers every stage publishes through (``Storage``, ``publish_file``,
+``publish_dir``, ``publish_tree``, ``fsync_path``, ``fsync_tree``, ``share_tree``,
+``check_writable``).
 """
 
-from .codec import Codec, load_codec_config, preset_names
+from .codec import Codec, load_codec_config, needs_fitting, preset_names
+from .manifests import write_manifest_if_complete
 from .reader import Dataset
-from .storage import Storage, check_writable, fsync_path, fsync_tree, share_tree
-from .writer import PartWriter, write_manifest_if_complete
+from .storage import (Storage, check_writable, fsync_path, fsync_tree, publish_dir, publish_file,
+                      publish_tree, share_tree)
+from .writer import PartWriter
 
 __all__ = ["Codec", "Dataset", "PartWriter", "Storage", "check_writable", "fsync_path",
-           "fsync_tree", "load_codec_config", "preset_names", "share_tree",
-           "write_manifest_if_complete"]
+           "fsync_tree", "load_codec_config", "needs_fitting", "preset_names", "publish_dir",
+           "publish_file", "publish_tree", "share_tree", "write_manifest_if_complete"]

@@ -9,7 +9,7 @@ import click
 
 from kdpipe.schemas import CodecConfig, ConfigError
 
-from .codec import load_codec_config, preset_names
+from .codec import load_codec_config, needs_fitting, preset_names
 
 
 @click.command("compress")
@@ -39,7 +39,7 @@ def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int,
     prepare_dataset_output(dst, sources=[src], overwrite=overwrite)
     m = source.manifest
     artifacts = None
-    if config.hidden.kind == "lowrank" and "projection" not in config.hidden.params:
+    if needs_fitting(config):
         config, artifacts = _resolve_lowrank(source, config, dst, calibration_tokens)
     # offline: no GPU to keep up with, so the hidden states get zstd too (smaller shards)
     writer = PartWriter(dst, teacher=m.teacher, capture=m.capture, codec=config, index=0,
@@ -77,10 +77,10 @@ def _resolve_lowrank(source, config: CodecConfig, dst: str, calibration_tokens: 
     from .storage import Storage
 
     from .fidelity import resolve_lowrank
-    from .reader import load_manifest_or_fragments
+    from .manifests import load_manifest_or_fragments
 
     existing = load_manifest_or_fragments(Storage(dst), allow_incomplete=True, missing_ok=True)
-    if existing is not None and existing.codec.hidden.kind == "lowrank" and \
+    if existing is not None and \
             _without_projection(existing.codec) == _without_projection(config):
         click.echo(f"{dst}: resuming with its projection "
                    f"{existing.codec.hidden.params.get('projection')}")

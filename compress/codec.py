@@ -12,9 +12,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from kdpipe.schemas import CodecConfig, CodecError, ConfigError
+from kdpipe.schemas.convert import load_file
 
 from .codecs import HIDDEN, IDS, VALUES
 from .codecs.base import lookup
@@ -43,13 +43,22 @@ def load_codec_config(name_or_path: str) -> CodecConfig:
     elif not path.exists():
         raise ConfigError(f"codec {name_or_path!r} is neither a preset "
                           f"({', '.join(preset_names())}) nor an existing file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from e
+    data = load_file(path)
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
     return CodecConfig.from_dict(data, str(path))
+
+
+def side_data_param(config: CodecConfig) -> str | None:
+    """The hidden codec's parameter naming its fitted side data (an artifact), or None."""
+    return lookup(HIDDEN, config.hidden.kind, "hidden").capabilities.side_data
+
+
+def needs_fitting(config: CodecConfig) -> bool:
+    """Whether the hidden codec's side data must still be fitted on captured hidden states
+    before anything can be encoded with ``config``."""
+    param = side_data_param(config)
+    return param is not None and param not in config.hidden.params
 
 
 def rank_sort(ids: torch.Tensor, lps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +152,7 @@ class Codec:
         if ids.size and int(ids.view(np.uint64).max()) >= self.vocab_size:
             raise CodecError(f"token id outside the vocabulary [0, {self.vocab_size}) "
                              f"given to the encoder")
-        if self.ids.order == "rank":
+        if self.ids.capabilities.rank_order:
             return self.ids.encode(ids), self.values.encode(lps)
         bound = self.values.index_bound
         if bound is not None and \
@@ -174,7 +183,7 @@ class Codec:
                 rows: Sequence[int], device: torch.device, with_tail: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         ids = self.ids.decode(ids_blobs, rows, device)
-        if self.ids.order != "rank" and self.values.ordinal_levels is not None:
+        if not self.ids.capabilities.rank_order and self.values.ordinal_levels is not None:
             ordinals, tail = self.values.decode_ordinals(values_blobs, rows, device, with_tail)
             self._check_shapes(ids, ordinals)
             return (*rank_sort_ordinals(ids, ordinals, self.values.ordinal_levels,
@@ -184,7 +193,7 @@ class Codec:
         else:
             lps, tail = self.values.decode(values_blobs, rows, device), None
         self._check_shapes(ids, lps)
-        if self.ids.order != "rank":
+        if not self.ids.capabilities.rank_order:
             return (*rank_sort(ids, lps), tail)
         return ids.long(), lps, tail
 

@@ -31,7 +31,7 @@ import torch
 
 from kdpipe.schemas import CodecConfig, ComponentSpec, ConfigError
 
-from .codec import Codec
+from .codec import Codec, needs_fitting
 from .codecs.hidden import fit_lowrank
 from .reader import Dataset
 
@@ -88,9 +88,11 @@ def load_sample(dataset: Dataset, *, max_rows: int | None = None,
                 hidden_layers: Sequence[int] | None = None) -> Sample:
     """The first documents of an exact dataset (up to ``max_rows`` teacher rows)."""
     m = dataset.manifest
-    if m.codec.ids.kind != "int32" or m.codec.values.kind != "float32":
-        raise ConfigError(f"fidelity needs an exact dataset (ids int32, values float32); "
-                          f"{dataset.uri} uses {m.codec.ids.kind}/{m.codec.values.kind}")
+    if not (dataset.codec.ids.capabilities.lossless and
+            dataset.codec.values.capabilities.lossless):
+        raise ConfigError(f"fidelity needs an exact dataset (lossless ids and values, e.g. int32 "
+                          f"and float32); {dataset.uri} uses {m.codec.ids.kind}/"
+                          f"{m.codec.values.kind}")
     layers = dataset.hidden_layers if hidden_layers is None else list(hidden_layers)
     ids, lps, hidden, total = [], [], {layer: [] for layer in layers}, 0
     for doc in dataset.iter_documents(hidden_layers=layers):
@@ -113,7 +115,7 @@ def resolve_lowrank(config: CodecConfig, calibration: dict[int, torch.Tensor]
                     ) -> tuple[CodecConfig, dict[str, bytes]]:
     """For a low-rank hidden codec without a projection: fit one per layer on the
     calibration hidden states [T, H]; returns the completed config and its artifacts."""
-    if config.hidden.kind != "lowrank" or "projection" in config.hidden.params:
+    if not needs_fitting(config):
         return config, {}
     if not calibration:
         raise ConfigError("a low-rank hidden codec needs captured hidden layers")

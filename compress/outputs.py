@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdpipe.schemas import ConfigError, KdpipeError, Manifest
+from kdpipe.schemas import ConfigError, KdpipeError
 from kdpipe.schemas.layout import (ARTIFACTS_DIR, MANIFEST, PARTS_DIR, SHARDS_DIR, TMP_PREFIX,
                                    is_fragment_name)
 
+from .manifests import manifest_files, read_manifest
 from .reader import artifact_relpath
-from .storage import Storage
+from .storage import Storage, publish_file
 
 DATASET_ENTRIES = {MANIFEST, PARTS_DIR, SHARDS_DIR, ARTIFACTS_DIR}
 _SHARD_RE = re.compile(r"^p\d{5}-of-\d{5}-\d{6}\.parquet$")
@@ -80,12 +80,9 @@ def prepare_dataset_output(out: str, *, sources: list[str], overwrite: bool,
 def _listed_artifacts(storage: Storage) -> set[str]:
     """Artifact paths that the dataset's readable manifest and fragments list."""
     listed = set()
-    texts = [MANIFEST] * storage.exists(MANIFEST) + \
-        [f"{PARTS_DIR}/{n}" for n in storage.listdir(PARTS_DIR) if is_fragment_name(n)]
-    for rel in texts:
+    for rel in manifest_files(storage):
         try:
-            listed |= {artifact_relpath(a) for a in
-                       Manifest.from_json(storage.read_bytes(rel)).artifacts}
+            listed |= {artifact_relpath(a) for a in read_manifest(storage, rel).artifacts}
         except KdpipeError:  # a damaged manifest, or one naming paths outside artifacts/:
             continue         # nothing it lists is removed
     return listed
@@ -142,13 +139,8 @@ class ExportDir:
 
     def _atomic(self, name: str, write: Callable[[Path], None]) -> None:
         final = self.path / name
-        tmp = self.path / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
-        try:
+        with publish_file(final) as tmp:
             write(tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         self.written.append(final)
 
     def write_table(self, name: str, table: pa.Table) -> None:

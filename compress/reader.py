@@ -1,4 +1,4 @@
-"""Reading a dataset: its manifest (or the union of its part fragments) and its shards.
+"""Reading a dataset: its shards, checked against its manifest (``manifests``).
 
 Every shard is checked against the manifest before use (size, schema, codec metadata)
 and Parquet page checksums are verified while reading, so a corrupt or mislabelled
@@ -15,65 +15,16 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from kdpipe.schemas import (CodecConfig, DatasetError, Manifest, ShardEntry, TeacherDocument,
-                            hidden_column, merge_fragments)
+from kdpipe.schemas import CodecConfig, DatasetError, ShardEntry, TeacherDocument, hidden_column
 from kdpipe.schemas import arrow as cols
-from kdpipe.schemas.layout import ARTIFACTS_DIR, MANIFEST, PARTS_DIR, is_fragment_name, safe_relpath
+from kdpipe.schemas.layout import ARTIFACTS_DIR, MANIFEST, safe_relpath
 
 from .codec import Codec
+from .manifests import load_manifest_or_fragments
 from .storage import Storage
-
-
-def load_manifest_or_fragments(storage: Storage, *, allow_incomplete: bool = False,
-                               missing_ok: bool = False,
-                               prefer_fragments: bool = False) -> Manifest | None:
-    """``manifest.json`` if present (unless ``prefer_fragments``), else the union of fragments."""
-    if not prefer_fragments and storage.exists(MANIFEST):
-        return Manifest.from_json(storage.read_bytes(MANIFEST), storage.describe(MANIFEST))
-    frags = []
-    for name in storage.listdir(PARTS_DIR):
-        if is_fragment_name(name):
-            rel = f"{PARTS_DIR}/{name}"
-            frags.append((storage.describe(rel),
-                          Manifest.from_json(storage.read_bytes(rel), storage.describe(rel))))
-    if not frags:
-        if missing_ok:
-            return None
-        kind = storage.fs.get_file_info(storage.full("")).type
-        if kind == pafs.FileType.NotFound:
-            raise DatasetError("no such dataset directory", file=storage.describe(""))
-        if kind == pafs.FileType.File:
-            raise DatasetError("is a file; a kdpipe dataset is a directory holding "
-                               "manifest.json and shards/", file=storage.describe(""))
-        raise DatasetError("no manifest.json and no part fragments: not a kdpipe dataset "
-                           "(or a capture that has not committed anything yet)",
-                           file=storage.describe(""))
-    check_fragment_artifacts(frags)
-    merged = merge_fragments(frags)
-    if not merged.complete and not allow_incomplete:
-        count = merged.parts[0].count
-        done = [p.index for p in merged.parts if p.complete]
-        missing = sorted(set(range(count)) - set(done))
-        raise DatasetError(f"incomplete dataset: parts {missing} of {count} are missing or "
-                           f"still running", file=storage.describe(""))
-    return merged
-
-
-def check_fragment_artifacts(fragments: Sequence[tuple[str, Manifest]]) -> None:
-    """Part fragments that list the same artifact must list the same file content."""
-    seen: dict[str, tuple[str, str]] = {}
-    for name, frag in fragments:
-        for rel, entry in frag.artifacts.items():
-            digest = entry.get("sha256") if isinstance(entry, dict) else None
-            if rel in seen and seen[rel][1] != digest:
-                raise DatasetError(f"artifact {rel} has sha256 {str(digest)[:16]}... here but "
-                                   f"{str(seen[rel][1])[:16]}... in {seen[rel][0]} (parts "
-                                   f"encoded with different codec side data)", file=name)
-            seen.setdefault(rel, (name, digest))
 
 
 def artifact_relpath(rel: str, where: str = "codec") -> str:

@@ -1,8 +1,10 @@
 """Where a dataset lives: a local directory or any pyarrow/fsspec filesystem URL; and the
-local file-system helpers every stage publishes through (flush, modes, writability).
+local file-system helpers every stage publishes through (publish by rename, flush, modes,
+writability).
 
-Writes are atomic for readers: a local file is written under a temporary name,
-fsynced and renamed; on object stores an object becomes visible only once its
+Writes are atomic for readers: a local file or directory is written under a temporary
+name, flushed and renamed (``publish_file``, ``publish_dir``: shards, manifests, exports,
+checkpoints, converted students); on object stores an object becomes visible only once its
 upload completes. The manifest is always written last.
 """
 
@@ -11,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -109,8 +113,8 @@ class Storage:
         """A stream whose content appears under ``rel`` only when the block exits cleanly."""
         final = self.full(rel)
         self.fs.create_dir(posixpath.dirname(final), recursive=True)
-        tmp = self.full(tmp_name(rel, uuid.uuid4().hex[:8]))
         if not self.local:
+            tmp = self.full(tmp_name(rel, uuid.uuid4().hex[:8]))
             # An object store completes an upload on close even after an error, so write a
             # temporary key and move it (a server-side copy) only when the block succeeded.
             try:
@@ -124,19 +128,8 @@ class Storage:
                     pass
                 raise
             return
-        try:
-            with open(tmp, "wb") as out:
-                yield out
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, final)
-            fsync_path(posixpath.dirname(final))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with publish_file(final) as path, open(path, "wb") as out:
+            yield out
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         with self.atomic_output(rel) as out:
@@ -155,6 +148,52 @@ class Storage:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
         return h.hexdigest()
+
+
+@contextmanager
+def publish_file(final: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling path of the local file ``final`` to write; when the block exits
+    cleanly the file is flushed, renamed to ``final`` and the directory flushed, so readers
+    and crashes see the old file or the whole new one. When it raises, the file is removed."""
+    final = Path(final)
+    tmp = final.with_name(tmp_name(final.name, uuid.uuid4().hex[:8]))
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def publish_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """A new temporary sibling directory of ``final`` to fill (``.tmp-NAME-XXXXXXXX``, modes as
+    a plain mkdir); published with ``publish_tree`` when the block exits cleanly, removed when
+    it raises."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~umask())
+        yield tmp
+        publish_tree(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_tree(tmp: Path, final: Path, *,
+                 remove: Callable[[Path], None] = shutil.rmtree) -> None:
+    """Flush the directory ``tmp`` (every file, then the directories), put it in ``final``'s
+    place (an existing ``final`` deleted with ``remove`` first) and flush the parent: a crash
+    never leaves a partial ``final``, nor a published one whose contents are not on disk."""
+    fsync_tree(tmp)
+    if final.exists():
+        remove(final)
+    tmp.rename(final)
+    fsync_path(final.parent)
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from kdpipe.schemas import DatasetError, KdpipeError, Manifest, ShardEntry
+from kdpipe.schemas import DatasetError, KdpipeError, ShardEntry
 from kdpipe.schemas import arrow as cols
-from kdpipe.schemas.layout import MANIFEST, PARTS_DIR, is_fragment_name
 
+from .manifests import manifest_files, read_manifest
 from .reader import Dataset, check_sha256
 from .storage import Storage
 
@@ -108,10 +108,9 @@ def verify_dataset(uri: str, *, deep: bool = False, progress: bool = False) -> V
     stderr is a terminal."""
     report = VerifyReport()
     storage = Storage(uri)
-    fragments = [f"{PARTS_DIR}/{n}" for n in storage.listdir(PARTS_DIR) if is_fragment_name(n)]
-    for rel in [MANIFEST] * storage.exists(MANIFEST) + fragments:
+    for rel in manifest_files(storage):
         try:
-            Manifest.from_json(storage.read_bytes(rel), storage.describe(rel))
+            read_manifest(storage, rel)
         except KdpipeError as e:
             report.problems.append(ShardProblem(rel, str(e)))
     if report.problems:  # the dataset's description itself is damaged: nothing to check against

@@ -27,11 +27,13 @@ from kdpipe.schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetEr
                             PartState, RecordCounts, ShardEntry, TeacherDocument, TeacherInfo,
                             hidden_column, shard_schema)
 from kdpipe.schemas import arrow as cols
-from kdpipe.schemas.layout import (MANIFEST, PARTS_DIR, SHARDS_DIR, TMP_PREFIX, fragment_path,
+from kdpipe.schemas.layout import (PARTS_DIR, SHARDS_DIR, TMP_PREFIX, fragment_path,
                                    shard_path)
 
-from .codec import Codec
-from .reader import ArtifactLoader, artifact_relpath, load_manifest_or_fragments
+from .codec import Codec, side_data_param
+from .manifests import (load_manifest_or_fragments, read_manifest, write_fragment,
+                        write_manifest_if_complete)
+from .reader import ArtifactLoader, artifact_relpath
 from .storage import HashingWriter, Storage
 
 PARQUET_ZSTD_LEVEL = 3
@@ -48,8 +50,8 @@ def parquet_options(schema: pa.Schema, codec: Codec, *, zstd_hidden: bool = Fals
     layers (10 KB/token), zstd on them held capture at 38% of the teacher's forward rate."""
     raw = {name for name, component in ((cols.TOPK_IDS, codec.ids),
                                         (cols.TOPK_VALUES, codec.values))
-           if component.entropy_coded}
-    if codec.hidden.entropy_coded or not zstd_hidden:
+           if component.capabilities.entropy_coded}
+    if codec.hidden.capabilities.entropy_coded or not zstd_hidden:
         raw |= {f.name for f in schema if f.name.startswith(cols.HIDDEN_PREFIX)}
     compression, level = {}, {}
     for path in _leaf_paths(schema):
@@ -100,9 +102,9 @@ def _describe_diff(a, b) -> list[str]:
 
 
 def _artifact_refs(codec: CodecConfig) -> set[str]:
-    """Dataset files a codec configuration names (the low-rank codec's ``projection``)."""
-    return {spec.params["projection"] for spec in (codec.ids, codec.values, codec.hidden)
-            if isinstance(spec.params.get("projection"), str)}
+    """Dataset files a codec configuration names (its hidden codec's side data)."""
+    ref = codec.hidden.params.get(side_data_param(codec) or "")
+    return {ref} if isinstance(ref, str) else set()
 
 
 class PartWriter:
@@ -156,8 +158,7 @@ class PartWriter:
     def _open_fragment(self, teacher, capture, codec) -> Manifest:
         existing = None
         if self.storage.exists(self.frag_rel):
-            existing = Manifest.from_json(self.storage.read_bytes(self.frag_rel),
-                                          self.storage.describe(self.frag_rel))
+            existing = read_manifest(self.storage, self.frag_rel)
         else:
             others = load_manifest_or_fragments(self.storage, allow_incomplete=True,
                                                 missing_ok=True)
@@ -414,7 +415,7 @@ class PartWriter:
         self._reset_window()
 
     def _save_fragment(self) -> None:
-        self.storage.write_bytes(self.frag_rel, self.manifest.to_json().encode())
+        write_fragment(self.storage, self.frag_rel, self.manifest)
 
     def abort(self) -> None:
         """Drop the shard in progress (its temporary file is removed, nothing is listed)."""
@@ -456,14 +457,3 @@ def _binary_column(values: list[np.ndarray]) -> pa.Array:
     data = np.concatenate(values) if values else np.empty(0, np.uint8)
     return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(values),
                                             [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-
-
-def write_manifest_if_complete(storage: Storage) -> Manifest | None:
-    """Write ``manifest.json`` as the union of the fragments once every part is complete."""
-    merged = load_manifest_or_fragments(storage, allow_incomplete=True, prefer_fragments=True)
-    if not merged.complete:
-        return None
-    text = merged.to_json().encode()
-    if not storage.exists(MANIFEST) or storage.read_bytes(MANIFEST) != text:
-        storage.write_bytes(MANIFEST, text)
-    return merged

@@ -9,13 +9,13 @@ from .document import TeacherDocument
 from .errors import (CodecError, CodecMismatchError, ConfigError, DatasetError,
                      FormatVersionError, KdpipeError)
 from .manifest import (CaptureSettings, Manifest, PartState, RecordCounts, ShardEntry,
-                       TeacherInfo, merge_fragments, tokenizer_fingerprint)
+                       TeacherInfo, tokenizer_fingerprint)
 from .version import FORMAT_VERSION, producer_version
 
 __all__ = [
     "CaptureSettings", "CodecConfig", "CodecError", "CodecMismatchError", "ComponentSpec",
     "ConfigError", "DatasetError", "FORMAT_VERSION", "FormatVersionError", "KdpipeError",
     "Manifest", "PartState", "RecordCounts", "ShardEntry", "TeacherDocument", "TeacherInfo",
-    "hidden_column", "merge_fragments", "producer_version", "shard_schema",
+    "hidden_column", "producer_version", "shard_schema",
     "tokenizer_fingerprint",
 ]

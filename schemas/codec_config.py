@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .convert import from_data
 from .errors import CodecMismatchError, ConfigError
 
 
@@ -29,47 +30,38 @@ class ComponentSpec:
     params: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_obj(cls, obj: Any, where: str) -> "ComponentSpec":
+    def canonical_data(cls, obj: Any) -> Any:
+        """The plain form (a kind name alone, or a mapping of the kind beside its parameters)
+        as the mapping of this dataclass's fields that ``from_data`` converts."""
         if isinstance(obj, str):
-            return cls(kind=obj)
-        if not isinstance(obj, dict) or "kind" not in obj:
-            raise ConfigError(f"{where}: expected a kind name or a mapping with 'kind', got {obj!r}")
-        params = {k: v for k, v in obj.items() if k != "kind"}
-        return cls(kind=str(obj["kind"]), params=params)
+            return {"kind": obj}
+        if not isinstance(obj, dict):
+            return obj
+        return {"params": {k: v for k, v in obj.items() if k != "kind"},
+                **({"kind": obj["kind"]} if "kind" in obj else {})}
 
     def to_obj(self) -> dict[str, Any]:
         return {"kind": self.kind, **self.params}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CodecConfig:
     """A complete codec description; ``name`` is informational (preset name or file stem)."""
 
-    name: str
+    name: str = "custom"
     ids: ComponentSpec
     values: ComponentSpec
     hidden: ComponentSpec
     top_k: int | None = None  # keep only the first top_k of the captured k (None: all)
 
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k: must be a positive integer, got {self.top_k!r}")
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "codec") -> "CodecConfig":
-        if not isinstance(d, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-        known = {"name", "ids", "values", "hidden", "top_k"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
-        for key in ("ids", "values", "hidden"):
-            if key not in d:
-                raise ConfigError(f"{where}: missing required key {key!r}")
-        top_k = d.get("top_k")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ConfigError(f"{where}: top_k must be a positive integer, got {top_k!r}")
-        return cls(name=str(d.get("name", "custom")),
-                   ids=ComponentSpec.from_obj(d["ids"], f"{where}.ids"),
-                   values=ComponentSpec.from_obj(d["values"], f"{where}.values"),
-                   hidden=ComponentSpec.from_obj(d["hidden"], f"{where}.hidden"),
-                   top_k=top_k)
+    def from_dict(cls, d: Any, where: str | None = None) -> "CodecConfig":
+        """The configuration of plain data; errors name ``where`` (a file) and the key path."""
+        return from_data(cls, d, file=where)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "ids": self.ids.to_obj(), "values": self.values.to_obj(),
@@ -81,9 +73,10 @@ class CodecConfig:
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "codec") -> "CodecConfig":
         try:
-            return cls.from_dict(json.loads(text), where)
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{where}: codec metadata is not valid JSON: {e}") from e
+        return cls.from_dict(data, where)
 
     def fingerprint(self) -> str:
         """Identity of the encoding: everything but the informational name."""

@@ -17,24 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .codec_config import CodecConfig
+from .convert import from_data
 from .errors import ConfigError, DatasetError
-from .version import FORMAT_NAME, FORMAT_VERSION, check_format_version, producer_version
-
-
-def _from_dict(cls, d: dict[str, Any], where: str):
-    if not isinstance(d, dict):
-        raise DatasetError(f"expected an object, got {type(d).__name__}", file=where)
-    required = [f.name for f in fields(cls)
-                if f.default is MISSING and f.default_factory is MISSING]
-    missing = [n for n in required if n not in d]
-    if missing:
-        raise DatasetError(f"{cls.__name__} lacks {missing}", file=where)
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+from .version import (FORMAT_NAME, FORMAT_VERSION, check_format_version, is_newer_minor,
+                      producer_version)
 
 
 @dataclass
@@ -167,27 +157,21 @@ class Manifest:
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> "Manifest":
+    def from_dict(cls, d: Any, where: str = "manifest") -> "Manifest":
+        """A manifest of plain data. Keys an earlier version did not write take their defaults;
+        an unknown key is damage, unless the manifest is of a newer minor version (which only
+        adds optional fields)."""
         if not isinstance(d, dict):
             raise DatasetError("manifest is not a JSON object", file=where)
         if d.get("format") != FORMAT_NAME:
             raise DatasetError(f"not a kdpipe dataset manifest (format={d.get('format')!r})",
                                file=where)
-        check_format_version(d.get("format_version", "?"), where)
+        version = d.get("format_version", "?")
+        check_format_version(version, where)
+        unknown = "ignore" if is_newer_minor(version) else "error"
+        body = {k: v for k, v in d.items() if k != "checksum"}   # from_json checks it
         try:
-            return cls(
-                teacher=_from_dict(TeacherInfo, d["teacher"], where),
-                capture=_from_dict(CaptureSettings, d["capture"], where),
-                codec=CodecConfig.from_dict(d["codec"], f"{where}: codec"),
-                shards=[_from_dict(ShardEntry, s, where) for s in d.get("shards", [])],
-                records=_from_dict(RecordCounts, d.get("records", {}), where),
-                parts=[_from_dict(PartState, p, where) for p in d.get("parts", [])],
-                artifacts=dict(d.get("artifacts", {})),
-                format=d["format"], format_version=d["format_version"],
-                producer=dict(d.get("producer", {})),
-            )
-        except KeyError as e:
-            raise DatasetError(f"manifest lacks required key {e}", file=where) from e
+            return from_data(cls, body, unknown=unknown)
         except ConfigError as e:
             raise DatasetError(str(e), file=where) from e
 
@@ -209,35 +193,3 @@ class Manifest:
 def _checksum(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":"))
                           .encode()).hexdigest()
-
-
-def merge_fragments(fragments: list[tuple[str, Manifest]]) -> Manifest:
-    """Union of part fragments into one manifest; they must agree on everything but content."""
-    if not fragments:
-        raise DatasetError("no manifest and no part fragments found")
-    fragments = sorted(fragments, key=lambda nf: nf[1].parts[0].index if nf[1].parts else -1)
-    first_name, first = fragments[0]
-    merged = Manifest(teacher=first.teacher, capture=first.capture, codec=first.codec,
-                      artifacts=dict(first.artifacts), format_version=first.format_version,
-                      producer=first.producer)
-    seen: set[int] = set()
-    for name, frag in fragments:
-        for attr in ("teacher", "codec"):
-            if getattr(frag, attr) != getattr(first, attr):
-                raise DatasetError(f"{attr} differs from that of {first_name}", file=name)
-        a, b = asdict(frag.capture), asdict(first.capture)
-        if a != b:
-            diff = sorted(k for k in a if a[k] != b[k])
-            raise DatasetError(f"capture settings {diff} differ from those of {first_name}",
-                               file=name)
-        for p in frag.parts:
-            if p.index in seen:
-                raise DatasetError(f"part {p.index} appears in two fragments", file=name)
-            seen.add(p.index)
-        merged.parts.extend(frag.parts)
-        merged.shards.extend(frag.shards)
-        merged.records.add(frag.records)
-        merged.artifacts.update(frag.artifacts)
-    merged.parts.sort(key=lambda p: p.index)
-    merged.shards.sort(key=lambda s: (s.part, s.seq))
-    return merged

@@ -35,3 +35,11 @@ def check_format_version(found: str, where: str) -> None:
     if major < ours:
         raise FormatVersionError(
             f"{where}: format version {found} is older than {ours}.x and has no reader here")
+
+
+def is_newer_minor(found: str) -> bool:
+    """Whether ``found`` (a version of our major) is a newer minor one than ours."""
+    try:
+        return int(str(found).split(".")[1]) > int(FORMAT_VERSION.split(".")[1])
+    except (IndexError, ValueError):
+        return False

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
-from kdpipe.compress import fsync_path, fsync_tree, share_tree
+from kdpipe.compress import fsync_path, publish_dir, publish_tree, share_tree
 from kdpipe.schemas import ConfigError
 
 from .train_dist import DistInfo
@@ -95,18 +95,12 @@ def copy_tokenizer(src: str | Path | None, dst: Path) -> None:
 def link_tree(src: Path, dst: Path) -> None:
     """Replace ``dst`` (a run's own ``final``, never a directory of the user's) with
     ``src``'s files, hard-linked where the filesystem allows."""
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copy2(f, tmp / f.name)
-    fsync_tree(tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    fsync_path(dst.parent)
+    with publish_dir(dst) as tmp:
+        for f in src.iterdir():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
 
 
 def save_model(module, out_dir: Path, *, dist: DistInfo, tokenizer_src: str | None) -> None:
@@ -145,10 +139,7 @@ def save_checkpoint(out: str | Path, step: int, *, module, optimizer, scheduler,
     dist.barrier()
     if dist.is_main:
         share_tree(tmp)
-        fsync_tree(tmp)
-        remove_checkpoint(final)
-        tmp.rename(final)
-        fsync_path(root)
+        publish_tree(tmp, final, remove=remove_checkpoint)
         for _, old in list_checkpoints(out)[:-keep_last]:
             remove_checkpoint(old)
     dist.barrier()

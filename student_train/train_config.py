@@ -1,7 +1,8 @@
 """Training configuration: dataclasses loaded from YAML, with ``--set key=value`` overrides.
 
-Every section is a keyword-only dataclass; unknown keys are refused with the list of valid
-ones, at any depth, in the file and on the command line. ``student_train/configs/reference.yaml``
+Every section is a keyword-only dataclass, converted by ``kdpipe.schemas.convert``: unknown
+keys and values of the wrong type are refused with the key's full path, at any depth, in the
+file and on the command line. ``student_train/configs/reference.yaml``
 documents every field; ``demo.yaml``, ``stage1.yaml`` and ``stage2.yaml`` are recipes.
 
 Components receive only their own section (``build_stream(data=cfg.data, ...)``); the root
@@ -20,6 +21,7 @@ from typing import Any
 import yaml
 
 from kdpipe.schemas import ConfigError
+from kdpipe.schemas.convert import from_data, load_file, load_yaml
 
 SPARSE_LOSSES = ("kl", "reverse_kl", "jsd", "tvd")
 HEAD_LOSSES = SPARSE_LOSSES + ("ce",)
@@ -99,7 +101,7 @@ class LossConfig:
         if not self.terms:
             raise ConfigError("loss.terms is empty")
         for i, t in enumerate(self.terms):
-            t.validate(f"loss.terms.{i}")
+            t.validate(f"loss.terms[{i}]")
         _choice(self, "missing", MISSING_MODES)
         _choice(self, "projection", ("auto", "none", "always"))
         if self.chunk_size < 0:
@@ -231,84 +233,10 @@ def _section(obj) -> str:
     return type(obj).__name__.removesuffix("Config").lower()
 
 
-# -- building dataclasses from plain data, refusing unknown keys -------------------------------
-
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
+# -- plain data -> Config: kdpipe.schemas.convert, with --set overrides on the way -------------
 
 def _is_dataclass_type(tp) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{where}: must not be null")
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} is not a valid {tp}")
-    if _is_dataclass_type(tp):
-        return from_dict(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_convert(v, item, f"{where}.{i}") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):        # YAML 1.1 reads "3e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def from_dict(cls, data: Any, where: str = "config"):
-    """Build dataclass ``cls`` from a mapping; unknown keys raise ``ConfigError``."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(names)}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where != "config" else k)
-              for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:                       # a required field is missing
-        raise ConfigError(f"{where}: {e}") from e
 
 
 def set_override(raw: dict, key: str, value: Any, cls=None) -> None:
@@ -328,7 +256,7 @@ def set_override(raw: dict, key: str, value: Any, cls=None) -> None:
                 parent = ".".join(parts[:i]) or "the config"
                 raise ConfigError(f"--set {key}: {parent} has no key {part!r}; valid keys: "
                                   f"{', '.join(names)}")
-            child_tp = _hints(tp)[part]
+            child_tp = typing.get_type_hints(tp)[part]
             if last:
                 node[part] = value
                 return
@@ -362,29 +290,27 @@ def parse_set(item: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {item!r}: expected key=value")
     key, text = item.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
+        value = load_yaml(text, f"--set {key}") if text != "" else ""
+    except ConfigError:
         value = text
     return key.strip(), value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """The config of a YAML file (or the defaults) with ``key=value`` overrides applied."""
+    """The config of a YAML file (or the defaults) with ``key=value`` overrides applied.
+
+    The file is converted alone first, so an error names the file only when the file is at
+    fault; what goes wrong after the overrides is theirs."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
+        raw = load_file(path)
+        if raw is None:
+            raw = {}
+        from_data(Config, raw, file=str(path))
     for item in overrides:
         key, value = parse_set(item)
         set_override(raw, key, value)
-    return from_dict(Config, raw).validate()
+    return from_data(Config, raw, file="--set" if overrides else None).validate()
 
 
 def dump_config(cfg: Config) -> str:

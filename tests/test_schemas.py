@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from kdpipe.schemas import (CaptureSettings, CodecConfig, CodecMismatchError, ConfigError, DatasetError,
-                            FormatVersionError, Manifest, PartState, ShardEntry, TeacherInfo,
-                            merge_fragments)
+                            FormatVersionError, Manifest, PartState, ShardEntry, TeacherInfo)
+from kdpipe.compress.manifests import merge_fragments
 from kdpipe.schemas.layout import safe_relpath
 
 
@@ -74,6 +75,58 @@ def test_codec_identity_and_unknown_keys():
                                "top_k": 4})
     with pytest.raises(CodecMismatchError, match="here"):
         a.require_same(c, "here")
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match="unknown key 'extra'; valid keys: name, ids"):
         CodecConfig.from_dict({"ids": "int32", "values": "float32", "hidden": "native",
                                "extra": 1})
+
+
+def test_manifest_unknown_key_and_wrong_type_name_the_path():
+    d = json.loads(_manifest().to_json())
+    d["capture"]["top_kk"] = 8
+    with pytest.raises(DatasetError, match=r"^x/manifest.json: capture: unknown key 'top_kk'; "
+                                           r"valid keys: backend, top_k"):
+        Manifest.from_dict(d, "x/manifest.json")
+    d = json.loads(_manifest().to_json())
+    d["shards"][0]["tokens"] = "30"
+    with pytest.raises(DatasetError, match=r"^x/manifest.json: shards\[0\].tokens: expected an "
+                                           r"integer, got '30'$"):
+        Manifest.from_dict(d, "x/manifest.json")
+    d = json.loads(_manifest().to_json())
+    d["codec"]["top_k"] = "all"
+    with pytest.raises(DatasetError, match=r"codec.top_k: expected an integer, got 'all'$"):
+        Manifest.from_dict(d, "x/manifest.json")
+
+
+def test_manifest_of_other_minor_versions():
+    """An older minor version lacks the fields added since (their defaults are taken); a newer
+    one may carry fields this reader does not know (ignored: minor versions only add)."""
+    d = json.loads(_manifest().to_json())
+    for key in ("num_shards", "limit", "data_fingerprint"):
+        del d["capture"][key]
+    del d["records"], d["artifacts"], d["producer"]
+    m = Manifest.from_dict(d)
+    assert m.capture.data_fingerprint == "" and m.records.read == 0 and m.artifacts == {}
+    d["format_version"] = "2.3"
+    d["capture"]["new_setting"] = 1
+    assert Manifest.from_dict(d).capture == m.capture
+
+
+def test_codec_config_unknown_key_and_wrong_type_name_file_and_path(tmp_path):
+    from kdpipe.compress import load_codec_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("ids: gaps\nvalues: {kind: grid, step: 0.002}\nhidden: fp8\ntopk: 4\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(f))}: unknown key 'topk'; valid "
+                                          r"keys: name, ids, values, hidden, top_k$"):
+        load_codec_config(str(f))
+    f.write_text("ids: gaps\nvalues: {kind: [grid]}\nhidden: fp8\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(f))}: values.kind: expected a "
+                                          r"string, got \['grid'\]$"):
+        load_codec_config(str(f))
+    f.write_text("ids: gaps\nvalues: grid\nhidden: fp8\ntop_k: 0\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: top_k: must be a positive integer, got 0$"):
+        load_codec_config(str(f))
+    f.write_text("ids: gaps\nvalues: {step: 0.002}\nhidden: fp8\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: values: missing required key 'kind'$"):
+        load_codec_config(str(f))
+    assert load_codec_config("default").values.params == {"transform": "sqrt", "step": 0.0019}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ import torch
 import yaml
 
 from kdpipe.schemas import ConfigError
-from kdpipe.student_train.train_config import Config, from_dict, load_config
+from kdpipe.schemas.convert import from_data
+from kdpipe.student_train.train_config import Config, load_config
 from kdpipe.student_train.trainer import freeze, frozen_linears_to_bf16, lr_multiplier
 from test_train_fixtures import tiny_config, write_dataset, write_student
 
@@ -45,7 +47,7 @@ def test_reference_config_documents_every_key_with_its_default():
     raw = yaml.safe_load((CONFIGS / "reference.yaml").read_text())
     assert _yaml_keys(raw) == _keys(Config)
     defaults = Config().to_dict()
-    documented = from_dict(Config, raw).to_dict()
+    documented = from_data(Config, raw).to_dict()
     differ = {f"{s}.{k}" for s in defaults if isinstance(defaults[s], dict)
               for k in defaults[s] if defaults[s][k] != documented[s][k]}
     assert differ == {"student.teacher", "train.max_steps"}     # set so the file runs as is
@@ -85,12 +87,33 @@ def test_set_overrides_and_unknown_keys():
 def test_unknown_keys_in_yaml_are_refused(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("student: {teacher: embedded}\ntrain: {max_steps: 3, lr: 1}\n")
-    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) \['lr'\]; valid keys:"):
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(f))}: train: unknown key 'lr'; valid keys: max_steps"):
         load_config(f)
     f.write_text("student: {teacher: embedded}\ntrain: {max_steps: 3}\n"
                  "loss: {terms: [{kind: kl, temp: 2}]}\n")
-    with pytest.raises(ConfigError, match=r"loss.terms.0: unknown key\(s\) \['temp'\]"):
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(f))}: loss.terms\[0\]: unknown key 'temp'; "
+                                          r"valid keys: kind, weight, temperature, missing"):
         load_config(f)
+
+
+def test_wrong_types_name_the_file_and_the_key_path(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("student: {teacher: embedded}\ntrain: {max_steps: 3}\n"
+                 "loss: {terms: [{kind: kl}, {kind: ce}, {kind: kl, weight: abc}]}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(f))}: loss.terms\[2\].weight: "
+                                          r"expected a number, got 'abc'$"):
+        load_config(f)
+    f.write_text("student: {teacher: embedded}\ntrain: {max_steps: 3.5, gradient_checkpointing: "
+                 "yes please}\n")
+    with pytest.raises(ConfigError, match=r"train.max_steps: expected an integer, got 3.5$"):
+        load_config(f)
+    f.write_text("student: {teacher: embedded}\ntrain: {max_steps: 3}\noptim: {lr: 3e-3}\n")
+    assert load_config(f).optim.lr == 0.003                # YAML 1.2: a number, not a string
+    with pytest.raises(ConfigError, match=r"^--set: train.gradient_checkpointing: expected true "
+                                          r"or false, got 'yes please'$"):
+        load_config(f, ["train.gradient_checkpointing=yes please"])
+    with pytest.raises(ConfigError, match=r"^--set: student.pattern: expected a string, got 181"):
+        load_config(f, ["student.pattern=3:1"])          # YAML 1.1 reads 3:1 as 181
 
 
 @pytest.mark.parametrize("override,match", [

@@ -7,6 +7,6 @@ hidden: native (lossless), bf16, fp8, int8, lowrank (projection stored in the da
 """
 
 from . import exact, grid, hidden, ids, poly  # noqa: F401  (register the kinds)
-from .base import HIDDEN, IDS, VALUES, HiddenCodec, IdsCodec, ValuesCodec
+from .base import HIDDEN, IDS, VALUES, Capabilities, HiddenCodec, IdsCodec, ValuesCodec
 
-__all__ = ["HIDDEN", "IDS", "VALUES", "HiddenCodec", "IdsCodec", "ValuesCodec"]
+__all__ = ["Capabilities", "HIDDEN", "IDS", "VALUES", "HiddenCodec", "IdsCodec", "ValuesCodec"]

@@ -8,6 +8,7 @@ so a training batch is decoded in a handful of vectorized operations.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -16,17 +17,34 @@ import torch
 from kdpipe.schemas import CodecError, ConfigError
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a codec component does, declared by its class (and refined by an instance whose
+    parameters change it), so that callers read it instead of inferring it from kind names or
+    methods. tests/test_codec_components.py checks every registered kind against it."""
+
+    #: decode(encode(x)) == x, in the component's stored order: data it holds can serve as
+    #: the exact reference (fidelity).
+    lossless: bool = False
+    #: ids: rows are stored in rank order (descending probability). Otherwise in an order of
+    #: the codec's own (``encode_ordered`` gives the permutation); the values are stored in
+    #: the same order and the facade restores rank order from them.
+    rank_order: bool = True
+    #: The encoded bytes are entropy-coded already (zstd inside the codec), so the dataset
+    #: writer stores them without Parquet compression on top.
+    entropy_coded: bool = False
+    #: values: every row's missing mass ``1 - sum(p)`` is stored (``decode_with_tail`` reads
+    #: it); otherwise it is derived from the decoded values.
+    stores_missing_mass: bool = False
+    #: hidden: the parameter naming a dataset artifact fitted on captured hidden states (the
+    #: low-rank projection); encoding needs it fitted first. None: no side data.
+    side_data: str | None = None
+
+
 class IdsCodec(ABC):
     """Top-k token ids of a run of positions."""
 
-    #: "rank": rows are stored in descending-probability order; "id": sorted by id;
-    #: "codec": an order of the codec's own (``encode_ordered`` says which). In the last
-    #: two the values are stored in the same order and the reader restores rank order
-    #: from them.
-    order = "rank"
-    #: True when the encoded bytes are already entropy-coded (zstd inside the codec), so
-    #: the dataset writer stores them without Parquet compression on top.
-    entropy_coded = False
+    capabilities = Capabilities()
 
     def __init__(self, params: dict[str, Any], *, vocab_size: int, k: int) -> None:
         self.params, self.vocab_size, self.k = params, vocab_size, k
@@ -41,7 +59,7 @@ class IdsCodec(ABC):
         [0, carry_bound)) moved into the stored order), or None when the rank order is
         kept. ``carry`` defaults to the column index, which yields the permutation the
         values must follow."""
-        if self.order == "rank":
+        if self.capabilities.rank_order:
             return self.encode(ids), None
         ordered, carried = sort_rows(ids, int(ids.max()) + 1 if ids.size else 1,
                                      carry, carry_bound)
@@ -57,7 +75,7 @@ class IdsCodec(ABC):
 class ValuesCodec(ABC):
     """Log-probabilities of the top-k of a run of positions."""
 
-    entropy_coded = False  # as for IdsCodec
+    capabilities = Capabilities()
 
     def __init__(self, params: dict[str, Any], *, k: int) -> None:
         self.params, self.k = params, k
@@ -75,8 +93,8 @@ class ValuesCodec(ABC):
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Values and every row's missing mass ``1 - sum(exp(values))`` [sum(rows)].
 
-        Codecs that store the mass override this; the default derives it from the
-        decoded values, which is exact for lossless codecs.
+        Codecs that store the mass (``capabilities.stores_missing_mass``) override this; the
+        default derives it from the decoded values, which is exact for lossless codecs.
         """
         values = self.decode(blobs, rows, device)
         return values, tail_from_values(values)
@@ -111,7 +129,7 @@ class HiddenCodec(ABC):
     path. Codecs without side data ignore both.
     """
 
-    entropy_coded = False  # as for IdsCodec
+    capabilities = Capabilities()
 
     def __init__(self, params: dict[str, Any], *, hidden_size: int, dtype: torch.dtype,
                  artifacts: Callable[[str], bytes] | None = None) -> None:

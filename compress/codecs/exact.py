@@ -7,12 +7,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import (HIDDEN, IDS, VALUES, HiddenCodec, IdsCodec, ValuesCodec, check_ids,
-                   fixed_width_concat, register, tensor_from_bytes)
+from .base import (HIDDEN, IDS, VALUES, Capabilities, HiddenCodec, IdsCodec, ValuesCodec,
+                   check_ids, fixed_width_concat, register, tensor_from_bytes)
 
 
 @register(IDS, "int32")
 class Int32Ids(IdsCodec):
+    capabilities = Capabilities(lossless=True)
+
     def encode(self, ids: np.ndarray) -> bytes:
         return np.ascontiguousarray(ids, dtype="<i4").tobytes()
 
@@ -25,6 +27,8 @@ class Int32Ids(IdsCodec):
 
 @register(VALUES, "float32")
 class Float32Values(ValuesCodec):
+    capabilities = Capabilities(lossless=True)
+
     def encode(self, values: np.ndarray) -> bytes:
         return np.ascontiguousarray(values, dtype="<f4").tobytes()
 
@@ -37,6 +41,8 @@ class Float32Values(ValuesCodec):
 @register(HIDDEN, "native")
 class NativeHidden(HiddenCodec):
     """Raw little-endian bytes of the teacher's dtype (bf16 stays bf16: lossless)."""
+
+    capabilities = Capabilities(lossless=True)
 
     def encode_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
         x = x.detach().to("cpu", self.dtype, copy=True).contiguous()

@@ -28,6 +28,7 @@ multiply (log), so CPU and GPU decode to bit-identical float32 values.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 from kdpipe.schemas import CodecError, ConfigError
 
 from . import entropy
-from .base import VALUES, ValuesCodec, register, tail_from_values
+from .base import VALUES, Capabilities, ValuesCodec, register, tail_from_values
 
 TRANSFORMS = ("sqrt", "log")
 LOG_FLOOR_NATS = 1000.0  # -inf and smaller log-probs are stored as this
@@ -87,7 +88,7 @@ class GridValues(ValuesCodec):
     ``delta`` (default false), ``tail_mass`` (default true), ``level`` (zstd, default 1,
     as for the ``gaps`` ids)."""
 
-    entropy_coded = True
+    capabilities = Capabilities(entropy_coded=True, stores_missing_mass=True)
 
     def __init__(self, params: dict[str, Any], *, k: int) -> None:
         super().__init__(params, k=k)
@@ -106,6 +107,8 @@ class GridValues(ValuesCodec):
         self.step = float(step)
         self.delta = bool(params.get("delta", False))
         self.tail = bool(params.get("tail_mass", True))
+        if not self.tail:
+            self.capabilities = replace(self.capabilities, stores_missing_mass=False)
         self.level = entropy.check_level(params.get("level", 1), "values grid")
         self.tag = entropy.params_tag("values.grid", {
             "transform": self.transform, "step": self.step, "delta": self.delta,

@@ -26,7 +26,8 @@ import torch
 
 from kdpipe.schemas import CodecError, ConfigError
 
-from .base import HIDDEN, HiddenCodec, fixed_width_concat, register, tensor_from_bytes
+from .base import (HIDDEN, Capabilities, HiddenCodec, fixed_width_concat, register,
+                   tensor_from_bytes)
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -142,6 +143,7 @@ class LowRankHidden(HiddenCodec):
     """Params: ``rank``, ``coeff_dtype`` (fp8|bfloat16, default fp8), ``projection`` (artifact
     path in the dataset) and ``projection_sha256``."""
 
+    capabilities = Capabilities(side_data="projection")
     COEFF_DTYPES = ("fp8", "bfloat16")
 
     def __init__(self, params: dict[str, Any], *, hidden_size: int, dtype: torch.dtype,

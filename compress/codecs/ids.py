@@ -21,7 +21,7 @@ import torch
 from kdpipe.schemas import CodecError, ConfigError
 
 from . import entropy
-from .base import (IDS, IdsCodec, check_ids, fixed_width_concat, register, sort_rows,
+from .base import (IDS, Capabilities, IdsCodec, check_ids, fixed_width_concat, register, sort_rows,
                    tensor_from_bytes)
 from .bitpack import MAX_BITS, pack_rows, row_bytes, unpack_rows
 
@@ -35,6 +35,8 @@ def vocab_bits(vocab_size: int) -> int:
 class PackedIds(IdsCodec):
     """Rank-ordered ids, ``bits`` each, MSB first, every row padded to a byte (DistillKit's
     ``bytepacked_indices``). ``bits`` defaults to ceil(log2(vocab_size))."""
+
+    capabilities = Capabilities(lossless=True)
 
     def __init__(self, params: dict[str, Any], *, vocab_size: int, k: int) -> None:
         super().__init__(params, vocab_size=vocab_size, k=k)
@@ -73,15 +75,15 @@ class GapIds(IdsCodec):
     each. A document reuses a few thousand ids, the frequent ones in most rows, so rows
     become runs of small ranks: about 25% fewer bytes than gaps over the vocabulary on
     real teacher data, and never much more (a one-row document's dictionary is its row).
-    Rows are stored in ascending rank (``order = "codec"``), so decoding needs no sort
-    until the reader restores rank order.
+    Rows are stored in ascending rank (not in rank order), so decoding needs no sort until
+    the reader restores rank order.
 
     Params: ``dictionary`` (default true), ``level`` (zstd, default 1: on the embedded
     teacher's rows level 3 gives the same size and the codec encodes ~1.3x slower;
     ``bench/bench_codecs.py``, row ``default-zstd3``).
     """
 
-    entropy_coded = True
+    capabilities = Capabilities(lossless=True, rank_order=False, entropy_coded=True)
 
     def __init__(self, params: dict[str, Any], *, vocab_size: int, k: int) -> None:
         super().__init__(params, vocab_size=vocab_size, k=k)
@@ -89,7 +91,6 @@ class GapIds(IdsCodec):
         if unknown:
             raise ConfigError(f"ids gaps: unknown parameters {unknown}")
         self.dictionary = bool(params.get("dictionary", True))
-        self.order = "codec" if self.dictionary else "id"
         self.level = entropy.check_level(params.get("level", 1), "ids gaps")
         self.tag = entropy.params_tag("ids.gaps", {"dictionary": self.dictionary})
         self.n_streams = 3 if self.dictionary else 1

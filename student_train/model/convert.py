@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from kdpipe.compress import check_writable, fsync_path, fsync_tree, share_tree
+from kdpipe.compress import check_writable, publish_dir, share_tree
 from kdpipe.schemas import ConfigError
 
 from .configuration import LAYER_TYPES, MODEL_TYPE, KDAHybridConfig, parse_layer_pattern
@@ -236,22 +234,14 @@ def convert_teacher(teacher_dir: str | Path, pattern: str | list[str], out_dir: 
         if student.model.rotary_emb is not None:
             student._init_weights(student.model.rotary_emb)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    # an existing out_dir is replaced: check_student_out accepted it (empty or a converted
+    # student); a crash never leaves a partial student behind
+    with publish_dir(out_dir) as tmp:
         student.save_pretrained(tmp)
         report.tokenizer_written = _copy_tokenizer(teacher_dir, tmp)
         if (teacher_dir / "generation_config.json").exists():
             GenerationConfig.from_pretrained(teacher_dir).save_pretrained(tmp)
         share_tree(tmp)
-        fsync_tree(tmp)   # a crash after the rename must not leave a partial student behind
-        if out_dir.exists():      # check_student_out accepted it: empty or a converted student
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_path(out_dir.parent)
     report.out_dir = out_dir
     return report
 

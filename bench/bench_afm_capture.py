@@ -36,36 +36,6 @@ from kdpipe.capture.run import CaptureOptions, run_capture
 from kdpipe.capture.topk import topk_logprobs
 
 
-def time_spent() -> dict[str, float]:
-    """Wall seconds inside the capture's stages, by thread role (wraps the functions)."""
-    import functools
-    import time
-
-    import kdpipe.capture.run as run
-    from kdpipe.compress import Codec, PartWriter
-
-    totals: dict[str, float] = {}
-    targets = [(run, "_run_window", "main: tokenize + teacher forward + top-k"),
-               (run._BackgroundWrites, "wait", "main: waiting for the writer"),
-               (run, "_write_window", "writer: whole window"),
-               (Codec, "encode_rows", "writer: encode top-k ids + values"),
-               (Codec, "encode_hidden_array", "writer: encode hidden (GPU) + copy out"),
-               (PartWriter, "_write_row_group", "writer: Parquet row groups (+ sha256)"),
-               (PartWriter, "_commit_shard", "writer: shard commit + fragment")]
-    for owner, name, label in targets:
-        fn = getattr(owner, name)
-
-        @functools.wraps(fn)
-        def timed_fn(*args, _fn=fn, _label=label, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return _fn(*args, **kwargs)
-            finally:
-                totals[_label] = totals.get(_label, 0.0) + time.perf_counter() - t0
-        setattr(owner, name, timed_fn)
-    return totals
-
-
 def batches_of(data: Path, tokenizer, seq_len: int, per_batch: int, docs: int) -> list:
     import json
     seqs = [tokenizer(json.loads(line)["text"])["input_ids"][:seq_len]
@@ -142,7 +112,6 @@ def main() -> None:
     fwd_mem = torch.cuda.max_memory_allocated() / 2**30
     del model, head, kept
     torch.cuda.empty_cache()
-    spent = time_spent()
     with tempfile.TemporaryDirectory() as tmp:
         s = run_capture(CaptureOptions(
             model=str(teacher), data=str(data), out=a.keep or str(Path(tmp) / "ds"), limit=a.docs,
@@ -164,10 +133,10 @@ def main() -> None:
                                              ("mfu", "MFU", ".1%")])
     print(f"capture output {s.bytes_per_token:.0f} bytes/token (ids + values + hidden); "
           f"peak GPU memory of the forward rows {fwd_mem:.1f} GiB")
-    print_table(f"where the capture's {s.seconds:.1f} s went (stages nest; threads overlap)",
-                [{"what": k, "s": v} for k, v in spent.items()],
+    print_table(f"where the capture's {s.seconds:.1f} s went, as it records them (stages nest; "
+                f"threads overlap)", [{"what": k, "s": v} for k, v in s.stages.items()],
                 [("what", "stage", "s"), ("s", "seconds", ".2f")])
-    write_json(a.json, {"stages_s": spent, "machine": gpu_name(), "matmul_tflops": peak,
+    write_json(a.json, {"stages_s": s.stages, "machine": gpu_name(), "matmul_tflops": peak,
                         "gflop_per_token": flops / 1e9, "seq_len": a.seq_len,
                         "batch_tokens": a.batch_tokens, "tokens": s.tokens, "codec": a.codec,
                         "hidden_layers": a.hidden_layers, "top_k": a.top_k,

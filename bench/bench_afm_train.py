@@ -7,11 +7,12 @@
 ``--teacher``: AFM-4.5B with random weights (``bench/afm.py``); ``--data``: a capture of it
 with hidden layers 9,18,27,36 (``bench_afm_capture.py --keep DS``). Each row builds kdpipe's
 ``Trainer`` (the code ``kdpipe train`` runs: streaming shards, decoding on the GPU, packing,
-bf16 autocast over float32 master weights, activation checkpointing, chunked sparse KL) and
-times ``--steps`` optimizer steps after ``--warmup``. The student is the 3:1 hybrid with random
+bf16 autocast over float32 master weights, activation checkpointing, chunked sparse KL), runs
+``--warmup`` + ``--steps`` of its steps (``Trainer.one_step``) and reports the stage seconds
+the trainer records for the last ``--steps``. The student is the 3:1 hybrid with random
 weights rounded to bf16 (as converted from a bf16 teacher, so frozen linears are kept in bf16),
-built once on the GPU and shared by the rows (conversion from random teacher weights would only
-cost time). A step is ``max(1, 8192 / L)`` sequences of L tokens per GPU.
+built once on the GPU and handed to every row's ``Trainer`` (conversion from random teacher
+weights would only cost time). A step is ``max(1, 8192 / L)`` sequences of L tokens per GPU.
 
 A row is ``recipe:L[:C]``, C the activation checkpointing: ``all`` layers recompute in
 backward (the default), ``none``, or a number of layers.
@@ -20,7 +21,8 @@ Recipes: ``stage1`` (embeddings, LM head, norms and MLPs frozen; 0.2 CE + 0.2 KL
 0.6 hidden cosine on layers 9/18/27/36) and ``full`` (every parameter, same loss). ``online``
 runs the stage-1 step with the teacher's forward (top-k and hidden states computed from the
 packed batch inside the step, instead of read from shards) at the ``--online`` length and
-checkpointing (``L[:C]``), against the offline row of the same length and checkpointing.
+checkpointing (``L[:C]``), against the offline row of the same length and checkpointing; the
+teacher produces the step's targets, so its forward counts as the step's data wait.
 
 A last table compares the head loss computed in chunks of ``--loss-chunk`` positions against
 materializing the logits of all positions at once: forward + backward time and peak memory.
@@ -32,18 +34,17 @@ import argparse
 import gc
 import os
 import tempfile
-from pathlib import Path
 
 import torch
 
 from afm import afm_4p5b_config, gpu_name, print_table, synced, write_json
 from kdpipe.capture.topk import topk_logprobs
 from kdpipe.student_train import KDAHybridForCausalLM
-from kdpipe.student_train import trainer as trainer_module
 from kdpipe.student_train.model.convert import student_config_from_teacher
 from kdpipe.student_train.sparse_kl import HeadTerm, head_losses
 from kdpipe.schemas.convert import from_data
 from kdpipe.student_train.train_config import Config
+from kdpipe.student_train.trainer import Trainer
 
 LAYERS = [9, 18, 27, 36]
 FROZEN = ["embed_tokens", "lm_head", r"(^|\.)(input_layernorm|post_attention_layernorm|norm)"
@@ -101,6 +102,24 @@ class OnlineTeacher:
         return batch
 
 
+class WithTargets:
+    """A trainer's data with the online teacher's targets added to every micro-batch."""
+
+    def __init__(self, batches, teacher: OnlineTeacher) -> None:
+        self.inner, self.teacher = batches, teacher
+
+    def next_step(self, prefetch_next: bool = False):
+        batches, state = self.inner.next_step(prefetch_next=prefetch_next)
+        return [self.teacher.targets(b) for b in batches], state
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def run_row(recipe: str, seq_len: int, recompute: str, *, student, args,
             teacher=None) -> dict:
     for p in student.parameters():              # a row before may have frozen and packed them
@@ -109,22 +128,15 @@ def run_row(recipe: str, seq_len: int, recompute: str, *, student, args,
     student.model.gradient_checkpointing = False     # or enabled it: the Trainer decides
     out = f"/tmp/kdpipe-afm-train/{recipe}-{seq_len}{'-online' if teacher else ''}"  # all ranks
     torch.cuda.reset_peak_memory_stats()
-    tr = trainer_module.Trainer(config(out, args.data, args.student_dir, recipe, seq_len,
-                                       recompute), overwrite=True)
+    tr = Trainer(config(out, args.data, args.student_dir, recipe, seq_len, recompute),
+                 overwrite=True, student=student)
     if teacher is not None:
-        step = tr.train_step
-        tr.train_step = lambda batches: step([teacher.targets(b) for b in batches])
-    times, waits, tokens = [], [], []
-    for i in range(args.warmup + args.steps):
-        t0 = synced()
-        batches, _ = tr.batches.next_step(prefetch_next=True)
-        t1 = synced()
-        m = tr.train_step(batches)
-        dt = synced() - t0
-        if i >= args.warmup:
-            times.append(dt)
-            waits.append(t1 - t0)
-            tokens.append(m["tokens"])
+        tr.batches = WithTargets(tr.batches, teacher)
+    records = [tr.one_step() for _ in range(args.warmup + args.steps)][args.warmup:]
+    times = [r["tokens"] / r["tokens_per_s"] for r in records]     # the steps' wall seconds
+    waits = [r["stage_s"]["data_wait"] for r in records]
+    tokens = [r["tokens"] for r in records]
+    m = records[-1]
     profile = profile_step(tr) if args.profile else None
     tr.batches.close()
     row = {"what": f"{recipe}{' online' if teacher else ''} L={seq_len} recompute={recompute}",
@@ -134,6 +146,8 @@ def run_row(recipe: str, seq_len: int, recompute: str, *, student, args,
            "tokens_per_s": sum(tokens) / sum(times),
            "tokens_per_s_per_gpu": sum(tokens) / sum(times) / tr.dist.world_size,
            "step_s": sum(times) / len(times), "data_wait_s": sum(waits) / len(waits),
+           **{f"{k}_s": sum(r["stage_s"][k] for r in records) / len(records)
+              for k in ("forward_backward", "optimizer")},
            "loss": m["loss"], "profile": profile,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     del tr
@@ -237,8 +251,7 @@ def main() -> None:
         for p in student.parameters():
             p.copy_(p.bfloat16().float())
     args.student_dir = tempfile.mkdtemp(prefix="afm-student-")
-    student_cfg.save_pretrained(args.student_dir)
-    trainer_module.load_student = lambda path, kda_backend="auto", dtype=None: student
+    student_cfg.save_pretrained(args.student_dir)      # the config the Trainer checks against
     rows = []
     for spec in [r for r in args.rows.split(",") if r]:
         recipe, length, recompute = (spec.split(":") + ["all"])[:3]
@@ -277,7 +290,8 @@ def main() -> None:
     print_table("training throughput", rows, [
         ("what", "what", "s"), ("tokens_per_s", "tokens/s", ".0f"),
         ("tokens_per_s_per_gpu", "per GPU", ".0f"), ("step_s", "s/step", ".2f"),
-        ("data_wait_s", "data wait s", ".3f"),
+        ("data_wait_s", "data wait s", ".3f"), ("forward_backward_s", "fwd+bwd s", ".3f"),
+        ("optimizer_s", "optim s", ".3f"),
         ("trainable_b", "trainable B", ".2f"), ("peak_gib", "peak GiB", ".1f"),
         ("offline_speedup", "offline x", ".2f")])
     for r in rows:

@@ -6,7 +6,8 @@
 
 "plain forward" is ``model(ids, attention_mask).logits`` over the same length-sorted
 batches the capture forms; "capture" is the whole `kdpipe capture` loop (tokenize,
-forward, float32 top-k, hidden states, encode, Parquet write, fragment commits).
+forward, float32 top-k, hidden states, encode, Parquet write, fragment commits), with the
+seconds of its stages as the capture records them.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from kdpipe.capture.backends import resolve_device, resolve_dtype
+from kdpipe.capture.backends import resolve_dtype
 from kdpipe.capture.inputs import BadRecord, iter_part, tokenize_record
 from kdpipe.capture.run import CaptureOptions, _batches, run_capture
-from kdpipe.capture.teacher import resolve_model
+from kdpipe.capture.teacher import locate_model
+from kdpipe.runtime import resolve_device, torch_dtype
 
 
 def plain_forward(model_path: str, seqs: list, device: str, dtype: str, budget: int) -> float:
     from transformers import AutoModelForCausalLM
-    from kdpipe.capture.backends import DTYPES
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype)).to(device)
     model.eval()
     batches = _batches([len(s) for s in seqs], budget)
     tokens = sum(len(s) for s in seqs)
@@ -63,8 +64,8 @@ def main() -> None:
     ap.add_argument("--hidden-layers", default="none")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
-    model_path = resolve_model(a.model)
-    device = resolve_device(a.device)
+    model_path, _ = locate_model(a.model, print)
+    device = str(resolve_device(a.device))
     dtype = resolve_dtype(a.dtype, device)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -93,6 +94,9 @@ def main() -> None:
     for name, tps, rel in rows:
         print(f"{name:36} {tps:10.0f} {rel:10.2f}")
     print(f"capture output: {s.bytes_per_token:.1f} bytes/token")
+    print(f"where the capture's {s.seconds:.1f} s went (threads overlap):")
+    for stage, seconds in sorted(s.stages.items(), key=lambda kv: -kv[1]):
+        print(f"  {stage:20} {seconds:8.2f} s")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({
@@ -100,7 +104,8 @@ def main() -> None:
             "tokens": s.tokens, "documents": len(seqs), "max_seq_len": a.max_seq_len,
             "codec": a.codec, "hidden_layers": a.hidden_layers,
             "forward_tokens_per_s": fwd, "capture_tokens_per_s": cap,
-            "capture_over_forward": cap / fwd, "bytes_per_token": s.bytes_per_token}, indent=1))
+            "capture_over_forward": cap / fwd, "bytes_per_token": s.bytes_per_token,
+            "stages_s": s.stages}, indent=1))
 
 
 if __name__ == "__main__":

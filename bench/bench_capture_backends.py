@@ -50,14 +50,14 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
 
-    from kdpipe.capture import run as capture_run
-    from kdpipe.capture.backends import parse_hidden_layers, resolve_device, resolve_dtype
-    from kdpipe.capture.run import CaptureOptions, run_capture
-    from kdpipe.capture.teacher import resolve_model
+    from kdpipe.capture.backends import parse_hidden_layers, resolve_dtype
+    from kdpipe.capture.run import CaptureOptions, make_backend, run_capture
+    from kdpipe.capture.teacher import locate_model
+    from kdpipe.runtime import resolve_device
     from transformers import AutoConfig
 
-    model_path = resolve_model(a.model)
-    device = resolve_device(a.device)
+    model_path, _ = locate_model(a.model, print)
+    device = str(resolve_device(a.device))
     dtype = resolve_dtype(a.dtype, device)
     layers = parse_hidden_layers(a.hidden_layers,
                                  AutoConfig.from_pretrained(model_path).num_hidden_layers)
@@ -79,32 +79,27 @@ def main() -> None:
             load = 0.0                         # the vLLM rows share one engine
             if kind not in backends:
                 t0 = time.time()
-                backends[kind] = capture_run._make_backend(opts, model_path, device, dtype,
-                                                           layers)
+                backends[kind] = make_backend(opts, model_path, device, dtype, layers)
                 load = time.time() - t0
             backend = backends[kind]
             if kind == "vllm":
                 backend.topk_source = ("prompt-logprobs" if name == "vllm-prompt-logprobs"
                                        else "worker")
-            capture_run_make = capture_run._make_backend
-            capture_run._make_backend = lambda *_: backend
-            try:
-                if rep == 0:   # warm-up: a few records into a throwaway dataset
-                    run_capture(CaptureOptions(**dict(common, limit=min(a.limit, 4),
-                                                      out=str(Path(tmp) / f"warm-{name}"),
-                                                      backend=kind, vllm_options=vopts)))
-                t0 = time.time()
-                s = run_capture(opts)
-                wall = time.time() - t0
-            finally:
-                capture_run._make_backend = capture_run_make
+            if rep == 0:   # warm-up: a few records into a throwaway dataset
+                run_capture(CaptureOptions(**dict(common, limit=min(a.limit, 4),
+                                                  out=str(Path(tmp) / f"warm-{name}"),
+                                                  backend=kind, vllm_options=vopts)),
+                            backend=backend)
+            t0 = time.time()
+            s = run_capture(opts, backend=backend)
+            wall = time.time() - t0
             times[name].append(wall)
             if rep == 0:
                 rows.append({"backend": name, "load_s": round(load, 1), "tokens": s.tokens,
                              "documents": s.documents, "bytes_per_token": s.bytes_per_token})
             print(f"{name}: {s.tokens} tokens in {wall:.1f} s", flush=True)
         for b in backends.values():
-            getattr(b, "close", lambda: None)()
+            b.close()
     for r in rows:
         r["capture_s_all"] = [round(t, 2) for t in times[r["backend"]]]
         r["capture_s"] = round(float(sorted(times[r["backend"]])[len(times[r["backend"]]) // 2]),

@@ -1,21 +1,25 @@
 """Teacher backends: run a model over token sequences, return top-k rows and hidden states.
 
-``HFBackend`` (transformers) runs on CPU and GPU and is the reference the vLLM backend
-is checked against. A backend is used through ``forward_batch`` only.
+``TeacherBackend`` is what the capture loop uses of a backend. ``HFBackend`` (transformers)
+runs on CPU and GPU and is the reference the vLLM backend (``vllm_backend.VLLMBackend``) is
+checked against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from kdpipe.schemas import ConfigError
+from kdpipe.runtime import auto_dtype, torch_dtype
+from kdpipe.schemas import ConfigError, TeacherInfo
 
+from .teacher import teacher_info
 from .topk import topk_logprobs
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CAPTURE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -25,20 +29,35 @@ class SequenceOutput:
     hidden: dict[int, torch.Tensor]  # layer -> [T, H] in the capture dtype, backend's device
 
 
+class TeacherBackend(Protocol):
+    """A teacher as the capture loop drives it; whoever loaded it closes it."""
+
+    name: str
+    tokenizer: Any            # the teacher's transformers tokenizer
+    # True: give it a whole window per call, it forms the forward steps itself (vLLM's
+    # scheduler); False: the loop batches sequences under its token budget
+    schedules_batches: bool
+
+    def forward_batch(self, seqs: list[np.ndarray]) -> list[SequenceOutput]:
+        """Top-k rows and the requested hidden states of every sequence, in order."""
+        ...
+
+    def teacher_info(self, name_or_path: str, dtype: str) -> TeacherInfo:
+        """The teacher's identity as the dataset records it."""
+        ...
+
+    def close(self) -> None:
+        """Release the model (device memory, worker processes)."""
+        ...
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
+    """The capture dtype a ``--dtype`` names (``auto``: bfloat16 on a GPU, float32 elsewhere)."""
     if dtype == "auto":
-        return "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+        return auto_dtype(device)
+    if dtype not in CAPTURE_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: use auto, {', '.join(CAPTURE_DTYPES)}")
     return dtype
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-    return device
 
 
 def parse_hidden_layers(spec: str, num_layers: int) -> list[int]:
@@ -64,6 +83,7 @@ class HFBackend:
     """A causal LM from transformers, with hooks that collect the requested hidden states."""
 
     name = "hf"
+    schedules_batches = False
 
     def __init__(self, model_path: str, *, device: str, dtype: str, top_k: int,
                  hidden_layers: list[int], trust_remote_code: bool = False) -> None:
@@ -73,7 +93,7 @@ class HFBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path,
                                                        trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
         self.model.to(device).eval()
         cfg = self.model.config
         self.num_layers = cfg.num_hidden_layers
@@ -85,6 +105,18 @@ class HFBackend:
         self.logit_scale = getattr(cfg, "logit_scale", None)
         self._captured: dict[int, torch.Tensor] = {}
         self._install_hooks()
+
+    def teacher_info(self, name_or_path: str, dtype: str) -> TeacherInfo:
+        return teacher_info(name_or_path, self.model.config, self.tokenizer, dtype,
+                            vocab_size=self.vocab_size, architecture=type(self.model).__name__)
+
+    def close(self) -> None:
+        """Drop the model, so a process that goes on (a benchmark, a notebook) gets its
+        device memory back."""
+        self.model = self._base = None
+        self._captured.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _decoder_layers(self):
         base = self.model.get_decoder()

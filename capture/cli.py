@@ -123,7 +123,9 @@ def capture(**kw) -> None:
     import signal
     import sys
 
-    from .run import CaptureOptions, Interrupted, run_capture
+    from kdpipe.runtime import Interrupted
+
+    from .run import CaptureOptions, run_capture
     kw["progress"] = not kw.pop("no_progress")
     kw["vllm_options"] = _vllm_options(kw)
     try:
@@ -142,6 +144,9 @@ def capture(**kw) -> None:
     click.echo(f"{s.out}: complete; {s.documents} documents, {s.tokens} tokens, "
                f"{s.bytes / 1e6:.1f} MB ({s.bytes_per_token:.1f} bytes/token), "
                f"{s.seconds:.1f} s; skipped records: {skipped}")
+    if s.stages:
+        click.echo("seconds by stage (threads overlap): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in sorted(s.stages.items(), key=lambda kv: -kv[1])))
 
 
 VLLM_OPTIONS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization",

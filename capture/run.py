@@ -7,30 +7,38 @@ at its end (its shard closed and listed; a shard also closes inside a window whe
 reaches --shard-mb or --docs-per-shard). A stop or kill loses at most the windows in
 flight; a resumed run starts on a window boundary and forms exactly the batches, and
 the shard boundaries, an uninterrupted run formed, so its output is identical.
+
+The run's seconds per stage (``CaptureSummary.stages``, printed by ``kdpipe capture``) are the
+main thread's ``read``, ``tokenize``, ``forward`` (teacher forward, top-k, hidden states) and
+``wait_writer``, the writer thread's ``write_window``, and inside it the ``PartWriter``'s
+``encode_topk`` (summed over its encoder threads), ``encode_hidden``, ``parquet`` and
+``commit``. They stay out of the dataset, whose bytes a resumed run reproduces.
 """
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from kdpipe.compress import PartWriter, Storage, load_codec_config, needs_fitting
-from kdpipe.schemas import CaptureSettings, ConfigError, TeacherDocument
+from kdpipe.runtime import Interrupted, StageTimes, StopSignals, resolve_device
+from kdpipe.schemas import CaptureSettings, CodecConfig, ConfigError, TeacherDocument
 
-from .backends import (HFBackend, parse_hidden_layers, resolve_device, resolve_dtype)
+from .backends import HFBackend, TeacherBackend, parse_hidden_layers, resolve_dtype
 from .inputs import (BadRecord, check_source, count_records, doc_id, iter_part,
                      source_identity, tokenize_record)
 from .lock import PartLock
-from .teacher import locate_model, teacher_info
+from .teacher import locate_model
 
 
 # Hidden states a window keeps on the GPU for the writer to encode there (two windows are in
@@ -80,13 +88,16 @@ class CaptureSummary:
     skipped: dict[str, int]
     records: int = 0                # input records of this part committed (read)
     stopped_by: int | None = None   # the signal that stopped the capture, if one did
+    stages: dict[str, float] = field(default_factory=dict)   # seconds per stage (see above)
 
     @property
     def bytes_per_token(self) -> float:
         return self.bytes / max(self.tokens, 1)
 
 
-def _make_backend(opts: CaptureOptions, model_path: str, device: str, dtype: str, layers):
+def make_backend(opts: CaptureOptions, model_path: str, device: str, dtype: str,
+                 layers: list[int]) -> TeacherBackend:
+    """The teacher backend ``opts`` asks for, loaded (the caller closes it)."""
     if opts.backend == "hf":
         return HFBackend(model_path, device=device, dtype=dtype, top_k=opts.top_k,
                          hidden_layers=layers, trust_remote_code=opts.trust_remote_code)
@@ -123,43 +134,6 @@ def _batches(lengths: list[int], budget: int) -> list[list[int]]:
     if cur:
         batches.append(cur)
     return batches
-
-
-class Interrupted(BaseException):
-    """A second SIGINT/SIGTERM (or one before the first window): stop now, keeping only
-    committed windows. A BaseException, so that no ``except Exception`` swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class _GracefulStop:
-    """Once windows run (``draining``), the first SIGTERM/SIGINT lets the current window
-    finish and commit; a second one, or one before that, raises Interrupted at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.draining = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None or not self.draining:
-            self.__exit__()    # a third signal gets the default behaviour
-            raise Interrupted(signum)
-        self.signum = signum
-        _say(f"{signal.Signals(signum).name}: finishing the current window, then stopping; "
-             f"Ctrl-C again to abort it")
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old = {}
 
 
 def _say(message: str) -> None:
@@ -216,10 +190,15 @@ def _check_options(opts: CaptureOptions) -> tuple[CaptureOptions, object]:
     return opts, codec_cfg
 
 
-def run_capture(opts: CaptureOptions) -> CaptureSummary:
+def run_capture(opts: CaptureOptions, *, backend: TeacherBackend | None = None
+                ) -> CaptureSummary:
     """Capture one part. Everything cheap (options, input, teacher path, --out, the part's
     lock) is checked before the teacher loads. A stop by signal returns a summary with
-    ``stopped_by`` set once windows run; before that it raises Interrupted."""
+    ``stopped_by`` set once windows run; before that it raises Interrupted.
+
+    ``backend``: a teacher already loaded for these options (``make_backend``), which the
+    caller keeps and closes, e.g. to capture several datasets with one engine; by default the
+    run loads its own and closes it."""
     opts, codec_cfg = _check_options(opts)
     check_source(opts.data)
     model_path, model_id = locate_model(opts.model, _say)
@@ -233,7 +212,10 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
     vocab = getattr(config, "vocab_size", None)
     if vocab and opts.top_k > vocab:
         raise ConfigError(f"--top-k {opts.top_k} exceeds the teacher's vocabulary ({vocab})")
-    device = resolve_device(opts.device)
+    try:
+        device = str(resolve_device(opts.device))
+    except ValueError as e:
+        raise ConfigError(f"--device {e}") from e
     dtype = resolve_dtype(opts.dtype, device)
     data_id, data_fp = source_identity(opts.data)
     settings = CaptureSettings(
@@ -248,27 +230,62 @@ def run_capture(opts: CaptureOptions) -> CaptureSummary:
     _say(f"backend {opts.backend}, device {device}, dtype {dtype}, top-k {opts.top_k}, "
          f"hidden layers {','.join(map(str, layers)) or 'none'}, codec {codec_cfg.name}, "
          f"records to read: {'unknown' if total is None else total}{part}; loading the teacher")
-    with _GracefulStop() as stop, _output(opts.out, opts.shard_index, opts.num_shards):
-        backend = _make_backend(opts, model_path, device, dtype, layers)
-        info = (backend.teacher_info(model_id, dtype) if hasattr(backend, "teacher_info")
-                else teacher_info(model_id, backend.model, backend.tokenizer, dtype))
-        writer = PartWriter(opts.out, teacher=info, capture=settings, codec=codec_cfg,
-                            index=opts.shard_index, count=opts.num_shards,
-                            docs_per_shard=opts.docs_per_shard,
-                            shard_bytes=int(opts.shard_mb * (1 << 20)))
-        if writer.complete:
-            writer.finish()  # writes manifest.json if other parts finished meanwhile
-            return _summary(opts, writer, time.time())
-        t0 = time.time()  # throughput counts processing, not model loading
+    notice = (lambda sig: _say(f"{sig.name}: finishing the current window, then stopping; "
+                               f"Ctrl-C again to abort it"))
+    with StopSignals(notice=notice) as stop, _output(opts.out, opts.shard_index,
+                                                     opts.num_shards):
+        teacher = backend if backend is not None else make_backend(opts, model_path, device,
+                                                                    dtype, layers)
         try:
-            _capture_records(opts, backend, writer, device, stop, total)
-        except Interrupted as e:
-            return _summary(opts, writer, t0, stopped_by=e.signum)
-        return _summary(opts, writer, t0, stopped_by=None if writer.complete else stop.signum)
+            return _capture_part(opts, teacher, settings, codec_cfg, model_id, dtype, device,
+                                 stop, total)
+        finally:
+            if backend is None:
+                teacher.close()
 
 
-def _capture_records(opts: CaptureOptions, backend, writer: PartWriter, device: str,
-                     stop: _GracefulStop, total: int | None) -> None:
+def _capture_part(opts: CaptureOptions, backend: TeacherBackend, settings: CaptureSettings,
+                  codec_cfg: CodecConfig, model_id: str, dtype: str, device: str, stop: StopSignals,
+                  total: int | None) -> CaptureSummary:
+    """Open the part's writer and capture what is left of the part (nothing if complete)."""
+    times = StageTimes()
+    t0 = time.time()
+    try:
+        with PartWriter(opts.out, teacher=backend.teacher_info(model_id, dtype),
+                        capture=settings, codec=codec_cfg, index=opts.shard_index,
+                        count=opts.num_shards, docs_per_shard=opts.docs_per_shard,
+                        shard_bytes=int(opts.shard_mb * (1 << 20)), times=times) as writer:
+            if writer.complete:
+                writer.finish()  # writes manifest.json if other parts finished meanwhile
+                return _summary(opts, writer, time.time(), times)
+            t0 = time.time()  # throughput counts processing, not model loading
+            _capture_records(opts, backend, writer, device, stop, total, times)
+    except Interrupted as e:
+        if not stop.graceful:   # before the first window: nothing new was written
+            raise
+        return _summary(opts, writer, t0, times, stopped_by=e.signum)   # the writer aborted
+    return _summary(opts, writer, t0, times,
+                    stopped_by=None if writer.complete else stop.signum)
+
+
+T = TypeVar("T")
+
+
+def _timed(items: Iterable[T], times: StageTimes, stage: str) -> Iterator[T]:
+    """``items``, with the time spent producing each one added to ``stage``."""
+    it = iter(items)
+    while True:
+        with times.time(stage):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
+def _capture_records(opts: CaptureOptions, backend: TeacherBackend, writer: PartWriter,
+                     device: str, stop: StopSignals, total: int | None,
+                     times: StageTimes) -> None:
     """Run the windows from the part's resume point; commit each; finish the part unless
     stopped. A part that wrote no document is an error that says why."""
     start = writer.next_record
@@ -278,43 +295,36 @@ def _capture_records(opts: CaptureOptions, backend, writer: PartWriter, device: 
     bar = tqdm(disable=not opts.progress, unit="rec", desc=f"capture part {opts.shard_index}",
                total=total, initial=done, dynamic_ncols=True)
     t0 = time.time()
-    stop.draining = True
+    stop.graceful = True
     tokens_done = bad = 0
     window: list[tuple[int, object]] = []
-    with _BackgroundWrites(writer, opts, device) as writes:
-        try:
-            for index, rec in records:
-                window.append((index, rec))
-                if isinstance(rec, BadRecord) and rec.where:   # name the first few
-                    bad += 1
-                    if bad <= REPORTED_BAD_RECORDS:
-                        _say(f"{rec.where}: {rec.reason}; record skipped")
-                if (index // opts.num_shards + 1) % opts.window:
-                    continue
-                tokens_done += _submit(window, backend, opts, writes, bar)
-                bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):.0f}")
-                window = []
-                if stop.signum is not None:
-                    writes.wait()
-                    return
-            if window:
-                _submit(window, backend, opts, writes, bar)
-            writes.wait()
-            if writer.manifest.documents == 0 and (opts.num_shards == 1 or
-                                                   writer.manifest.records.read):
-                raise ConfigError(_nothing_written(opts, writer))
-            writer.finish()
-        except BaseException:
-            writes.wait(raise_error=False)   # never abort under a write in flight
-            writer.abort()
-            raise
-        finally:
-            bar.close()
+    with bar, _BackgroundWrites(writer, opts, device, times) as writes:
+        for index, rec in _timed(records, times, "read"):
+            window.append((index, rec))
+            if isinstance(rec, BadRecord) and rec.where:   # name the first few
+                bad += 1
+                if bad <= REPORTED_BAD_RECORDS:
+                    _say(f"{rec.where}: {rec.reason}; record skipped")
+            if (index // opts.num_shards + 1) % opts.window:
+                continue
+            tokens_done += _submit(window, backend, opts, writes, bar, times)
+            bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):.0f}")
+            window = []
+            if stop.signum is not None:
+                writes.wait()
+                return
+        if window:
+            _submit(window, backend, opts, writes, bar, times)
+        writes.wait()
+        if writer.manifest.documents == 0 and (opts.num_shards == 1 or
+                                               writer.manifest.records.read):
+            raise ConfigError(_nothing_written(opts, writer))
+        writer.finish()
 
 
-def _submit(window: list, backend, opts: CaptureOptions, writes: "_BackgroundWrites",
-            bar) -> int:
-    prepared, outputs, tokens = _run_window(window, backend, opts)
+def _submit(window: list, backend: TeacherBackend, opts: CaptureOptions,
+            writes: _BackgroundWrites, bar, times: StageTimes) -> int:
+    prepared, outputs, tokens = _run_window(window, backend, opts, times)
     writes.submit(prepared, outputs)
     bar.update(len(window))
     return tokens
@@ -333,34 +343,35 @@ class _BackgroundWrites:
     """Encodes and commits windows on one background thread, in order, one window at a time:
     the encoding and Parquet writes of window w overlap the teacher forward of window w + 1."""
 
-    def __init__(self, writer: PartWriter, opts: CaptureOptions, device: str) -> None:
-        self.writer, self.opts = writer, opts
+    def __init__(self, writer: PartWriter, opts: CaptureOptions, device: str,
+                 times: StageTimes) -> None:
+        self.writer, self.opts, self.times = writer, opts, times
         self.stream = _WriterStream(device)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-write")
         self.pending: Future | None = None
 
-    def __enter__(self) -> "_BackgroundWrites":
+    def __enter__(self) -> _BackgroundWrites:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Waits for the window being written: the caller's writer is never aborted (on an
+        error) under a write in flight."""
         self.pool.shutdown(wait=True)
 
     def submit(self, prepared: list, outputs: list) -> None:
         self.wait()
         self.pending = self.pool.submit(_write_window, prepared, outputs, self.writer, self.opts,
-                                        self.stream.handoff())
+                                        self.stream.handoff(), self.times)
 
-    def wait(self, *, raise_error: bool = True) -> None:
+    def wait(self) -> None:
         """Block until the previous window is written; re-raise its error in this thread."""
-        if self.pending is None:
-            return
-        if raise_error:
-            self.pending.result()
-        else:
-            wait([self.pending])
+        if self.pending is not None:
+            with self.times.time("wait_writer"):
+                self.pending.result()
 
 
-def _run_window(window, backend, opts: CaptureOptions) -> tuple[list, list, int]:
+def _run_window(window, backend: TeacherBackend, opts: CaptureOptions,
+                times: StageTimes) -> tuple[list, list, int]:
     """Tokenize and run one window of records through the teacher.
 
     Returns per record (index, skip reason | [(doc_id, ids, mask, seq)], cut?), the backend's
@@ -372,8 +383,9 @@ def _run_window(window, backend, opts: CaptureOptions) -> tuple[list, list, int]
         if isinstance(rec, BadRecord):
             prepared.append((index, rec.reason, False))
             continue
-        tokd = tokenize_record(rec, backend.tokenizer, text_field=opts.text_field,
-                               chat_template=opts.chat_template)
+        with times.time("tokenize"):
+            tokd = tokenize_record(rec, backend.tokenizer, text_field=opts.text_field,
+                                   chat_template=opts.chat_template)
         if isinstance(tokd, BadRecord):
             prepared.append((index, tokd.reason, False))
             continue
@@ -387,11 +399,13 @@ def _run_window(window, backend, opts: CaptureOptions) -> tuple[list, list, int]
         prepared.append((index, docs, cut))
     outputs = [None] * len(seqs)
     # a backend with its own scheduler (vLLM) takes the whole window at once
-    groups = ([list(range(len(seqs)))] if seqs and getattr(backend, "schedules_batches", False)
+    groups = ([list(range(len(seqs)))] if seqs and backend.schedules_batches
               else _batches([len(s) for s in seqs], opts.batch_tokens))
     on_device = 0
     for batch in groups:
-        for i, res in zip(batch, backend.forward_batch([seqs[i] for i in batch])):
+        with times.time("forward"):
+            results = backend.forward_batch([seqs[i] for i in batch])
+        for i, res in zip(batch, results):
             size = sum(t.numel() * t.element_size() for t in res.hidden.values() if t.is_cuda)
             if on_device + size > HIDDEN_ON_DEVICE_BYTES:   # e.g. every layer of a big teacher
                 res.hidden = {layer: t.cpu() for layer, t in res.hidden.items()}
@@ -428,9 +442,9 @@ class _WriterStream:
 
 
 def _write_window(prepared: list, outputs: list, writer: PartWriter, opts: CaptureOptions,
-                  stream_ctx) -> None:
+                  stream_ctx, times: StageTimes) -> None:
     """Encode and commit one window, in record order (runs on the writer thread)."""
-    with stream_ctx:
+    with times.time("write_window"), stream_ctx:
         for index, docs, cut in prepared:
             if isinstance(docs, str):
                 writer.add_record(index, [], skipped=docs)
@@ -446,11 +460,12 @@ def _write_window(prepared: list, outputs: list, writer: PartWriter, opts: Captu
         writer.end_window(commit=True)   # every window is durable once written
 
 
-def _summary(opts: CaptureOptions, writer: PartWriter, t0: float,
+def _summary(opts: CaptureOptions, writer: PartWriter, t0: float, times: StageTimes,
              stopped_by: int | None = None) -> CaptureSummary:
     m = writer.manifest
     return CaptureSummary(out=opts.out, documents=m.documents, tokens=m.tokens,
                           bytes=m.total_bytes, seconds=time.time() - t0,
                           complete=writer.complete, skipped=dict(m.records.skipped),
-                          records=m.records.read, stopped_by=stopped_by)
+                          records=m.records.read, stopped_by=stopped_by,
+                          stages=times.as_dict())
 

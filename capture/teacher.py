@@ -112,16 +112,18 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def teacher_info(name_or_path: str, model, tokenizer, dtype: str) -> TeacherInfo:
-    cfg = model.config
-    vocab = model.get_output_embeddings().weight.shape[0]
+def teacher_info(name_or_path: str, config, tokenizer, dtype: str, *, vocab_size: int,
+                 architecture: str) -> TeacherInfo:
+    """The teacher's identity from its transformers config and tokenizer; ``vocab_size`` is
+    the LM head's (it may exceed the tokenizer's), ``architecture`` the class name recorded
+    when the config lists none."""
     return TeacherInfo(
         name_or_path=name_or_path,
-        architecture=(cfg.architectures or [type(model).__name__])[0],
-        config_sha256=config_fingerprint(cfg),
-        vocab_size=int(vocab),
-        hidden_size=int(cfg.hidden_size),
-        num_hidden_layers=int(cfg.num_hidden_layers),
+        architecture=(config.architectures or [architecture])[0],
+        config_sha256=config_fingerprint(config),
+        vocab_size=int(vocab_size),
+        hidden_size=int(config.hidden_size),
+        num_hidden_layers=int(config.num_hidden_layers),
         tokenizer_sha256=tokenizer_fingerprint(tokenizer),
         special_tokens={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
                         "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id},

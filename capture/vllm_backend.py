@@ -1,4 +1,4 @@
-"""vLLM teacher backend: the same ``forward_batch`` contract as ``HFBackend``, on vLLM's engine.
+"""vLLM teacher backend: a ``backends.TeacherBackend`` on vLLM's engine (``HFBackend`` checks it).
 
 One ``LLM`` is built per capture run and a whole work window goes through one
 ``generate`` call; vLLM's scheduler forms the forward steps (``max_num_batched_tokens``).
@@ -32,15 +32,15 @@ explained raises ``AlignmentError`` instead of misassigning rows.
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from kdpipe.schemas import ConfigError, KdpipeError
+from kdpipe.schemas import ConfigError, KdpipeError, TeacherInfo
 
 from .backends import SequenceOutput
+from .teacher import teacher_info
 from .topk import topk_logprobs
 
 EXTENSION = f"{__name__}.CaptureWorkerExtension"
@@ -186,8 +186,8 @@ class _WorkerCapture:
                 raise RuntimeError(f"unexpected model output {type(h).__name__} on the last "
                                    f"pipeline stage")
             h = h[:n]
-            vocab = int(getattr(self.model, "logits_processor", SimpleNamespace(
-                org_vocab_size=None)).org_vocab_size or 1 << 17)
+            processor = getattr(self.model, "logits_processor", None)
+            vocab = int(getattr(processor, "org_vocab_size", None) or 1 << 17)
             chunk = max(16, LOGIT_ELEMENTS // vocab)
             for s in range(0, n, chunk):
                 logits = self.model.compute_logits(h[s:s + chunk])  # all TP ranks take part
@@ -456,14 +456,10 @@ class VLLMBackend:
                 raise ConfigError(f"hooks found layers {got}, asked for {self.hidden_layers}")
 
     # -- identity ------------------------------------------------------------------------
-    def teacher_info(self, name_or_path: str, dtype: str):
+    def teacher_info(self, name_or_path: str, dtype: str) -> TeacherInfo:
         """The same TeacherInfo the transformers backend records, from config + tokenizer."""
-        from .teacher import teacher_info
-        weight = SimpleNamespace(shape=(self.vocab_size, int(self.config.get_text_config()
-                                                             .hidden_size)))
-        view = SimpleNamespace(config=self.config,
-                               get_output_embeddings=lambda: SimpleNamespace(weight=weight))
-        return teacher_info(name_or_path, view, self.tokenizer, dtype)
+        return teacher_info(name_or_path, self.config, self.tokenizer, dtype,
+                            vocab_size=self.vocab_size, architecture="unknown")
 
     # -- running -------------------------------------------------------------------------
     def _sampling_params(self):

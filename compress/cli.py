@@ -42,17 +42,13 @@ def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int,
     if needs_fitting(config):
         config, artifacts = _resolve_lowrank(source, config, dst, calibration_tokens)
     # offline: no GPU to keep up with, so the hidden states get zstd too (smaller shards)
-    writer = PartWriter(dst, teacher=m.teacher, capture=m.capture, codec=config, index=0,
-                        count=1, artifacts=artifacts, zstd_hidden=True)
-    try:
+    with PartWriter(dst, teacher=m.teacher, capture=m.capture, codec=config, index=0, count=1,
+                    artifacts=artifacts, zstd_hidden=True) as writer:
         for i, doc in enumerate(source.iter_documents()):
             if i >= writer.next_record:
                 writer.add_record(i, [doc])
                 writer.end_window()
         manifest = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
     if manifest is not None:
         click.echo(f"{dst}: {manifest.documents} documents, {manifest.tokens} tokens, "
                    f"{manifest.total_bytes / 1e6:.1f} MB (source {m.total_bytes / 1e6:.1f} MB), "

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from kdpipe.runtime import torch_dtype
 from kdpipe.schemas import CodecConfig, CodecError, ConfigError
 from kdpipe.schemas.convert import load_file
 
@@ -21,14 +22,11 @@ from .codecs.base import lookup
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ConfigError(f"unsupported dtype {name!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+def _hidden_dtype(name: str) -> torch.dtype:
+    try:
+        return torch_dtype(name)
+    except ValueError as e:
+        raise ConfigError(f"hidden states: {e}") from e
 
 
 def preset_names() -> list[str]:
@@ -141,7 +139,7 @@ class Codec:
             config.ids.params, vocab_size=vocab_size, k=self.k)
         self.values = lookup(VALUES, config.values.kind, "values")(config.values.params, k=self.k)
         self.hidden = lookup(HIDDEN, config.hidden.kind, "hidden")(
-            config.hidden.params, hidden_size=hidden_size, dtype=torch_dtype(hidden_dtype),
+            config.hidden.params, hidden_size=hidden_size, dtype=_hidden_dtype(hidden_dtype),
             artifacts=artifacts)
 
     def encode_rows(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[bytes, bytes]:

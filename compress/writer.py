@@ -6,6 +6,10 @@ itself replaced atomically. A killed writer therefore leaves at most temporary f
 unlisted shards of its own part, removed when the part is reopened, and resumption
 starts at the fragment's ``next_record``. Shard names are deterministic, so a resumed
 run rewrites the same files an uninterrupted one would.
+
+A ``PartWriter`` is a context manager: leaving the block commits what was added, leaving
+it by an exception (a signal's ``Interrupted`` included) aborts instead, keeping only whole,
+listed shards; either way its thread pools are shut down.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import posixpath
 import re
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
+from types import TracebackType
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdpipe.runtime import StageTimes
 from kdpipe.schemas import (CaptureSettings, CodecConfig, ConfigError, DatasetError, Manifest,
                             PartState, RecordCounts, ShardEntry, TeacherDocument, TeacherInfo,
                             hidden_column, shard_schema)
@@ -115,14 +121,20 @@ class PartWriter:
     are written before the first shard and listed in the fragment with their sha256;
     every part of a dataset must carry the same ones. A resumed writer, or a part of a
     dataset whose other parts already wrote them, may leave ``artifacts`` out.
+
+    ``times`` receives the seconds of its stages: ``encode_topk`` (summed over the encoder
+    threads), ``encode_hidden``, ``parquet`` (row groups: encoding, checksums, the write) and
+    ``commit`` (closing shards, saving the fragment).
     """
 
     def __init__(self, uri: str, *, teacher: TeacherInfo, capture: CaptureSettings,
                  codec: CodecConfig, index: int, count: int, docs_per_shard: int = 0,
                  shard_bytes: int = 512 << 20, row_group_bytes: int = 32 << 20,
-                 artifacts: dict[str, bytes] | None = None, zstd_hidden: bool = False) -> None:
+                 artifacts: dict[str, bytes] | None = None, zstd_hidden: bool = False,
+                 times: StageTimes | None = None) -> None:
         if not 0 <= index < count:
             raise ConfigError(f"--shard-index {index} must be in [0, {count})")
+        self.times = times if times is not None else StageTimes()
         self.storage = Storage(uri)
         self.index, self.count = index, count
         self.docs_per_shard, self.shard_bytes = docs_per_shard, shard_bytes
@@ -249,6 +261,25 @@ class PartWriter:
                         folder == SHARDS_DIR and ours(name) and rel not in listed):
                     self.storage.delete(rel)
 
+    def __enter__(self) -> PartWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Commit on a normal exit, abort on an exception; shut the thread pools down."""
+        try:
+            if exc_type is None:
+                self.end_window(commit=True)
+            else:
+                self.abort()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Shut the thread pools down (after the work queued on them)."""
+        self._encoder.shutdown(wait=True, cancel_futures=True)
+        self._io.shutdown(wait=True)
+
     @property
     def part(self) -> PartState:
         return self.manifest.parts[0]
@@ -336,7 +367,8 @@ class PartWriter:
                                field="hidden")
 
     def _encode_topk(self, doc: TeacherDocument) -> tuple[bytes, bytes]:
-        return self.codec.encode_rows(doc.topk_ids.numpy(), doc.topk_logprobs.numpy())
+        with self.times.time("encode_topk"):
+            return self.codec.encode_rows(doc.topk_ids.numpy(), doc.topk_logprobs.numpy())
 
     def _append(self, doc: TeacherDocument, ids_b: bytes, vals_b: bytes) -> None:
         """Buffer one document; its hidden states are encoded here, in the caller's thread
@@ -352,7 +384,8 @@ class PartWriter:
         b[cols.TOPK_VALUES].append(vals_b)
         size = len(ids_b) + len(vals_b) + 4 * doc.num_tokens
         for layer in self.hidden_layers:
-            h = self.codec.encode_hidden_array(doc.hidden[layer], layer)
+            with self.times.time("encode_hidden"):
+                h = self.codec.encode_hidden_array(doc.hidden[layer], layer)
             b[hidden_column(layer)].append(h)
             size += h.size
         self._buf_bytes += size
@@ -374,10 +407,14 @@ class PartWriter:
                   else pa.array(self._buf[f.name], type=f.type) for f in self.schema]
         table = pa.Table.from_arrays(arrays, schema=self.schema)
         self._drain()
-        self._io_pending = self._io.submit(self._pq.write_table, table, row_group_size=len(table))
+        self._io_pending = self._io.submit(self._write_table, table)
         self._shard_bytes += self._buf_bytes
         self._buf = {f.name: [] for f in self.schema}
         self._buf_bytes = 0
+
+    def _write_table(self, table: pa.Table) -> None:
+        with self.times.time("parquet"):
+            self._pq.write_table(table, row_group_size=len(table))
 
     def _drain(self) -> None:
         """Wait for the row group being written; its I/O error surfaces here."""
@@ -405,12 +442,13 @@ class PartWriter:
     def _commit(self) -> None:
         """Close the open shard, list every closed one, and move the resume pointer."""
         self._append_queued()
-        self._close_shard()
-        if self._last_record >= 0:
-            self.manifest.shards.extend(self._closed)
-            self.manifest.records.add(self._pending)
-            self.part.next_record = self._last_record + 1
-            self._save_fragment()
+        with self.times.time("commit"):
+            self._close_shard()
+            if self._last_record >= 0:
+                self.manifest.shards.extend(self._closed)
+                self.manifest.records.add(self._pending)
+                self.part.next_record = self._last_record + 1
+                self._save_fragment()
         self._closed = []
         self._reset_window()
 

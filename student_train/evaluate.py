@@ -22,6 +22,8 @@ import torch
 from tqdm import tqdm
 
 from kdpipe.compress import Dataset
+from kdpipe.runtime import auto_dtype, resolve_device
+from kdpipe.schemas import ConfigError
 
 from .stream import StreamState
 from .stream_loader import DistillStream, RawBatch, build_index
@@ -77,8 +79,6 @@ def load_student(path: str, *, kda_backend: str = "auto", dtype=torch.float32):
     """A student checkpoint as a ``KDAHybridForCausalLM`` in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kdpipe.schemas import ConfigError
-
     from . import KDAHybridConfig, KDAHybridForCausalLM  # registers the Auto classes
     config = AutoConfig.from_pretrained(path)
     if not isinstance(config, KDAHybridConfig):
@@ -97,9 +97,10 @@ def evaluate_student(student_dir: str, data: str, *, seq_len: int = 2048, max_to
     """``kdpipe eval``: metrics of any student checkpoint on a captured dataset."""
     from .train_checks import check_dataset
     from .train_config import DataConfig, LossConfig
-    from .train_dist import resolve_device
-
-    dev = resolve_device(device)
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise ConfigError(f"--device {e}") from e
     student = load_student(student_dir)
     ds = Dataset(data)
     check_dataset(ds.manifest, where=data, student_config=student.config, student_dir=student_dir,
@@ -107,7 +108,7 @@ def evaluate_student(student_dir: str, data: str, *, seq_len: int = 2048, max_to
                   loss=LossConfig(), layer_map=[])
     module = DistillModule(student, objective=eval_objective(chunk_size),
                            teacher_hidden_size=ds.manifest.teacher.hidden_size).to(dev)
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    bf16 = precision == "bf16" or (precision == "auto" and auto_dtype(dev) == "bfloat16")
     stream = eval_stream(data, seq_len=seq_len, micro_batch=micro_batch, max_tokens=max_tokens,
                          dist=DistInfo(device=dev))
     return evaluate(module, stream, dist=DistInfo(device=dev), bf16=bf16, chunk_size=chunk_size,

@@ -1,8 +1,10 @@
 """Run metrics: one JSON line per record in ``OUT/metrics.jsonl``, mirrored to TensorBoard,
 and ``plot_run`` which draws the curves of a run directory to a PNG.
 
-Records are ``{"kind": "train" | "eval", "step": N, ...values}``. On resume the file is cut
-back to the checkpoint's step, so a resumed run's file reads as if it had never stopped.
+Records are ``{"kind": "train" | "eval", "step": N, ...values}``; a train record's
+``stage_s`` holds the seconds of the step's stages (``Trainer.one_step`` says which). On
+resume the file is cut back to the checkpoint's step, so a resumed run's file reads as if it
+had never stopped (timings aside).
 """
 
 from __future__ import annotations
@@ -63,14 +65,22 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+            for k, v in _scalars(values):
+                self._tb.add_scalar(f"{kind}/{k}", v, step)
             self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _scalars(values: dict, prefix: str = ""):
+    """(name, value) of the finite numbers in ``values``, nested dicts as ``key/sub``."""
+    for k, v in values.items():
+        if isinstance(v, dict):
+            yield from _scalars(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and math.isfinite(v):
+            yield f"{prefix}{k}", v
 
 
 def plot_run(run_dir: str | Path, out_png: str | Path | None = None) -> Path:

@@ -42,7 +42,7 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
     replica does not fit one GPU or with --set parallel.strategy=fsdp). Writes checkpoints,
     metrics.jsonl, TensorBoard logs and the final student (OUT/final) to the config's out
     directory. Ctrl-C or SIGTERM checkpoints, prints the command that resumes and exits
-    with 130 or 143.
+    with 130 or 143; a second one stops at once, losing the steps since the last checkpoint.
     """
     from .train_config import dump_config, load_config
 
@@ -55,13 +55,22 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
         raise ConfigError("--resume and --overwrite contradict each other")
     from transformers.utils import logging as hf_logging
 
+    from kdpipe.runtime import Interrupted
+
     from .train_dist import shutdown_distributed
     from .trainer import Trainer
     hf_logging.disable_progress_bar()
     try:
         trainer = Trainer(cfg, resume=resume, overwrite=overwrite,
                           prepare_embedded=_from_kdpipe_cli("prepare_embedded_teacher"))
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        except Interrupted as e:
+            if trainer.dist.is_main:
+                click.echo(f"stopped at once by {e} during step {trainer.step + 1}; the steps "
+                           f"since the last checkpoint are lost. Continue with:\n  "
+                           + resume_command(config_path, overrides, trainer.dist.distributed))
+            raise SystemExit(128 + e.signum) from None
         if result.get("stopped"):
             if trainer.dist.is_main:
                 click.echo(f"stopped by {result['stopped']} after step {result['step']}; "

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from kdpipe.runtime import resolve_device
 from kdpipe.schemas import ConfigError
 
 from .train_config import ParallelConfig
@@ -55,23 +56,14 @@ class DistInfo:
         return dict(zip(keys, t.tolist()))
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name!r} but CUDA is not available")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-        torch.cuda.set_device(torch.device(name))
-    return torch.device(name)
-
-
 def init_distributed(*, parallel: ParallelConfig, device: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    try:
+        dev = resolve_device(device, local_rank=local_rank)
+    except ValueError as e:
+        raise ConfigError(f"train.device={e}") from e
     if world > 1 and not tdist.is_initialized():
         backend = parallel.backend
         if backend == "auto":

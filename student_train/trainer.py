@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import signal
 import sys
 import time
 from collections import defaultdict
@@ -27,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from kdpipe.compress import Dataset
+from kdpipe.runtime import StopSignals, auto_dtype
 from kdpipe.schemas import ConfigError, DatasetError
 from kdpipe.schemas.layout import embedded_teacher_dir, is_embedded_teacher
 
@@ -185,46 +185,23 @@ def student_config(student: StudentConfig, out: Path, *, resume_from: Path | Non
     return config, path, path
 
 
-class StopSignals:
-    """Turns SIGTERM (a scheduler's preemption notice) and SIGINT (Ctrl-C) into a flag the
-    loop checks between steps, so the run checkpoints and exits resumable instead of dying
-    mid-step. ``signum`` is the first signal received; a second one acts as it normally
-    would (Ctrl-C twice stops at once, losing only the steps since the last checkpoint)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopSignals":
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        self._restore()
-
-    def _restore(self) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
-        self._previous = {}
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
-
-
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
-                 prepare_embedded: Callable[[], Path] | None = None) -> None:
+                 prepare_embedded: Callable[[], Path] | None = None,
+                 student: torch.nn.Module | None = None) -> None:
         """``prepare_embedded`` prepares the embedded teacher if the run needs it and it is
-        missing (training never imports capture code; the CLI passes capture's)."""
+        missing (training never imports capture code; the CLI passes capture's).
+        ``student``: the checkpoint ``student.path`` names, already loaded (trained in place;
+        a caller that trains one student under several configs loads it once)."""
+        if student is not None and (resume or cfg.student.path is None):
+            raise ConfigError("a student given in memory needs student.path (its checkpoint) "
+                              "and cannot be resumed")
         self.cfg = cfg
         self.prepare_embedded = prepare_embedded
         self.dist = dist = init_distributed(parallel=cfg.parallel, device=cfg.train.device)
         self.device = dist.device
-        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto"
-                                                      and self.device.type == "cuda")
+        self.bf16 = cfg.train.precision == "bf16" or (
+            cfg.train.precision == "auto" and auto_dtype(self.device) == "bfloat16")
         self.out = Path(cfg.out)
 
         # everything is checked, reading only, before anything is written or deleted: the out
@@ -265,8 +242,9 @@ class Trainer:
         init_dir = prepare_student(cfg.student, self.out, is_main=dist.is_main,
                                    barrier=dist.barrier, prepare_embedded=prepare_embedded)
         self.tokenizer_src = init_dir
-        student = load_student(str(self.resume_from / "model") if self.resume_from else init_dir,
-                               kda_backend=cfg.student.kda_backend)
+        if student is None:
+            student = load_student(str(self.resume_from / "model") if self.resume_from
+                                   else init_dir, kda_backend=cfg.student.kda_backend)
 
         # objective, projections, frozen parameters, memory savers
         self.objective = training_objective(cfg.loss, layer_map=layer_map)
@@ -320,6 +298,8 @@ class Trainer:
         self.batches = TrainBatches(stream, state, workers=d.workers, device=self.device)
         self.metrics = MetricsLog(self.out, enabled=dist.is_main, tensorboard=cfg.log.tensorboard,
                                   resume_step=self.step if self.resume_from else None)
+        # seconds of evaluation and checkpointing not yet in a train record (see one_step)
+        self._between_steps = {"eval": 0.0, "checkpoint": 0.0}
         if self.skipped and not self.resume_from:   # a resumed run keeps its first start's
             self.metrics.log("data", 0, {
                 "documents": index.num_documents, "skipped_shards": len(self.skipped),
@@ -399,19 +379,29 @@ class Trainer:
             self.evaluate()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (dist.is_main and cfg.log.progress), desc="train")
-        with StopSignals() as stop:
-            while self.step < self.total_steps:
-                state = self._one_step(bar)
-                # every rank must stop at the same step: the signals are agreed like metrics
-                got = self.dist.all_reduce_sum({s.name: float(stop.signum == s)
-                                                for s in StopSignals.SIGNALS})
-                if any(got.values()):
-                    self.batches.close()
-                    self.save(state)
-                    bar.close()
-                    self.metrics.close()
-                    return self._summary(stopped=max(got, key=got.get))
-        bar.close()
+        notice = (lambda sig: tqdm.write(f"{sig.name}: checkpointing after this step, then "
+                                         f"stopping; again to stop at once", file=sys.stderr)
+                  ) if dist.is_main else None
+        try:
+            with StopSignals(graceful=True, notice=notice) as stop:
+                while self.step < self.total_steps:
+                    last = self.one_step()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}",
+                                    tok_s=f"{last['tokens_per_s']:.0f}")
+                    # every rank must stop at the same step: the signals are agreed like metrics
+                    got = self.dist.all_reduce_sum({s.name: float(stop.signum == s)
+                                                    for s in StopSignals.SIGNALS})
+                    if any(got.values()):
+                        self.batches.close()
+                        self.save(self.batches.state)
+                        self.metrics.close()
+                        return self._summary(stopped=max(got, key=got.get))
+        except BaseException:
+            self.batches.close()      # no loader thread left waiting on its workers at exit
+            raise
+        finally:
+            bar.close()
         self.batches.close()
         if self.eval_stream is not None and cfg.eval.at_end and \
                 self.last_eval.get("step") != self.step:
@@ -430,32 +420,39 @@ class Trainer:
         return {"step": self.step, "train": self.last_train, "eval": self.last_eval,
                 "skipped_shards": sorted(self.skipped), **extra}
 
-    def _one_step(self, bar) -> StreamState:
-        """One optimizer step with its logging, evaluation and periodic checkpoint; returns
-        the data state after it."""
+    def one_step(self) -> dict:
+        """One optimizer step as ``kdpipe train`` runs it: its data, the step, its train record
+        and, when due, evaluation and a checkpoint. Returns the train record, whose ``stage_s``
+        holds the step's ``data_wait``, ``forward_backward`` and ``optimizer`` seconds and the
+        ``eval`` and ``checkpoint`` seconds spent since the previous record (written before
+        that checkpoint, a record survives a kill that follows it)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         batches, state = self.batches.next_step(prefetch_next=self.step + 1 < self.total_steps)
+        waited = time.perf_counter() - t0
         last = self.train_step(batches)
         self.step += 1
         self.tokens_seen += int(last["tokens"])
         last["tokens_per_s"] = last["tokens"] / max(time.perf_counter() - t0, 1e-9)
         last["epoch"], last["sample_in_epoch"] = state.epoch, state.sample_in_epoch
+        last["stage_s"] = {"data_wait": waited, **last["stage_s"], **self._between_steps}
         self.last_train = last
         if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
             self.metrics.log("train", self.step, dict(last, tokens_seen=self.tokens_seen))
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            self._between_steps = {"eval": 0.0, "checkpoint": 0.0}
         if self.eval_stream is not None and cfg.eval.every and \
                 self.step % cfg.eval.every == 0 and self.step < self.total_steps:
             self.evaluate()
         if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and \
                 self.step < self.total_steps:
             self.save(state)
-        return state
+        return last
 
     def train_step(self, batches: list[PackedBatch]) -> dict:
-        """One optimizer step over this rank's micro-batches; returns global metrics."""
+        """One optimizer step over this rank's micro-batches; returns global metrics, with
+        ``stage_s``: seconds of ``forward_backward`` and ``optimizer`` (clipping, the update,
+        the schedule), each ending in a device sync the step makes anyway."""
+        t0 = time.perf_counter()
         counts = defaultdict(float)
         for b in batches:
             for k, v in b.counts().items():
@@ -473,6 +470,7 @@ class Trainer:
             for k, v in out.items():                         # no device sync per micro-batch
                 acc[k] = acc[k] + v.detach().double() if k in acc else v.detach().double()
         sums = {k: float(v) for k, v in acc.items()}
+        t1 = time.perf_counter()
         params = [p for p in self.module.parameters() if p.requires_grad]
         max_norm = self.cfg.optim.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
@@ -482,6 +480,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = float(grad_norm)                          # waits for the update too
+        t2 = time.perf_counter()
         sums = self.dist.all_reduce_sum(sums)
         metrics = {"loss": 0.0}
         for t in self.objective.terms:
@@ -489,16 +489,19 @@ class Trainer:
             value = sums[t.name] / max(counts[t.normalizer] * layers, 1)
             metrics[f"loss_{t.name}"] = value
             metrics["loss"] += t.weight * value
-        metrics.update(grad_norm=float(grad_norm), lr=lr, tokens=counts["tokens"])
+        metrics.update(grad_norm=grad_norm, lr=lr, tokens=counts["tokens"],
+                       stage_s={"forward_backward": t1 - t0, "optimizer": t2 - t1})
         return metrics
 
     def evaluate(self) -> dict:
+        t0 = time.perf_counter()
         result = evaluate(self.model, self.eval_stream, dist=self.dist, bf16=self.bf16,
                           chunk_size=self.cfg.loss.chunk_size or 1024,
                           progress=self.dist.is_main and self.cfg.log.progress)
         result["step"] = self.step
         self.last_eval = result
         self.metrics.log("eval", self.step, result)
+        self._between_steps["eval"] += time.perf_counter() - t0
         if self.dist.is_main and self.cfg.log.progress:
             tqdm.write(f"eval step {self.step}: kl {result['kl']:.4f} "
                        f"top1 {result['top1']:.3f} ce {result['ce']:.4f}")
@@ -507,10 +510,14 @@ class Trainer:
     def save(self, state: StreamState) -> Path:
         """A checkpoint of everything a resumed run needs to continue exactly, including the
         shards left out (so they stay out) and the last evaluation (so it is not redone)."""
+        t0 = time.perf_counter()
         meta = {"tokens_seen": self.tokens_seen, "data_state": state.to_dict(),
                 "metrics": self.last_train, "eval": self.last_eval,
                 "skipped_shards": self.skipped, "config": self.cfg.to_dict()}
-        return ckpt.save_checkpoint(self.out, self.step, module=self.module,
-                                    optimizer=self.optimizer, scheduler=self.scheduler, meta=meta,
-                                    dist=self.dist, keep_last=self.cfg.checkpoint.keep_last,
-                                    tokenizer_src=self.tokenizer_src)
+        saved = ckpt.save_checkpoint(self.out, self.step, module=self.module,
+                                     optimizer=self.optimizer, scheduler=self.scheduler,
+                                     meta=meta, dist=self.dist,
+                                     keep_last=self.cfg.checkpoint.keep_last,
+                                     tokenizer_src=self.tokenizer_src)
+        self._between_steps["checkpoint"] += time.perf_counter() - t0
+        return saved

@@ -62,7 +62,7 @@ def vllm_backend(teacher_dir):
     opts = CaptureOptions(model=str(teacher_dir), data="-", out="-", backend="vllm",
                           batch_tokens=160,     # < one window's tokens: several forward steps
                           vllm_options={"kv_cache_gib": 0.5}, **OPTS)
-    backend = capture_run._make_backend(opts, str(teacher_dir), "cpu", "float32", LAYERS)
+    backend = capture_run.make_backend(opts, str(teacher_dir), "cpu", "float32", LAYERS)
     yield backend
     backend.close()
 
@@ -70,11 +70,7 @@ def vllm_backend(teacher_dir):
 def _capture(out, data, teacher_dir, backend=None, **extra):
     opts = CaptureOptions(model=str(teacher_dir), data=str(data), out=str(out),
                           backend="vllm" if backend is not None else "hf", **dict(OPTS, **extra))
-    if backend is None:
-        return run_capture(opts)
-    with pytest.MonkeyPatch.context() as mp:    # the module's engine instead of a new one
-        mp.setattr(capture_run, "_make_backend", lambda *a: backend)
-        return run_capture(opts)
+    return run_capture(opts, backend=backend)    # the module's engine instead of a new one
 
 
 @pytest.fixture(scope="module")

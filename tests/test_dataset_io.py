@@ -154,3 +154,32 @@ def test_missing_hidden_layer_request_names_layers(written):
     out, _ = written
     with pytest.raises(DatasetError, match=r"hidden layers \[7\] were not captured"):
         Dataset(str(out)).columns([7])
+
+
+def test_writer_block_commits_on_exit_and_aborts_on_an_exception(tmp_path):
+    """Leaving the block commits what was added; an exception drops what was not committed
+    (only whole, listed shards remain); either way the writer's threads are shut down."""
+    rng = np.random.default_rng(2)
+    docs = [_doc(i, rng) for i in range(6)]
+    out = tmp_path / "ds"
+    kw = dict(teacher=_teacher(), capture=_capture(), codec=EXACT, index=0, count=1,
+              docs_per_shard=2, row_group_bytes=100)
+    with PartWriter(str(out), **kw) as w:
+        for d in docs[:3]:
+            w.add_record(d.record_index, [d])   # no end_window: the exit commits them
+    assert w._encoder._shutdown and w._io._shutdown
+    committed = sorted(p.name for p in (out / "shards").iterdir())
+    assert len(committed) == 2 and PartWriter(str(out), **kw).next_record == 3
+    with pytest.raises(RuntimeError, match="stop"):
+        with PartWriter(str(out), **kw) as w:
+            for d in docs[3:]:
+                w.add_record(d.record_index, [d])
+            raise RuntimeError("stop")
+    assert w._encoder._shutdown and w._io._shutdown
+    assert sorted(p.name for p in (out / "shards").iterdir()) == committed
+    with PartWriter(str(out), **kw) as w:
+        assert w.next_record == 3
+        for d in docs[3:]:
+            w.add_record(d.record_index, [d])
+        w.finish()
+    assert [d.doc_id for d in Dataset(str(out)).iter_documents()] == [d.doc_id for d in docs]

@@ -48,3 +48,7 @@ def test_training_lowers_loss_and_heldout_kl(captured, teacher_dir, tmp_path):
     assert [e["step"] for e in evals] == [0, 4]
     assert evals[1]["kl"] < evals[0]["kl"] * 0.95, evals
     assert result["eval"]["kl"] == evals[1]["kl"]
+    stages = [r["stage_s"] for r in records if r["kind"] == "train"]
+    assert all(set(s) == {"data_wait", "forward_backward", "optimizer", "eval", "checkpoint"}
+               and min(s.values()) >= 0 for s in stages)
+    assert stages[0]["eval"] > 0 and stages[1]["eval"] == 0   # the evaluation at the start

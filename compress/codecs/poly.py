@@ -42,13 +42,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from kdpipe.runtime import DTYPES
 from kdpipe.schemas import CodecError, ConfigError
 
 from .base import VALUES, ValuesCodec, fixed_width_concat, register, tensor_from_bytes
 from .bitpack import MAX_BITS, pack_rows, row_bytes, unpack_rows
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "float64": torch.float64}
 SPECIAL_TERMS = ("sqrt", "exp")
 
 

@@ -218,21 +218,18 @@ def import_dataset(src: str | Path, dst: str, *, codec: CodecConfig,
                               max_seq_len=max_len, dtype="float32", chat_template=False,
                               hidden_layers=[], text_field="", long_documents="truncate",
                               data_source=str(Path(src).resolve()))
-    writer = PartWriter(dst, teacher=teacher, capture=capture, codec=codec, index=0, count=1)
-    if writer.complete:
-        raise ConfigError(f"{dst} already holds a complete import; use another destination "
-                          f"or --overwrite")
     written = 0
-    try:
+    with PartWriter(dst, teacher=teacher, capture=capture, codec=codec, index=0,
+                    count=1) as writer:
+        if writer.complete:
+            raise ConfigError(f"{dst} already holds a complete import; use another destination "
+                              f"or --overwrite")
         for i, doc in enumerate(docs):
             if i >= writer.next_record:  # a rerun resumes after what is committed
                 writer.add_record(i, [doc])
                 writer.end_window()
                 written += 1
         writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
     return written
 
 

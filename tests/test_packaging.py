@@ -40,8 +40,7 @@ def env(wheel, tmp_path_factory) -> Path:
     purelib = subprocess.run([root / "bin" / "python", "-c",
                               "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
-    deps = [p for p in map(Path, sys.path) if p.is_dir() and "site-packages" in p.parts
-            and p.resolve() != REPO and REPO not in p.resolve().parents]
+    deps = [p for p in map(Path, sys.path) if p.is_dir() and "site-packages" in p.parts]
     Path(purelib, "test-deps.pth").write_text("".join(f"{p}\n" for p in deps))
     subprocess.run([sys.executable, "-m", "pip", "--python", str(root / "bin" / "python"),
                     "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)

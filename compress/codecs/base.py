@@ -58,6 +58,9 @@ class ValuesCodec(ABC):
     """Log-probabilities of the top-k of a run of positions."""
 
     entropy_coded = False  # as for IdsCodec
+    #: True when every row's missing mass is stored beside the values (``decode_with_tail``
+    #: then returns it): lossy values cannot give it back to the precision it was captured.
+    stores_tail = False
 
     def __init__(self, params: dict[str, Any], *, k: int) -> None:
         self.params, self.k = params, k

@@ -105,12 +105,12 @@ class GridValues(ValuesCodec):
             raise ConfigError(f"values grid: step must be a number in [1e-6, 1], got {step!r}")
         self.step = float(step)
         self.delta = bool(params.get("delta", False))
-        self.tail = bool(params.get("tail_mass", True))
+        self.stores_tail = bool(params.get("tail_mass", True))
         self.level = entropy.check_level(params.get("level", 1), "values grid")
         self.tag = entropy.params_tag("values.grid", {
             "transform": self.transform, "step": self.step, "delta": self.delta,
-            "tail": self.tail})
-        self.n_streams = 2 if self.tail else 1
+            "tail": self.stores_tail})
+        self.n_streams = 2 if self.stores_tail else 1
         top = top_index(self.transform, self.step)
         self.index_bound = top + 1
         if self.transform == "sqrt":
@@ -145,12 +145,12 @@ class GridValues(ValuesCodec):
             root *= np.float32(0.5)
             np.exp(root, out=root)
             mass = 1.0 - np.einsum("ij,ij->i", root, root, dtype=np.float64) \
-                if self.tail else None
+                if self.stores_tail else None
             root *= np.float32(1.0 / self.step)
             np.minimum(root, np.float32(self.index_bound - 1), out=root)
             return np.rint(root, out=root).astype(np.int32), mass
         lp = np.minimum(values, 0.0, dtype=np.float64)
-        mass = 1.0 - np.exp(lp).sum(axis=1) if self.tail else None
+        mass = 1.0 - np.exp(lp).sum(axis=1) if self.stores_tail else None
         return quantize(lp, self.transform, self.step).astype(np.int32), mass
 
     def encode_indices(self, q: np.ndarray, mass: np.ndarray | None) -> bytes:
@@ -212,7 +212,7 @@ class GridValues(ValuesCodec):
         values = self._to_logprobs(q, "values grid")
         if not with_tail:
             return values, None
-        if not self.tail:
+        if not self.stores_tail:
             return values, tail_from_values(values)
         return values, self._stored_mass(docs, rows, device)
 
@@ -230,7 +230,7 @@ class GridValues(ValuesCodec):
         ordinals = q.neg_().add_(top) if self.transform == "sqrt" else q
         if not with_tail:
             return ordinals, None
-        if not self.tail:
+        if not self.stores_tail:
             return ordinals, tail_from_values(self.ordinal_levels.to(device)[ordinals])
         return ordinals, self._stored_mass(docs, rows, device)
 

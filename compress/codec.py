@@ -142,6 +142,12 @@ class Codec:
             config.hidden.params, hidden_size=hidden_size, dtype=_hidden_dtype(hidden_dtype),
             artifacts=artifacts)
 
+    @property
+    def stores_tail(self) -> bool:
+        """Whether the values carry every row's missing mass (``decode_rows_with_tail``
+        returns it as stored rather than recomputed from the decoded values)."""
+        return self.values.capabilities.stores_missing_mass
+
     def encode_rows(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[bytes, bytes]:
         """[N, k_captured] rank-ordered ids and log-probs -> (ids bytes, values bytes)."""
         ids = np.ascontiguousarray(np.asarray(ids)[:, : self.k], dtype=np.int64)

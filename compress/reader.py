@@ -148,7 +148,8 @@ class Dataset:
 
     def decode_table(self, table: pa.Table, *, hidden_layers: Sequence[int] | None = None,
                      device: torch.device | str = "cpu", where: str = "") -> list[TeacherDocument]:
-        """Decode every document of a table (one row group or more) in one batch."""
+        """Decode every document of a table (one row group or more) in one batch, with the
+        stored missing mass of every row where the codec keeps it (``tail_mass``)."""
         layers = self.hidden_layers if hidden_layers is None else list(hidden_layers)
         doc_ids = table.column(cols.DOC_ID).to_pylist()
         n_tok = table.column(cols.NUM_TOKENS).to_numpy()
@@ -167,7 +168,11 @@ class Dataset:
         ids_b = table.column(cols.TOPK_IDS).to_pylist()
         val_b = table.column(cols.TOPK_VALUES).to_pylist()
         try:
-            topk_ids, topk_lps = self.codec.decode_rows(ids_b, val_b, rows, device)
+            blobs = (ids_b, val_b, rows, device)
+            if self.codec.stores_tail:
+                topk_ids, topk_lps, tail = self.codec.decode_rows_with_tail(*blobs)
+            else:
+                (topk_ids, topk_lps), tail = self.codec.decode_rows(*blobs), None
             hidden = {layer: self.codec.decode_hidden(table.column(hidden_column(layer))
                                                       .to_pylist(), n_tok.tolist(), device,
                                                       layer=layer)
@@ -180,6 +185,7 @@ class Dataset:
             out.append(TeacherDocument(
                 doc_id=doc_ids[i], input_ids=np.asarray(input_ids[i], dtype=np.int32),
                 topk_ids=topk_ids[r0:r1], topk_logprobs=topk_lps[r0:r1],
+                tail_mass=None if tail is None else tail[r0:r1],
                 loss_mask=None if loss_masks[i] is None else np.asarray(loss_masks[i], bool),
                 teacher_mask=None if teacher_masks[i] is None else np.asarray(teacher_masks[i],
                                                                               bool),

@@ -63,6 +63,11 @@ def _check_rows(ds: Dataset, entry: ShardEntry, pf: pq.ParquetFile,
             if lps.shape[1] > 1 and bool((lps[:, 1:] > lps[:, :-1]).any()):
                 raise DatasetError("log-probs not sorted descending", file=where, row=row,
                                    field=cols.TOPK_VALUES)
+            tail = doc.tail_mass
+            if tail is not None and tail.numel() and \
+                    not bool(((tail >= 0) & (tail <= 1)).all()):
+                raise DatasetError("stored missing mass outside [0, 1]", file=where, row=row,
+                                   field=cols.TOPK_VALUES)
             if ids.shape[1] > 1 and bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
                 raise DatasetError("repeated token id within a row", file=where, row=row,
                                    field=cols.TOPK_IDS)
@@ -175,7 +180,8 @@ def dataset_stats(uri: str) -> dict:
 
 
 def dump_arrays(uri: str, limit: int | None = None) -> dict[str, np.ndarray]:
-    """Decoded arrays per document, rows without a teacher row as id -1 / log-prob -inf."""
+    """Decoded arrays per document, rows without a teacher row as id -1 / log-prob -inf
+    (and, where the codec stores the missing mass, ``tail_mass`` NaN)."""
     ds = Dataset(uri)
     arrays: dict[str, np.ndarray] = {}
     for n, doc in enumerate(ds.iter_documents()):
@@ -192,6 +198,10 @@ def dump_arrays(uri: str, limit: int | None = None) -> dict[str, np.ndarray]:
         arrays[f"{p}/teacher_mask"] = tmask
         arrays[f"{p}/topk_ids"] = ids
         arrays[f"{p}/topk_logprobs"] = lps
+        if doc.tail_mass is not None:
+            tail = np.full(T, np.nan, np.float32)
+            tail[tmask] = doc.tail_mass.numpy()
+            arrays[f"{p}/tail_mass"] = tail
         if doc.loss_mask is not None:
             arrays[f"{p}/loss_mask"] = doc.loss_mask
         for layer, h in doc.hidden.items():

@@ -15,12 +15,18 @@ class TeacherDocument:
     ``topk_ids``/``topk_logprobs`` hold one row per position whose ``teacher_mask`` is
     true (all positions when the mask is None), sorted by descending log-prob with exact
     ties broken by ascending id. ``hidden`` maps a captured layer index to [T, H].
+
+    ``tail_mass`` is each row's probability outside its top-k as the codec stored it (the
+    ``grid`` values codec with ``tail_mass``, as in the ``default`` preset), which the
+    quantized top-k alone cannot give back; None when the codec stores none, and then
+    ``1 - sum(exp(topk_logprobs))`` is the best estimate (exact for lossless codecs).
     """
 
     doc_id: str
     input_ids: np.ndarray                      # [T] int32
     topk_ids: torch.Tensor                     # [N, k] int64
     topk_logprobs: torch.Tensor                # [N, k] float32
+    tail_mass: torch.Tensor | None = None      # [N] float32 probability, or None
     loss_mask: np.ndarray | None = None        # [T] bool
     teacher_mask: np.ndarray | None = None     # [T] bool
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)

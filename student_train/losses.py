@@ -1,8 +1,9 @@
 """Distillation losses on the sparse top-k, per row, in the precision of their inputs.
 
 The teacher is known on its top-k ids S (log-probs captured at temperature 1) plus the mass
-``m = 1 - sum_S p`` it puts elsewhere. Every sparse loss compares two distributions over
-k + 1 buckets, the k ids and "the rest":
+``m = 1 - sum_S p`` it puts elsewhere (``tail``: as the codec stored it, else recomputed from
+the decoded top-k; ``packing.teacher_tail``). Every sparse loss compares two distributions
+over k + 1 buckets, the k ids and "the rest":
 
 * teacher at temperature T, ``missing``:
   - ``zero``: renormalized on S, ``softmax(lp_S / T)``; the rest gets 0.

@@ -6,8 +6,10 @@ log-sum-exps, chunking) can be checked against it, values and gradients.
 
 The teacher over the full vocabulary:
 * ``zero``: ``p[S] = softmax(lp / T)``, 0 elsewhere.
-* ``tail``: at T = 1, ``p[S] = exp(lp)`` and the missing mass spread evenly over the other
-  ``V - k`` ids; at T, that distribution raised to ``1/T`` and renormalized. The losses
+* ``tail``: at T = 1, ``p[S] = exp(lp)`` and the missing mass (given, as a codec stores it,
+  else ``1 - sum exp(lp)``) spread evenly over the other ``V - k`` ids; at T, that
+  distribution raised to ``1/T``; either way renormalized (a stored mass and quantized
+  values need not sum to 1). The losses
   compare the teacher and student after grouping all ids outside S into one bucket
   (the student's bucket is the sum of its probabilities there).
 """
@@ -20,8 +22,9 @@ F64 = torch.float64
 
 
 def teacher_full(lp: torch.Tensor, ids: torch.Tensor, vocab: int, *, temperature: float,
-                 missing: str) -> torch.Tensor:
-    """[k] captured log-probs at ids -> [V] teacher distribution at temperature T."""
+                 missing: str, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """[k] captured log-probs at ids (and the missing mass, None: recomputed from them) -> [V]
+    teacher distribution at temperature T."""
     lp, T = lp.to(F64), float(temperature)
     p = torch.zeros(vocab, dtype=F64)
     if missing == "zero":
@@ -33,7 +36,8 @@ def teacher_full(lp: torch.Tensor, ids: torch.Tensor, vocab: int, *, temperature
     rest = torch.ones(vocab, dtype=torch.bool)
     rest[ids] = False
     if rest.any():
-        p1[rest] = torch.clamp(1 - torch.exp(lp).sum(), min=0) / rest.sum()
+        m = torch.clamp(1 - torch.exp(lp).sum(), min=0) if tail is None else tail.to(F64)
+        p1[rest] = m / rest.sum()
     w = p1 ** (1.0 / T)
     return w / w.sum()
 
@@ -74,10 +78,11 @@ def divergence(kind: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_loss_row(kind: str, logits: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, *,
-                    temperature: float, missing: str) -> torch.Tensor:
+                    temperature: float, missing: str,
+                    tail: torch.Tensor | None = None) -> torch.Tensor:
     """One row's T^2-scaled loss, computed from explicit full-vocabulary distributions."""
     V = logits.shape[0]
-    p = teacher_full(lp, ids, V, temperature=temperature, missing=missing)
+    p = teacher_full(lp, ids, V, temperature=temperature, missing=missing, tail=tail)
     q = student_full(logits, temperature)
     if missing == "zero":
         if kind == "reverse_kl":                  # the student restricted to the teacher's ids

@@ -98,7 +98,8 @@ class PackedBatch:
     has_teacher: torch.Tensor        # [R] bool
     topk_ids: torch.Tensor           # [R, k] int64 (zeros where has_teacher is false)
     topk_logprobs: torch.Tensor      # [R, k] float32
-    tail: torch.Tensor               # [R] float32  teacher mass outside the top-k
+    tail: torch.Tensor               # [R] float32  teacher mass outside the top-k (stored
+                                     #   by the codec where it keeps it, else recomputed)
     hidden_mask: torch.Tensor        # [N] bool  positions the hidden-state losses use
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [N, H]
     doc_ids: list[str] = field(default_factory=list)                # per piece (diagnostics)
@@ -162,6 +163,15 @@ def missing_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
     return (1.0 - topk_logprobs.double().exp().sum(-1)).clamp(min=0.0).float()
 
 
+def teacher_tail(doc: TeacherDocument) -> torch.Tensor:
+    """[N] mass outside each teacher row's top-k: as the codec stored it, else recomputed from
+    the decoded top-k (where the values are quantized, their k rounding errors add up in the
+    sum; docs/format.md measures both)."""
+    if doc.tail_mass is not None:
+        return doc.tail_mass.float()
+    return missing_mass(doc.topk_logprobs)
+
+
 def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]], *,
              k: int, hidden_layers: list[int] = (), hidden_size: int = 1) -> PackedBatch:
     """Pack ``pieces`` ([(doc key, start, length)], in order) of decoded documents.
@@ -206,6 +216,7 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
     row_pos = np.nonzero(is_row)[0]
     topk_ids = torch.cat([docs[key].topk_ids for key in keys]).long()
     topk_lps = torch.cat([docs[key].topk_logprobs for key in keys]).float()
+    tails = torch.cat([teacher_tail(docs[key]) for key in keys])
     sel = rows[row_pos]
     dev = topk_ids.device              # decoded on the training device or on the CPU
     has_teacher = torch.from_numpy(sel >= 0).to(dev)
@@ -213,9 +224,11 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
     if len(topk_ids):
         r_ids = topk_ids[sel_t] * has_teacher[:, None]
         r_lps = topk_lps[sel_t] * has_teacher[:, None]
+        r_tail = torch.where(has_teacher, tails[sel_t], 0.0)
     else:
         r_ids = torch.zeros(len(sel), k, dtype=torch.long, device=dev)
         r_lps = torch.zeros(len(sel), k, device=dev)
+        r_tail = torch.zeros(len(sel), device=dev)
     hidden = {}
     gather_t = torch.from_numpy(gather).to(dev)
     for layer in hidden_layers:
@@ -228,7 +241,7 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
         labels=torch.from_numpy(labels[row_pos]),
         has_teacher=has_teacher,
         topk_ids=r_ids, topk_logprobs=r_lps,
-        tail=torch.where(has_teacher, missing_mass(r_lps), 0.0),
+        tail=r_tail,
         hidden_mask=torch.from_numpy(loss),
         hidden=hidden,
         doc_ids=[docs[key].doc_id for key, _, _ in pieces],

@@ -48,6 +48,34 @@ def test_sparse_loss_matches_float64_reference(kind, temperature, missing):
     torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
 
 
+def _stored_tail(tail: torch.Tensor, seed: int) -> torch.Tensor:
+    """A missing mass as a lossy codec stores it: off from 1 - sum(p), either way."""
+    g = torch.Generator().manual_seed(seed)
+    return tail * (0.5 + torch.rand(tail.shape, generator=g, dtype=tail.dtype))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+@pytest.mark.parametrize("kind", SPARSE)
+def test_stored_tail_matches_float64_reference_given_the_same_tail(kind, temperature):
+    """``missing: tail`` with a stored mass that is not 1 - sum(p): the loss is the reference
+    computed from that same mass (values and gradients), not from the recomputed one."""
+    ids, lps, tail = _teacher(13)
+    stored = _stored_tail(tail, 14)
+    z = _logits(15).requires_grad_(True)
+    got = sparse_loss(kind, z, ids, lps, stored, temperature=temperature, missing="tail")
+    (g_got,) = torch.autograd.grad(got.sum(), z)
+    z_ref = z.detach().clone().requires_grad_(True)
+    want = torch.stack([ref.sparse_loss_row(kind, z_ref[r], ids[r], lps[r], tail=stored[r],
+                                            temperature=temperature, missing="tail")
+                        for r in range(R)])
+    (g_want,) = torch.autograd.grad(want.sum(), z_ref)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    recomputed = sparse_loss(kind, z.detach(), ids, lps, tail, temperature=temperature,
+                             missing="tail")
+    assert not torch.allclose(got.detach(), recomputed, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("missing", ["zero", "tail"])
 @pytest.mark.parametrize("kind", SPARSE)
 def test_sparse_loss_float32_close_to_reference(kind, missing):
@@ -127,7 +155,8 @@ def _head_inputs(dtype, rows=23, hidden=9):
     labels = torch.randint(0, V, (rows,), generator=g)
     labels[::5] = -100
     return h, w, dict(topk_ids=ids * has[:, None], topk_logprobs=(lps * has[:, None]).to(dtype),
-                      tail=(tail * has).to(dtype), has_teacher=has, labels=labels)
+                      tail=(_stored_tail(tail, 13) * has).to(dtype), has_teacher=has,
+                      labels=labels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -162,7 +191,7 @@ def test_head_losses_match_reference_rows():
             elif tg["has_teacher"][r]:
                 want = want + ref.sparse_loss_row(
                     term.kind, logits[r], tg["topk_ids"][r], tg["topk_logprobs"][r],
-                    temperature=term.temperature, missing=term.missing)
+                    tail=tg["tail"][r], temperature=term.temperature, missing=term.missing)
         torch.testing.assert_close(sums[term.name], want, rtol=1e-10, atol=1e-12)
     agree = ((logits.argmax(-1) == tg["topk_ids"][:, 0]) & tg["has_teacher"]).sum()
     assert int(sums["top1"]) == int(agree)

@@ -42,3 +42,18 @@ def capture_small(out: Path, teacher_dir: Path, n_docs: int = 4, **options) -> P
     settings = dict(top_k=4, max_seq_len=32, hidden_layers="0", progress=False) | options
     run_capture(CaptureOptions(model=str(teacher_dir), data=str(data), out=str(out), **settings))
     return out
+
+
+def run_main(args: list, capsys, monkeypatch) -> tuple[int, str, str]:
+    """``kdpipe ARGS`` in this process, as the console script runs it: (exit code, out, err)."""
+    import sys
+
+    from kdpipe.cli import main
+    monkeypatch.setattr(sys, "argv", ["kdpipe", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

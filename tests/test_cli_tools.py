@@ -20,9 +20,9 @@ import pytest
 from click.testing import CliRunner
 
 from kdpipe.compress import Dataset
-from kdpipe.cli import cli, main
+from kdpipe.cli import cli
 from kdpipe.schemas import Manifest
-from tests.helpers import capture_small
+from tests.helpers import capture_small, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,17 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, teacher_dir):
     return capture_small(tmp_path_factory.mktemp("tools") / "ds", teacher_dir, n_docs=3)
-
-
-def run_main(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["kdpipe", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # -- doctor ------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ into or over the dataset they read."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
 
@@ -12,9 +11,8 @@ from kdpipe.compress import Dataset
 from kdpipe.compress.codec import load_codec_config
 from kdpipe.compress.interop import distillkit
 from kdpipe.compress.verify import verify_dataset
-from kdpipe.cli import main
 from kdpipe.schemas import DatasetError
-from tests.helpers import capture_small
+from tests.helpers import capture_small, run_main
 from tests.test_codec_facade import make_documents, write_dataset
 
 
@@ -25,15 +23,9 @@ def dataset(tmp_path_factory, teacher_dir):
 
 
 def kdpipe(args, capsys, monkeypatch) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["kdpipe", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    return code, captured.err
+    code, _, err = run_main(args, capsys, monkeypatch)
+    assert "Traceback" not in err
+    return code, err
 
 
 def snapshot(root) -> dict[str, bytes]:

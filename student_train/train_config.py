@@ -142,6 +142,7 @@ class TrainConfig:
     precision: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     gradient_checkpointing: bool = False
     checkpoint_layers: int = 0       # with it: how many decoder layers recompute (0: all)
+    compile: str = "auto"            # auto (CUDA: torch.compile each decoder layer) | layers | none
     frozen: list[str] = field(default_factory=list)   # regexes of parameter names to freeze
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
@@ -150,6 +151,7 @@ class TrainConfig:
     def validate(self) -> None:
         _positive(self, "micro_batch", "grad_accum", "log_every")
         _choice(self, "precision", ("auto", "bf16", "fp32"))
+        _choice(self, "compile", ("auto", "layers", "none"))
         if self.checkpoint_layers < 0:
             raise ConfigError("train.checkpoint_layers must be >= 0 (0: every layer)")
         if self.max_steps <= 0 and self.max_tokens <= 0:

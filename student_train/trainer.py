@@ -31,6 +31,7 @@ from kdpipe.schemas import ConfigError, DatasetError
 from kdpipe.schemas.layout import embedded_teacher_dir, is_embedded_teacher
 
 from . import checkpoint as ckpt
+from .compile import compile_decoder_layers, wants_compile
 from .evaluate import autocast_for, eval_stream, evaluate, load_student
 from .metrics import MetricsLog
 from .model.modeling import enable_activation_checkpointing
@@ -257,6 +258,8 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             enable_activation_checkpointing(student, cfg.train.checkpoint_layers)
         module.to(self.device)
+        if wants_compile(cfg.train.compile, self.device):
+            compile_decoder_layers(student)
 
         # parallelism, then the optimizer over the (possibly sharded) parameters
         self.strategy = strategy_of(cfg.parallel, dist, module)

@@ -108,7 +108,8 @@ def frozen_linears_to_bf16(model: torch.nn.Module) -> int:
 
 def build_optimizer(module: torch.nn.Module, *, optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on vectors (norms, biases) and parameters marked
-    ``_no_weight_decay`` (KDA's A_log and dt_bias)."""
+    ``_no_weight_decay`` (KDA's A_log and dt_bias). On CUDA the fused implementation: one
+    kernel per parameter group instead of several passes over the optimizer state."""
     decay, no_decay = [], []
     for p in module.parameters():
         if not p.requires_grad:
@@ -116,8 +117,9 @@ def build_optimizer(module: torch.nn.Module, *, optim: OptimConfig) -> torch.opt
         (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr,
-                             betas=tuple(optim.betas), eps=optim.eps)
+                             betas=tuple(optim.betas), eps=optim.eps, fused=on_cuda or None)
 
 
 def teacher_dir(student: StudentConfig, *, is_main: bool, barrier,

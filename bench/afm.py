@@ -101,6 +101,30 @@ def attention_flops_per_token(config, seq_len: int, full_layers: int) -> float:
     return 4 * full_layers * width * (seq_len + 1) / 2
 
 
+H200_BF16_PEAK = 989e12   # dense bf16 FLOP/s of an H200 (NVIDIA's data sheet): the MFU denominator
+
+
+def train_flops_per_token(model: torch.nn.Module, config, seq_len: int, full_layers: int) -> float:
+    """Model FLOPs of one trained token, written down: forward ``2 P + A`` (P the weights of
+    every nn.Linear, LM head included; A causal attention in documents of ``seq_len`` tokens),
+    backward ``2 P + 2 A`` for the input gradients (every layer has trainable parameters below
+    it in both recipes) plus ``2 P_trainable`` for the weight gradients. Recomputed forwards and
+    fla's KDA kernels are not counted, so MFU is a lower bound."""
+    p = linear_params(model)
+    trainable = sum(m.weight.numel() for m in model.modules()
+                    if isinstance(m, torch.nn.Linear) and m.weight.requires_grad)
+    a = attention_flops_per_token(config, seq_len, full_layers)
+    return (2 * p + a) + (2 * p + 2 * a) + 2 * trainable
+
+
+def spread(values: list[float]) -> dict:
+    """Median and range of a row's repeats (the table shows these; the JSON keeps them all)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return {"median": median, "min": ordered[0], "max": ordered[-1]}
+
+
 def synced() -> float:
     torch.cuda.synchronize()
     return time.perf_counter()

@@ -52,7 +52,8 @@ import torch
 
 from kdpipe.compress import Codec, EncodedHidden, PartWriter
 from kdpipe.runtime import StageTimes
-from kdpipe.schemas import DatasetError, KdpipeError, RecordCounts, TeacherDocument
+from kdpipe.schemas import (ConfigError, DatasetError, KdpipeError, RecordCounts,
+                            TeacherDocument)
 
 from .backends import SequenceOutput
 
@@ -109,6 +110,7 @@ class _Slot:
     device-to-host copies into it are asynchronous."""
 
     def __init__(self, size: int, pin: bool) -> None:
+        _check_shared_memory(size)
         self.shm = SharedMemory(create=True, size=size)
         self.size = size
         self.tensor = torch.frombuffer(self.shm.buf, dtype=torch.uint8)
@@ -124,6 +126,22 @@ class _Slot:
         except BufferError:   # a view still alive; the mapping goes with the process
             pass
         self.shm.unlink()
+
+
+def _check_shared_memory(size: int) -> None:
+    """Refuse a slot that /dev/shm cannot hold: past its size a write into the mapping kills
+    the process with SIGBUS (containers often mount 64 MB there)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:      # no /dev/shm: SharedMemory uses what the platform has
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < size:
+        raise ConfigError(
+            f"--writer process: a window needs {size / 2**20:.0f} MiB of shared memory and "
+            f"/dev/shm has {free / 2**20:.0f} MiB free; give it room for 3 windows (docker: "
+            f"--ipc=host or --shm-size), or use smaller --window/--batch-tokens, or --writer "
+            f"thread")
 
 
 @dataclass
@@ -146,7 +164,7 @@ class WriterProcess:
 
     def __init__(self, writer_args: dict, *, device: str, codec: Codec, long_documents: str,
                  times: StageTimes) -> None:
-        self.codec, self.long_documents, self.times = codec, long_documents, times
+        self.codec, self.times = codec, times
         self.cuda = device.startswith("cuda")
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.where = writer_args["uri"]
@@ -169,7 +187,7 @@ class WriterProcess:
             Connection(from_writer, writable=False)
         self.progress = PartProgress(0, 0, 0, RecordCounts(), 0, False)
         try:
-            self._send.send((writer_args, long_documents))
+            self._send_message((writer_args, long_documents))
             self.progress = self._expect("opened")[1]
         except BaseException:
             self._abort()
@@ -192,7 +210,7 @@ class WriterProcess:
             return
         try:
             self.wait()
-            self._send.send(("close",))
+            self._send_message(("close",))
             self._expect("closed")
             self.proc.wait()
         except BaseException:
@@ -229,7 +247,7 @@ class WriterProcess:
         """Commit what is left, mark the part complete (and write manifest.json if every part
         is complete)."""
         self.wait()
-        self._send.send(("finish",))
+        self._send_message(("finish",))
         self.progress = self._expect("finished")[1]
 
     def _stage(self, prepared: list, outputs: list[SequenceOutput]) -> _Staged:
@@ -293,7 +311,7 @@ class WriterProcess:
         try:
             self._send.send(message)
         except (BrokenPipeError, ConnectionResetError):
-            self._expect("committed")    # raises the writer's error, or says it died
+            self._expect("")    # reads to the writer's error, or to its end: says it died
             raise
 
     # -- replies ----------------------------------------------------------------------
@@ -332,8 +350,7 @@ class WriterProcess:
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
-        if kind == "error":
-            self.proc.wait()
+        if kind == "error":      # the writer exits after sending it
             raise pickle.loads(message[1])
         if kind in ("committed", "finished"):
             self.progress = message[1]

@@ -213,6 +213,11 @@ class Codec:
         """``encode_hidden`` as a 1-D uint8 array, without the copy into bytes."""
         return self.hidden.encode_array(x, layer)
 
+    def encode_hidden_tensor(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """``encode_hidden_array``'s bytes as a 1-D uint8 tensor, on ``x``'s device where the
+        hidden codec encodes there (``HiddenCodec.encode_tensor``)."""
+        return self.hidden.encode_tensor(x, layer)
+
     def decode_hidden(self, blobs: Sequence[bytes], rows: Sequence[int],
                       device: torch.device | str = "cpu", layer: int | None = None
                       ) -> torch.Tensor:

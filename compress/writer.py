@@ -48,6 +48,15 @@ QUEUED_RECORDS = 256     # records whose documents wait for the window's end, at
 _TMP_RE = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]{8}-(.+)")   # Storage.atomic_output's
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodedHidden:
+    """A document's hidden states of one layer, already encoded with the part's codec
+    (``Codec.encode_hidden_tensor``, e.g. on the GPU that computed them) and stored as given:
+    capture encodes on the teacher's GPU and writes in another process."""
+
+    data: np.ndarray   # 1-D uint8
+
+
 def parquet_options(schema: pa.Schema, codec: Codec, *, zstd_hidden: bool = False) -> dict:
     """ParquetWriter options: zstd per column, except the columns whose codec component
     entropy-codes its bytes itself (zstd over zstd frames costs time and saves nothing) and,
@@ -384,8 +393,12 @@ class PartWriter:
         b[cols.TOPK_VALUES].append(vals_b)
         size = len(ids_b) + len(vals_b) + 4 * doc.num_tokens
         for layer in self.hidden_layers:
-            with self.times.time("encode_hidden"):
-                h = self.codec.encode_hidden_array(doc.hidden[layer], layer)
+            x = doc.hidden[layer]
+            if isinstance(x, EncodedHidden):
+                h = x.data
+            else:
+                with self.times.time("encode_hidden"):
+                    h = self.codec.encode_hidden_array(x, layer)
             b[hidden_column(layer)].append(h)
             size += h.size
         self._buf_bytes += size

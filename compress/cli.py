@@ -26,7 +26,8 @@ def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int,
     """Re-encode dataset SRC (any codec) into DST with another codec.
 
     A low-rank hidden codec gets its projection fitted on SRC's first documents; the
-    projection is stored in DST as an artifact. Rerunning the same command after an
+    projection is stored in DST as an artifact. A dense codec needs a dense SRC, whose
+    teacher head DST ships too. Rerunning the same command after an
     interruption resumes where it stopped (with the projection fitted the first time).
     DST must be new, empty or a kdpipe dataset; SRC is only read.
     """
@@ -41,6 +42,10 @@ def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int,
     artifacts = None
     if needs_fitting(config):
         config, artifacts = _resolve_lowrank(source, config, dst, calibration_tokens)
+    if config.dense:   # the full distribution needs SRC's last layer and teacher head
+        from .dense import HEAD_ARTIFACT, load_head
+        load_head(source)
+        artifacts = {**(artifacts or {}), HEAD_ARTIFACT: source.storage.read_bytes(HEAD_ARTIFACT)}
     # offline: no GPU to keep up with, so the hidden states get zstd too (smaller shards)
     with PartWriter(dst, teacher=m.teacher, capture=m.capture, codec=config, index=0, count=1,
                     artifacts=artifacts, zstd_hidden=True) as writer:

@@ -117,3 +117,38 @@ def test_head_artifact_round_trip_and_damage():
     assert (back.norm, back.eps, back.logit_scale, back.softcap) == ("layernorm", 1e-5, 0.5, 30.0)
     with pytest.raises(DatasetError, match="DS/artifacts/h: not a readable teacher head"):
         TeacherHead.from_bytes(head.to_bytes()[:-7], "DS/artifacts/h")
+
+
+@pytest.mark.gpu
+def test_dense_losses_on_cuda_under_bf16_autocast():
+    """As training runs them on a GPU: bf16 autocast, a bf16 teacher head, chunked with
+    checkpointing; values and gradients near the float64 reference, memory bounded by the
+    chunk (the [R, V] logits of the whole batch never exist)."""
+    dev = torch.device("cuda")
+    rows, vocab, width = 4096, 32000, 256
+    g = torch.Generator().manual_seed(0)
+    h_s = (torch.randn(rows, width, generator=g)).to(dev).requires_grad_(True)
+    w_s = (torch.randn(vocab, width, generator=g) * width ** -0.5).to(dev).requires_grad_(True)
+    h_t = (torch.randn(rows, width, generator=g) * 3).to(dev)
+    head = TeacherHead(norm="rmsnorm", norm_weight=torch.rand(width, generator=g) + 0.5, eps=1e-5,
+                       weight=torch.randn(vocab, width, generator=g) * width ** -0.5 * 4)
+    head = TeacherHead(norm="rmsnorm", norm_weight=head.norm_weight.to(dev, torch.bfloat16),
+                       eps=1e-5, weight=head.weight.to(dev, torch.bfloat16))
+    has = torch.ones(rows, dtype=torch.bool, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = dense_losses(h_s, w_s, teacher_hidden=h_t, head=head, has_teacher=has,
+                           terms=[DenseTerm("kl", "dense_kl", 2.0)], chunk_size=512)["kl"]
+    out.backward()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 0.5 * rows * vocab * 4     # far below one float32 [R, V] tensor
+    h64 = h_s.detach().double().requires_grad_(True)
+    s = torch.log_softmax(h64 @ w_s.detach().double().T / 2.0, -1)
+    want = (_reference("dense_kl", _teacher_logp64(head, h_t, 2.0), s) * 4.0).sum()
+    want.backward()
+    assert float(out.detach()) == pytest.approx(float(want), rel=3e-2)
+    cos = torch.nn.functional.cosine_similarity(h_s.grad.double().flatten(), h64.grad.flatten(),
+                                                dim=0)
+    assert float(cos) > 0.99

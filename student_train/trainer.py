@@ -222,9 +222,13 @@ class Trainer:
                                       captured=manifest.capture.hidden_layers)
         student_name = f"student {student_dir or '(built from the teacher)'}"
         head = dense_at = None
-        if cfg.loss.uses_dense:   # one-line refusals before the others: not dense, no head
+        # one-line refusals before the others: a dense term on data that is not dense, a dense
+        # dataset without its head (also when no term uses it: the dataset is damaged)
+        if cfg.loss.uses_dense or manifest.codec.dense:
             head, dense_at = load_dense_head(self.dataset, student_vocab=config.vocab_size,
                                              student=student_name)
+        if not cfg.loss.uses_dense:
+            head = dense_at = None
         self.eval_head = self.eval_layer = None
         if eval_manifest is not None and eval_manifest.codec.dense:
             self.eval_head, self.eval_layer = load_dense_head(

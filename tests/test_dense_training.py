@@ -128,6 +128,8 @@ def test_refusals_are_one_line(inputs, tmp_path):
                                            "the manifest is missing") as e:
         Trainer(_cfg(inputs, tmp_path / "b", broken, **dense_loss))
     assert "\n" not in str(e.value)
+    with pytest.raises(DatasetError, match="is missing"):   # also without dense terms
+        Trainer(_cfg(inputs, tmp_path / "b2", broken, **{"eval.data": "null"}))
     with pytest.raises(DatasetError, match="is missing"):
         evaluate_student(str(inputs / "student"), str(broken), device="cpu",
                          check_tokenizer=False)

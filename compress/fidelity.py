@@ -24,6 +24,9 @@ hidden state against the one rebuilt from the exact state (the teacher's own for
 the whole vocabulary; top-1 compares the two argmaxes, mean |delta log-prob| runs over the
 exact top-k ids, and the throughputs are of encoding the hidden state and of decoding it and
 rebuilding the distributions.
+
+On a dense sample every codec also gets ``kl_true_full_mean`` (in the JSON): KL against the
+teacher's true full distribution, so top-k codecs are charged for the tail they drop.
 """
 
 from __future__ import annotations
@@ -274,6 +277,9 @@ def evaluate(sample: Sample, config: CodecConfig, *, device: torch.device | str 
     ids, lps, tail = (torch.cat(parts) for parts in zip(*out))
     n = sum(rows)
     scores = score_rows(sample, k, ids, lps, tail)
+    extra = {}
+    if sample.head is not None:   # a dense sample knows the true tail: score against it
+        extra["kl_true_full_mean"] = true_full_kl(sample, ids, lps, tail)
 
     hidden_bytes = cos = cos_nm = None
     if sample.hidden:
@@ -295,7 +301,28 @@ def evaluate(sample: Sample, config: CodecConfig, *, device: torch.device | str 
         ids_bytes_per_token=ids_bytes, values_bytes_per_token=vals_bytes,
         hidden_bytes_per_token_layer=hidden_bytes,
         **scores, hidden_cosine=cos, hidden_cosine_no_massive=cos_nm,
-        encode_tokens_per_s=n / enc_s, decode_tokens_per_s=n / dec_s)
+        encode_tokens_per_s=n / enc_s, decode_tokens_per_s=n / dec_s, extra=extra)
+
+
+def true_full_kl(sample: Sample, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor,
+                 chunk: int = 512) -> float:
+    """Mean KL(teacher || decoded) over the whole vocabulary, the teacher's true distribution
+    rebuilt from a dense sample's exact last layer, the decoded side its top-k plus its
+    missing mass spread evenly over the other ids (what ``missing: tail`` assumes)."""
+    ref = torch.cat(sample.hidden[sample.dense_layer]).float()
+    if ref.shape[0] != ids.shape[0]:
+        raise ConfigError("the true full KL needs a teacher row at every position (a dataset "
+                          "captured without a teacher mask)")
+    vocab, k = sample.vocab_size, ids.shape[1]
+    total = 0.0
+    for lo in range(0, ref.shape[0], chunk):
+        p = sample.head.log_probs(ref[lo:lo + chunk]).double()
+        top, m = lps[lo:lo + chunk].double(), tail[lo:lo + chunk].double().clamp(min=1e-30)
+        z = (top.exp().sum(1) + m).log()                   # decoded mass need not sum to 1
+        q = ((m.log() - math.log(max(vocab - k, 1))) - z)[:, None].expand_as(p).clone()
+        q.scatter_(1, ids[lo:lo + chunk].long(), top - z[:, None])
+        total += float((p.exp() * (p - q)).sum())
+    return total / ref.shape[0]
 
 
 def _dense_scores(head: TeacherHead, ref: torch.Tensor, dec: torch.Tensor,
@@ -360,7 +387,8 @@ def evaluate_dense(sample: Sample, config: CodecConfig, *, device: torch.device 
         ids_bytes_per_token=ids_bytes, values_bytes_per_token=vals_bytes,
         hidden_bytes_per_token_layer=hidden_bytes, **scores, hidden_cosine=cos,
         hidden_cosine_no_massive=cos_nm, encode_tokens_per_s=n / enc_s,
-        decode_tokens_per_s=n / dec_s, extra={"dense": True})
+        decode_tokens_per_s=n / dec_s,
+        extra={"dense": True, "kl_true_full_mean": scores["kl_full_mean"]})
 
 
 def format_table(rows: Sequence[FidelityRow]) -> str:

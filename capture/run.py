@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from kdpipe.compress import Codec, PartWriter, Storage, load_codec_config, needs_fitting
+from kdpipe.compress.dense import HEAD_ARTIFACT
 from kdpipe.runtime import Interrupted, StageTimes, StopSignals, resolve_device
 from kdpipe.schemas import CaptureSettings, CodecConfig, ConfigError
 
@@ -195,6 +196,9 @@ def _check_options(opts: CaptureOptions) -> tuple[CaptureOptions, object]:
     if opts.backend == "hf" and opts.vllm_options:
         raise ConfigError(f"{sorted(opts.vllm_options)}: vLLM options need --backend vllm")
     codec_cfg = load_codec_config(opts.codec)
+    if codec_cfg.dense and opts.backend != "hf":
+        raise ConfigError(f"--codec {opts.codec}: dense codecs need the teacher's last layer, "
+                          f"final norm and LM head, which only --backend hf provides")
     if opts.top_k is None:   # the teacher computes no more log-probs than the codec keeps
         opts = replace(opts, top_k=codec_cfg.top_k or DEFAULT_TOP_K)
     if opts.max_seq_len < 1 or opts.top_k < 1 or opts.window < 1:
@@ -226,6 +230,8 @@ def run_capture(opts: CaptureOptions, *, backend: TeacherBackend | None = None
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {opts.model}: cannot read its configuration: {e}") from e
     layers = parse_hidden_layers(opts.hidden_layers, config.num_hidden_layers)
+    if codec_cfg.dense:   # the full distribution is rebuilt from the last layer's output
+        layers = sorted(set(layers) | {config.num_hidden_layers})
     vocab = getattr(config, "vocab_size", None)
     if vocab and opts.top_k > vocab:
         raise ConfigError(f"--top-k {opts.top_k} exceeds the teacher's vocabulary ({vocab})")
@@ -268,9 +274,15 @@ def _capture_part(opts: CaptureOptions, backend: TeacherBackend, settings: Captu
     times = StageTimes()
     windows: list[tuple[float, int]] = []
     teacher = backend.teacher_info(model_id, dtype)
+    artifacts = None
+    if codec_cfg.dense:
+        if not hasattr(backend, "head_artifact"):
+            raise ConfigError(f"--codec {codec_cfg.name}: the {backend.name} backend cannot "
+                              f"provide the teacher head a dense codec ships")
+        artifacts = {HEAD_ARTIFACT: backend.head_artifact()}
     args = dict(uri=opts.out, teacher=teacher, capture=settings, codec=codec_cfg,
                 index=opts.shard_index, count=opts.num_shards, docs_per_shard=opts.docs_per_shard,
-                shard_bytes=int(opts.shard_mb * (1 << 20)))
+                shard_bytes=int(opts.shard_mb * (1 << 20)), artifacts=artifacts)
     if opts.writer == "process" or (opts.writer == "auto" and device.startswith("cuda")):
         # the teacher's side encodes hidden states on the GPU: a codec without side data
         codec = Codec(codec_cfg, vocab_size=teacher.vocab_size, top_k=settings.top_k,

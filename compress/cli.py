@@ -26,7 +26,8 @@ def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int,
     """Re-encode dataset SRC (any codec) into DST with another codec.
 
     A low-rank hidden codec gets its projection fitted on SRC's first documents; the
-    projection is stored in DST as an artifact. Rerunning the same command after an
+    projection is stored in DST as an artifact. A dense codec needs a dense SRC, whose
+    teacher head DST ships too. Rerunning the same command after an
     interruption resumes where it stopped (with the projection fitted the first time).
     DST must be new, empty or a kdpipe dataset; SRC is only read.
     """
@@ -41,6 +42,10 @@ def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int,
     artifacts = None
     if needs_fitting(config):
         config, artifacts = _resolve_lowrank(source, config, dst, calibration_tokens)
+    if config.dense:   # the full distribution needs SRC's last layer and teacher head
+        from .dense import HEAD_ARTIFACT, load_head
+        load_head(source)
+        artifacts = {**(artifacts or {}), HEAD_ARTIFACT: source.storage.read_bytes(HEAD_ARTIFACT)}
     # offline: no GPU to keep up with, so the hidden states get zstd too (smaller shards)
     with PartWriter(dst, teacher=m.teacher, capture=m.capture, codec=config, index=0, count=1,
                     artifacts=artifacts, zstd_hidden=True) as writer:
@@ -125,7 +130,8 @@ def _resolve_lowrank(source, config: CodecConfig, dst: str, calibration_tokens: 
 def fidelity_cmd(dataset: str, codecs: str | None, plot_path: str | None,
                  json_path: str | None, max_rows: int | None, device: str, repeats: int,
                  threads: int) -> None:
-    """Compare codecs on an exact dataset: size, divergence, speed."""
+    """Compare codecs on an exact dataset: size, divergence, speed. Dense codecs are compared
+    on a dense exact dataset (--codec dense-exact at capture), by the full distribution."""
     import torch
 
     from . import fidelity
@@ -139,6 +145,8 @@ def fidelity_cmd(dataset: str, codecs: str | None, plot_path: str | None,
     names = codecs.split(",") if codecs else preset_names()
     configs = [load_codec_config(n.strip()) for n in names if n.strip()]
     sample = fidelity.load_sample(Dataset(dataset), max_rows=max_rows)
+    if not codecs and sample.head is None:   # dense presets need a dense exact reference
+        configs = [c for c in configs if not c.dense]
     rows = [fidelity.evaluate(sample, c, device=device, repeats=repeats) for c in configs]
     click.echo(f"{dataset}: {sum(sample.rows)} positions, {len(sample.rows)} documents, "
                f"captured k={sample.k}, decode on {device}, {threads} CPU thread(s)")

@@ -37,6 +37,7 @@ from kdpipe.schemas.layout import (PARTS_DIR, SHARDS_DIR, TMP_PREFIX, fragment_p
                                    shard_path)
 
 from .codec import Codec, side_data_param
+from .dense import HEAD_ARTIFACT
 from .manifests import (load_manifest_or_fragments, read_manifest, write_fragment,
                         write_manifest_if_complete)
 from .reader import ArtifactLoader, artifact_relpath
@@ -117,9 +118,10 @@ def _describe_diff(a, b) -> list[str]:
 
 
 def _artifact_refs(codec: CodecConfig) -> set[str]:
-    """Dataset files a codec configuration names (its hidden codec's side data)."""
+    """Dataset files a codec configuration names (its hidden codec's side data, a dense
+    codec's teacher head)."""
     ref = codec.hidden.params.get(side_data_param(codec) or "")
-    return {ref} if isinstance(ref, str) else set()
+    return ({ref} if isinstance(ref, str) else set()) | ({HEAD_ARTIFACT} if codec.dense else set())
 
 
 class PartWriter:
@@ -143,6 +145,10 @@ class PartWriter:
                  times: StageTimes | None = None) -> None:
         if not 0 <= index < count:
             raise ConfigError(f"--shard-index {index} must be in [0, {count})")
+        if codec.dense and teacher.num_hidden_layers not in capture.hidden_layers:
+            raise ConfigError(f"codec {codec.name!r} is dense: it needs the teacher's last layer "
+                              f"({teacher.num_hidden_layers}) among the hidden layers, which "
+                              f"are {list(capture.hidden_layers)}")
         self.times = times if times is not None else StageTimes()
         self.storage = Storage(uri)
         self.index, self.count = index, count

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kdpipe.compress import Dataset
+from kdpipe.compress.dense import TeacherHead, dense_layer, load_head
 from kdpipe.schemas import ConfigError, Manifest, tokenizer_fingerprint
 
 from .train_config import DataConfig, LossConfig
@@ -77,6 +79,19 @@ def check_dataset(manifest: Manifest, *, where: str, student_config, student_dir
                             f"use loss.projection=auto for a learned projection")
     if problems:
         raise ConfigError("the dataset does not fit the student:\n  " + "\n  ".join(problems))
+
+
+def load_dense_head(dataset: Dataset, *, student_vocab: int, student: str
+                    ) -> tuple[TeacherHead, int]:
+    """A dense dataset's teacher head and the layer it rebuilds from, refused with one line
+    when the dataset is not dense, has lost its head, or the student's vocabulary differs
+    from the head's (the full distributions would not line up)."""
+    head = load_head(dataset)
+    if head.vocab_size != student_vocab:
+        raise ConfigError(f"{dataset.uri}: its teacher head has a vocabulary of "
+                          f"{head.vocab_size} tokens, {student} has vocab_size {student_vocab}; "
+                          f"dense losses compare full distributions over the same vocabulary")
+    return head, dense_layer(dataset.manifest)
 
 
 def check_same_teacher(train: Manifest, other: Manifest, *, train_where: str,

@@ -26,7 +26,9 @@ from kdpipe.schemas.convert import from_data, load_file, load_yaml
 SPARSE_LOSSES = ("kl", "reverse_kl", "jsd", "tvd")
 HEAD_LOSSES = SPARSE_LOSSES + ("ce",)
 HIDDEN_LOSSES = ("hidden_cosine", "hidden_mse")
-LOSS_KINDS = HEAD_LOSSES + HIDDEN_LOSSES
+DENSE_LOSSES = ("dense_kl", "dense_reverse_kl", "dense_jsd")   # need a dense dataset
+TEMPERED_LOSSES = SPARSE_LOSSES + DENSE_LOSSES
+LOSS_KINDS = HEAD_LOSSES + HIDDEN_LOSSES + DENSE_LOSSES
 MISSING_MODES = ("zero", "tail")
 
 
@@ -82,8 +84,9 @@ class LossTerm:
                               f"{', '.join(LOSS_KINDS)}")
         if self.temperature <= 0:
             raise ConfigError(f"{where}.temperature must be positive, got {self.temperature}")
-        if self.kind not in SPARSE_LOSSES and self.temperature != 1.0:
-            raise ConfigError(f"{where}: temperature applies to {', '.join(SPARSE_LOSSES)} only")
+        if self.kind not in TEMPERED_LOSSES and self.temperature != 1.0:
+            raise ConfigError(f"{where}: temperature applies to {', '.join(TEMPERED_LOSSES)} "
+                              f"only")
         if self.missing is not None and self.missing not in MISSING_MODES:
             raise ConfigError(f"{where}.missing must be one of {MISSING_MODES}, "
                               f"got {self.missing!r}")
@@ -113,6 +116,10 @@ class LossConfig:
     @property
     def uses_hidden(self) -> bool:
         return any(t.kind in HIDDEN_LOSSES and t.weight != 0 for t in self.terms)
+
+    @property
+    def uses_dense(self) -> bool:
+        return any(t.kind in DENSE_LOSSES for t in self.terms)
 
 
 @dataclass(kw_only=True)

@@ -90,6 +90,21 @@ def _inner_model(model):
                       f"model for hidden-state capture")
 
 
+def real_tokens(is_padding: torch.Tensor) -> int:
+    """Rows of a forward step that are real tokens, from the step's padding mask.
+
+    Padding is always a tail, so a trustworthy mask is some False rows then only True ones.
+    Some vLLM runners (the GPU "V2" runner without VLLM_MOE_SKIP_PADDING) hand over a mask
+    buffer they do not refresh, still holding the warm-up runs' True rows; such a mask is
+    ignored (those runners do not pad in eager mode), rather than dropping real rows.
+    """
+    n = int(is_padding.numel())
+    real = int((~is_padding).sum())
+    if real == 0 or bool(is_padding[:real].any()):
+        return n
+    return real
+
+
 class _WorkerCapture:
     """Hooks on one worker's model; records each armed forward step."""
 
@@ -163,7 +178,7 @@ class _WorkerCapture:
         except (ImportError, AssertionError):
             pad = None
         if isinstance(pad, torch.Tensor) and pad.numel() >= n:
-            n = int((~pad[:n]).sum())   # padding is always at the tail of a step
+            n = real_tokens(pad[:n].cpu())
         if pos.dim() == 2:              # M-RoPE positions [3, T]: text tokens share them
             pos = pos[0]
         self._n = n

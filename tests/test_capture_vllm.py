@@ -20,7 +20,7 @@ import torch
 from kdpipe.capture import run as capture_run
 from kdpipe.capture.run import CaptureOptions, run_capture
 from kdpipe.capture.vllm_backend import (AlignmentError, _flat_topk, align_rows, prompt_topk,
-                                         sort_rows)
+                                         real_tokens, sort_rows)
 from kdpipe.compress import Dataset
 from kdpipe.compress.verify import dump_arrays, verify_dataset
 from kdpipe.schemas import ConfigError
@@ -284,6 +284,16 @@ def test_align_refuses_what_it_cannot_explain(damage):
         pos[3] = 9
     with pytest.raises(AlignmentError):
         align_rows(prompts, ids, pos)
+
+
+def test_real_tokens_trusts_only_a_padding_tail():
+    mask = lambda bits: torch.tensor([b == "1" for b in bits])  # noqa: E731
+    assert real_tokens(mask("000")) == 3
+    assert real_tokens(mask("00011")) == 3
+    # masks no step of real tokens can have: left over from warm-up runs, not refreshed
+    assert real_tokens(mask("11111")) == 5
+    assert real_tokens(mask("11000")) == 5
+    assert real_tokens(mask("00101")) == 5
 
 
 def test_sort_rows_by_value_then_id():

@@ -87,13 +87,12 @@ class HFBackend:
 
     def __init__(self, model_path: str, *, device: str, dtype: str, top_k: int,
                  hidden_layers: list[int], trust_remote_code: bool = False) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.device, self.dtype, self.top_k = device, dtype, top_k
         self.tokenizer = AutoTokenizer.from_pretrained(model_path,
                                                        trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        self.model = self._load_model(model_path, dtype, trust_remote_code)
         self.model.to(device).eval()
         cfg = self.model.config
         self.num_layers = cfg.num_hidden_layers
@@ -109,6 +108,12 @@ class HFBackend:
     def teacher_info(self, name_or_path: str, dtype: str) -> TeacherInfo:
         return teacher_info(name_or_path, self.model.config, self.tokenizer, dtype,
                             vocab_size=self.vocab_size, architecture=type(self.model).__name__)
+
+    def _load_model(self, model_path: str, dtype: str, trust_remote_code: bool):
+        """The model's weights from ``model_path`` (benchmarks override it with random ones)."""
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype),
+                                                    trust_remote_code=trust_remote_code)
 
     def close(self) -> None:
         """Drop the model, so a process that goes on (a benchmark, a notebook) gets its

@@ -87,13 +87,12 @@ class HFBackend:
 
     def __init__(self, model_path: str, *, device: str, dtype: str, top_k: int,
                  hidden_layers: list[int], trust_remote_code: bool = False) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.device, self.dtype, self.top_k = device, dtype, top_k
         self.tokenizer = AutoTokenizer.from_pretrained(model_path,
                                                        trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        self.model = self._load_model(model_path, dtype, trust_remote_code)
         self.model.to(device).eval()
         cfg = self.model.config
         self.num_layers = cfg.num_hidden_layers
@@ -115,6 +114,12 @@ class HFBackend:
         from .dense_head import extract_head
         return extract_head(self.model, logit_scale=self.logit_scale,
                             softcap=self.softcap).to_bytes()
+
+    def _load_model(self, model_path: str, dtype: str, trust_remote_code: bool):
+        """The model's weights from ``model_path`` (benchmarks override it with random ones)."""
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype),
+                                                    trust_remote_code=trust_remote_code)
 
     def close(self) -> None:
         """Drop the model, so a process that goes on (a benchmark, a notebook) gets its

@@ -90,6 +90,21 @@ def _inner_model(model):
                       f"model for hidden-state capture")
 
 
+def real_tokens(is_padding: torch.Tensor) -> int:
+    """Rows of a forward step that are real tokens, from the step's padding mask.
+
+    Padding is always a tail, so a trustworthy mask is some False rows then only True ones.
+    Some vLLM runners (the GPU "V2" runner without VLLM_MOE_SKIP_PADDING) hand over a mask
+    buffer they do not refresh, still holding the warm-up runs' True rows; such a mask is
+    ignored (those runners do not pad in eager mode), rather than dropping real rows.
+    """
+    n = int(is_padding.numel())
+    real = int((~is_padding).sum())
+    if real == 0 or bool(is_padding[:real].any()):
+        return n
+    return real
+
+
 class _WorkerCapture:
     """Hooks on one worker's model; records each armed forward step."""
 
@@ -163,7 +178,7 @@ class _WorkerCapture:
         except (ImportError, AssertionError):
             pad = None
         if isinstance(pad, torch.Tensor) and pad.numel() >= n:
-            n = int((~pad[:n]).sum())   # padding is always at the tail of a step
+            n = real_tokens(pad[:n].cpu())
         if pos.dim() == 2:              # M-RoPE positions [3, T]: text tokens share them
             pos = pos[0]
         self._n = n
@@ -249,10 +264,14 @@ def align_rows(prompts: list[np.ndarray], ids: np.ndarray, pos: np.ndarray) -> l
     """Row numbers (into the recorded rows) of every prompt token, in position order.
 
     ``ids``/``pos`` are the token ids and positions the model saw, concatenated over the
-    forward steps. Each request's tokens form runs of consecutive positions; a run that
-    starts at position 0 begins a request, one that starts later continues a request
-    whose prefill was chunked. Runs are matched to prompts by their ids, in submission
-    order first. Anything left unexplained raises ``AlignmentError``.
+    forward steps. Each request contributes chunks of consecutive positions: one starting
+    at position 0 begins a request, one starting later continues a request whose prefill
+    was chunked. Two chunks can also look like one run: a new request's first chunk that
+    ends at position p, followed (in the same step or the next) by another request's
+    continuation from p. So the rows are parsed into chunks by a depth-first search:
+    longest match first, new requests in submission order first, backtracking when the
+    rest cannot be explained; prompts with the same tokens and progress are tried once.
+    Anything left unexplained raises ``AlignmentError``.
     """
     n = len(ids)
     if len(pos) != n:
@@ -266,46 +285,96 @@ def align_rows(prompts: list[np.ndarray], ids: np.ndarray, pos: np.ndarray) -> l
                              f"be attributed (prefix caching or an extra step?)")
     starts = np.flatnonzero(np.concatenate([[True], (pos[1:] != pos[:-1] + 1) | (pos[1:] == 0)])
                             ) if n else np.zeros(0, dtype=np.int64)
-    ends = np.append(starts[1:], n)
+    run_end = np.repeat(np.append(starts[1:], n), np.diff(np.append(starts, n)))
     consumed = [0] * len(prompts)
-    runs: list[list[tuple[int, int]]] = [[] for _ in prompts]
-    next_new = 0
-    open_reqs: list[int] = []   # started, not complete
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        p0, seg = int(pos[s]), ids[s:e]
-        target = None
-        if p0 == 0:
-            while next_new < len(prompts) and consumed[next_new]:
-                next_new += 1
-            order = ([next_new] if next_new < len(prompts) else []) + \
-                [j for j in range(len(prompts)) if not consumed[j] and j != next_new]
-            for j in order:
-                p = prompts[j]
-                if len(seg) <= len(p) and np.array_equal(p[:len(seg)], seg):
-                    target = j
-                    break
-        else:
-            for j in reversed(open_reqs):
-                p = prompts[j]
-                if consumed[j] == p0 and p0 + len(seg) <= len(p) and \
-                        np.array_equal(p[p0:p0 + len(seg)], seg):
-                    target = j
-                    break
-        if target is None:
-            raise AlignmentError(
-                f"rows {s}..{e - 1} (positions {p0}..{int(pos[e - 1])}) match no submitted "
-                f"prompt; refusing to guess which document they belong to")
-        if consumed[target] == 0:
-            open_reqs.append(target)
-        consumed[target] += len(seg)
-        runs[target].append((s, e))
-        if consumed[target] == len(prompts[target]):
-            open_reqs.remove(target)
-    missing = [j for j, p in enumerate(prompts) if consumed[j] != len(p)]
-    if missing:
-        raise AlignmentError(f"prompts {missing[:5]} were not fully seen by the model")
+    open_at: dict[int, set[int]] = {}   # position -> started, unfinished requests there
+    lo = 0                              # no request below this index is unstarted
+
+    def move(j: int, delta: int) -> None:
+        nonlocal lo
+        before, after = consumed[j], consumed[j] + delta
+        if 0 < before < len(prompts[j]):
+            open_at[before].discard(j)
+        if 0 < after < len(prompts[j]):
+            open_at.setdefault(after, set()).add(j)
+        consumed[j] = after
+        if after == 0:
+            lo = min(lo, j)
+
+    def continues_at(row: int, taken: int) -> bool:
+        """Whether a chunk of an open request other than ``taken`` can start at ``row``."""
+        q = int(pos[row])
+        return any(k != taken and prompts[k][q] == ids[row] for k in open_at.get(q, ()))
+
+    head = 8    # new requests are looked up by their first tokens when the run holds them
+    by_head: dict[bytes, list[int]] = {}
+    for j, p in enumerate(prompts):
+        by_head.setdefault(p[:head].tobytes(), []).append(j)
+
+    def candidates(r: int, p0: int):
+        nonlocal lo
+        if p0 > 0:
+            yield from sorted(open_at.get(p0, ()))
+            return
+        if run_end[r] - r >= head:
+            for k in range(head, 0, -1):   # then prompts shorter than head tokens
+                yield from (j for j in by_head.get(ids[r:r + k].tobytes(), ())
+                            if not consumed[j] and len(prompts[j]) >= k
+                            and (k == head or len(prompts[j]) == k))
+            return
+        while lo < len(prompts) and consumed[lo]:
+            lo += 1
+        for j in range(lo, len(prompts)):
+            if not consumed[j]:
+                yield j
+
+    def chunks(r: int):
+        """(prompt, length) candidates for the chunk starting at row ``r``, best first."""
+        p0, end, seen = int(pos[r]), int(run_end[r]), set()
+        for j in candidates(r, p0):
+            p = prompts[j]
+            if consumed[j] != p0:
+                continue
+            key = p.tobytes()
+            if key in seen:
+                continue
+            seen.add(key)
+            m = min(end - r, len(p) - p0)
+            match = p[p0:p0 + m] == ids[r:r + m]
+            longest = m if bool(match.all()) else int(np.argmin(match))
+            for length in range(longest, 0, -1):
+                if r + length == end or continues_at(r + length, j):
+                    yield j, length
+
+    applied: list[tuple[int, int, int]] = []      # (prompt, first row, rows)
+    stack = [chunks(0)] if n else []
+    r = deepest = tries = 0
+    while r < n:
+        step = next(stack[-1], None) if stack else None
+        tries += 1
+        if step is None or tries > 100 * n + 10_000:
+            if step is not None or not applied:
+                e = int(run_end[deepest])
+                raise AlignmentError(
+                    f"rows {deepest}..{e - 1} (positions {int(pos[deepest])}.."
+                    f"{int(pos[e - 1])}) match no submitted prompt; refusing to guess which "
+                    f"document they belong to")
+            stack.pop()
+            j, r, length = applied.pop()
+            move(j, -length)
+            continue
+        j, length = step
+        applied.append((j, r, length))
+        move(j, length)
+        r += length
+        deepest = max(deepest, min(r, n - 1))
+        if r < n:
+            stack.append(chunks(r))
+    rows: list[list[tuple[int, int]]] = [[] for _ in prompts]
+    for j, first, length in applied:
+        rows[j].append((first, first + length))
     return [np.concatenate([np.arange(s, e) for s, e in r]) if r else np.zeros(0, np.int64)
-            for r in runs]
+            for r in rows]
 
 
 def _flat_arrays(flat) -> tuple[np.ndarray, ...]:

@@ -20,7 +20,7 @@ import torch
 from kdpipe.capture import run as capture_run
 from kdpipe.capture.run import CaptureOptions, run_capture
 from kdpipe.capture.vllm_backend import (AlignmentError, _flat_topk, align_rows, prompt_topk,
-                                         sort_rows)
+                                         real_tokens, sort_rows)
 from kdpipe.compress import Dataset
 from kdpipe.compress.verify import dump_arrays, verify_dataset
 from kdpipe.schemas import ConfigError
@@ -268,6 +268,28 @@ def test_align_out_of_order_and_duplicates():
         assert np.array_equal(ids[r], p)
 
 
+@pytest.mark.parametrize("same", [False, True], ids=["distinct", "duplicates"])
+def test_align_a_continuation_right_after_a_first_chunk(same):
+    """A step can hold a new request's first chunk ending at position p followed by another
+    request's continuation from p: one run of consecutive positions, two requests (seen
+    from vLLM with equal-length documents and chunked prefill)."""
+    rng = np.random.default_rng(1)
+    a, b, c = (rng.integers(0, 1000, 6) for _ in range(3))
+    if same:
+        b = a.copy()
+    prompts = [a, b, c]
+    ids = np.concatenate([a[:4], b[:4], a[4:], b[4:], c])
+    pos = np.concatenate([np.arange(4), np.arange(4), np.arange(4, 6), np.arange(4, 6),
+                          np.arange(6)])
+    rows = align_rows(prompts, ids, pos)
+    assert sorted(np.concatenate(rows).tolist()) == list(range(len(ids)))
+    for p, r in zip(prompts, rows):
+        assert np.array_equal(ids[r], p) and np.array_equal(pos[r], np.arange(len(p)))
+    if not same:
+        assert rows[0].tolist() == [0, 1, 2, 3, 8, 9]
+        assert rows[1].tolist() == [4, 5, 6, 7, 10, 11]
+
+
 @pytest.mark.parametrize("damage", ["token", "extra", "missing", "position"])
 def test_align_refuses_what_it_cannot_explain(damage):
     prompts = _prompts()
@@ -284,6 +306,16 @@ def test_align_refuses_what_it_cannot_explain(damage):
         pos[3] = 9
     with pytest.raises(AlignmentError):
         align_rows(prompts, ids, pos)
+
+
+def test_real_tokens_trusts_only_a_padding_tail():
+    mask = lambda bits: torch.tensor([b == "1" for b in bits])  # noqa: E731
+    assert real_tokens(mask("000")) == 3
+    assert real_tokens(mask("00011")) == 3
+    # masks no step of real tokens can have: left over from warm-up runs, not refreshed
+    assert real_tokens(mask("11111")) == 5
+    assert real_tokens(mask("11000")) == 5
+    assert real_tokens(mask("00101")) == 5
 
 
 def test_sort_rows_by_value_then_id():

@@ -250,7 +250,8 @@ class Trainer:
         self.objective = training_objective(cfg.loss, layer_map=layer_map)
         module = DistillModule(student, objective=self.objective,
                                teacher_hidden_size=manifest.teacher.hidden_size,
-                               projection=cfg.loss.projection)
+                               projection=cfg.loss.projection,
+                               hidden_source=manifest.capture.hidden_source)
         if self.resume_from:
             ckpt.load_projections(module, self.resume_from)
         self.trainable, self.frozen = freeze(student, cfg.train.frozen)

@@ -113,3 +113,37 @@ def test_a_student_layer_without_a_mixer_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="student layer 0 has no token mixer"):
         DistillModule(student, objective=objective, teacher_hidden_size=32,
                       hidden_source="attention")
+
+
+def test_mixer_targets_under_activation_checkpointing(tmp_path):
+    """Hooks also fire when checkpointed layers recompute in backward; the loss and gradients
+    must be those of a run without checkpointing."""
+    from test_train_fixtures import write_dataset, write_student
+    from kdpipe.compress import Dataset
+    from kdpipe.student_train.evaluate import load_student
+    from kdpipe.student_train.model.modeling import enable_activation_checkpointing
+    from kdpipe.student_train.packing import assemble
+    from kdpipe.student_train.train_config import LossConfig, LossTerm
+    from kdpipe.student_train.train_objective import DistillModule, training_objective
+    write_dataset(tmp_path / "d", n_docs=3, min_len=10, max_len=20)
+    write_student(tmp_path / "s", hidden_size=16)
+    docs = dict(enumerate(Dataset(str(tmp_path / "d")).iter_documents()))
+    batch = assemble(docs, [(k, 0, d.num_tokens) for k, d in docs.items()], k=8,
+                     hidden_layers=[1, 2], hidden_size=16)
+    objective = training_objective(LossConfig(terms=[LossTerm(kind="hidden_cosine")]),
+                                   layer_map=[(1, 1), (2, 2)])
+    grads = []
+    for checkpointed in (False, True):
+        student = load_student(str(tmp_path / "s")).train()
+        if checkpointed:
+            enable_activation_checkpointing(student)
+        module = DistillModule(student, objective=objective, teacher_hidden_size=16,
+                               hidden_source="attention")
+        loss = module(batch)["hidden_cosine"]
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in student.parameters()
+                                    if p.grad is not None]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert len(grads[0][1]) == len(grads[1][1]) > 0
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -96,10 +96,10 @@ def greedy(model, prompts: torch.Tensor, new_tokens: int, *, batch_size: int = 8
     of sequence suppressed so that every continuation has ``new_tokens`` tokens)."""
     from transformers import GenerationConfig
 
+    eos = model.config.eos_token_id
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False, use_cache=True,
-                              eos_token_id=model.config.eos_token_id,
-                              pad_token_id=model.config.eos_token_id)
+                              do_sample=False, use_cache=True, eos_token_id=eos,
+                              pad_token_id=eos[0] if isinstance(eos, list) else eos)
     device = next(model.parameters()).device
     out = []
     for start in range(0, prompts.shape[0], batch_size):

@@ -60,13 +60,19 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def parse_hidden_layers(spec: str, num_layers: int) -> list[int]:
-    """``none``, ``all`` or a comma list; 0 = embeddings, i = output of decoder layer i."""
+HIDDEN_SOURCES = ("residual", "attention")
+
+
+def parse_hidden_layers(spec: str, num_layers: int, *, source: str = "residual") -> list[int]:
+    """``none``, ``all`` or a comma list; 0 = embeddings, i = output of decoder layer i
+    (``source`` ``attention``: i = output of decoder layer i's attention block, i >= 1)."""
+    if source not in HIDDEN_SOURCES:
+        raise ConfigError(f"--hidden-source {source!r}: use {' or '.join(HIDDEN_SOURCES)}")
     spec = spec.strip().lower()
     if spec in ("", "none"):
         return []
     if spec == "all":
-        return list(range(num_layers + 1))
+        return list(range(0 if source == "residual" else 1, num_layers + 1))
     try:
         layers = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError as e:
@@ -76,6 +82,9 @@ def parse_hidden_layers(spec: str, num_layers: int) -> list[int]:
     if bad:
         raise ConfigError(f"--hidden-layers {bad}: the teacher has layers 0..{num_layers} "
                           f"(0 = embeddings, {num_layers} = last decoder layer)")
+    if source == "attention" and 0 in layers:
+        raise ConfigError("--hidden-layers 0 with --hidden-source attention: layer 0 is the "
+                          "embeddings, which have no attention block (use 1..)")
     return layers
 
 
@@ -86,7 +95,8 @@ class HFBackend:
     schedules_batches = False
 
     def __init__(self, model_path: str, *, device: str, dtype: str, top_k: int,
-                 hidden_layers: list[int], trust_remote_code: bool = False) -> None:
+                 hidden_layers: list[int], trust_remote_code: bool = False,
+                 hidden_source: str = "residual") -> None:
         from transformers import AutoTokenizer
 
         self.device, self.dtype, self.top_k = device, dtype, top_k
@@ -100,6 +110,7 @@ class HFBackend:
         if top_k > self.vocab_size:
             raise ConfigError(f"--top-k {top_k} exceeds the vocabulary ({self.vocab_size})")
         self.hidden_layers = hidden_layers
+        self.hidden_source = hidden_source
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)
         self._captured: dict[int, torch.Tensor] = {}
@@ -148,7 +159,15 @@ class HFBackend:
             return hook
 
         for layer in self.hidden_layers:
-            module = base.get_input_embeddings() if layer == 0 else layers[layer - 1]
+            if layer == 0:
+                module = base.get_input_embeddings()
+            elif self.hidden_source == "attention":
+                module = getattr(layers[layer - 1], "self_attn", None)
+                if module is None:
+                    raise ConfigError(f"{type(self.model).__name__}: its decoder layers have no "
+                                      f"self_attn block to capture the output of")
+            else:
+                module = layers[layer - 1]
             module.register_forward_hook(keep(layer))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

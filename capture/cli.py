@@ -58,6 +58,11 @@ def corpus_build(out: Path, heldout: Path | None, heldout_percent: int) -> None:
 @click.option("--hidden-layers", default="none", show_default=True,
               help="none, all, or indices like 0,8,30 (0 = embeddings, i = output of decoder "
                    "layer i, before the final norm).")
+@click.option("--hidden-source", default="residual", show_default=True,
+              type=click.Choice(["residual", "attention"]),
+              help="What --hidden-layers captures: residual (each layer's output) or "
+                   "attention (the output of layer i's attention block, i >= 1: what the "
+                   "student's token mixer is aligned to).")
 @click.option("--max-seq-len", default=2048, show_default=True, type=click.IntRange(1))
 @click.option("--long-documents", default="truncate", show_default=True,
               type=click.Choice(["truncate", "split"]),

@@ -64,6 +64,7 @@ class CaptureOptions:
     backend: str = "hf"
     top_k: int | None = None   # None: the codec's top_k, else DEFAULT_TOP_K
     hidden_layers: str = "none"
+    hidden_source: str = "residual"   # residual | attention (schemas CaptureSettings)
     max_seq_len: int = 2048
     dtype: str = "auto"
     device: str = "auto"
@@ -116,8 +117,13 @@ def make_backend(opts: CaptureOptions, model_path: str, device: str, dtype: str,
     """The teacher backend ``opts`` asks for, loaded (the caller closes it)."""
     if opts.backend == "hf":
         return HFBackend(model_path, device=device, dtype=dtype, top_k=opts.top_k,
-                         hidden_layers=layers, trust_remote_code=opts.trust_remote_code)
+                         hidden_layers=layers, trust_remote_code=opts.trust_remote_code,
+                         hidden_source=opts.hidden_source)
     if opts.backend == "vllm":
+        if opts.hidden_source != "residual" and layers:
+            raise ConfigError(f"--hidden-source {opts.hidden_source}: the vllm backend "
+                              f"captures layer outputs only; use --backend hf for attention "
+                              f"block outputs")
         from .vllm_backend import VLLMBackend  # imports vllm only here
         return VLLMBackend(model_path, device=device, dtype=dtype, top_k=opts.top_k,
                            hidden_layers=layers, trust_remote_code=opts.trust_remote_code,
@@ -229,8 +235,12 @@ def run_capture(opts: CaptureOptions, *, backend: TeacherBackend | None = None
                                             trust_remote_code=opts.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {opts.model}: cannot read its configuration: {e}") from e
-    layers = parse_hidden_layers(opts.hidden_layers, config.num_hidden_layers)
+    layers = parse_hidden_layers(opts.hidden_layers, config.num_hidden_layers,
+                                 source=opts.hidden_source)
     if codec_cfg.dense:   # the full distribution is rebuilt from the last layer's output
+        if opts.hidden_source != "residual":
+            raise ConfigError(f"--codec {codec_cfg.name} rebuilds the teacher's distribution from "
+                              f"its last layer's output: it needs --hidden-source residual")
         layers = sorted(set(layers) | {config.num_hidden_layers})
     vocab = getattr(config, "vocab_size", None)
     if vocab and opts.top_k > vocab:
@@ -245,7 +255,7 @@ def run_capture(opts: CaptureOptions, *, backend: TeacherBackend | None = None
         backend=opts.backend, top_k=opts.top_k, max_seq_len=opts.max_seq_len, dtype=dtype,
         chat_template=opts.chat_template, hidden_layers=layers, text_field=opts.text_field,
         long_documents=opts.long_documents, data_source=data_id, num_shards=opts.num_shards,
-        limit=opts.limit, data_fingerprint=data_fp)
+        limit=opts.limit, data_fingerprint=data_fp, hidden_source=opts.hidden_source)
     counted = count_records(opts.data)
     n = opts.limit if counted is None else min(counted, opts.limit or counted)
     total = None if n is None else _part_records(n, opts.num_shards, opts.shard_index)
@@ -260,6 +270,10 @@ def run_capture(opts: CaptureOptions, *, backend: TeacherBackend | None = None
         teacher = backend if backend is not None else make_backend(opts, model_path, device,
                                                                     dtype, layers)
         try:
+            captures = getattr(teacher, "hidden_source", "residual")
+            if layers and captures != opts.hidden_source:
+                raise ConfigError(f"--hidden-source {opts.hidden_source}: the {teacher.name} "
+                                  f"backend given captures {captures} hidden states")
             return _capture_part(opts, teacher, settings, codec_cfg, model_id, dtype, device,
                                  stop, total)
         finally:

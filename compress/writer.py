@@ -159,7 +159,7 @@ class PartWriter:
         self.hidden_layers = list(capture.hidden_layers)
         self.schema = shard_schema(self.hidden_layers, codec=codec,
                                    teacher=dataclasses.asdict(teacher),
-                                   capture=dataclasses.asdict(capture))
+                                   capture=capture.to_dict())
         self._stack: ExitStack | None = None
         self._pq: pq.ParquetWriter | None = None
         # Parquet encoding, page checksums, hashing and the file write run on their own thread,

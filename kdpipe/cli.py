@@ -50,7 +50,8 @@ _HELP = {
     "import": "Read another tool's dataset (--format distillkit) into a kdpipe dataset.",
     "export": "Write a dataset in another tool's format (--format distillkit|axolotl).",
     "train": "Distill a captured dataset into a KDA hybrid student (YAML config, torchrun).",
-    "eval": "Held-out KL, top-1 agreement and cross-entropy of a student checkpoint.",
+    "eval": "Held-out KL, top-1 agreement and cross-entropy of a student checkpoint; "
+            "--generate: free-running agreement with the teacher.",
     "plot": "Draw a training run's curves to a PNG.",
     "demo-summary": "Summarize a capture and a training run (make demo).",
 }
@@ -85,7 +86,7 @@ EXAMPLES: dict[str, list[str]] = {
                "runs/capture runs/distillkit"],
     "train": ["kdpipe train --config student_train/configs/demo.yaml "
               "--set data.path=runs/capture --set out=runs/train"],
-    "eval": ["kdpipe eval --student runs/train/final --data runs/heldout"],
+    "eval": ["kdpipe eval --student runs/train/final --data runs/heldout --generate"],
     "plot": ["kdpipe plot runs/train --out runs/train/curves.png"],
     "demo-summary": ["kdpipe demo-summary --capture runs/capture --run runs/train"],
 }

@@ -66,10 +66,21 @@ class CaptureSettings:
     num_shards: int = 1
     limit: int | None = None
     data_fingerprint: str = ""  # content of a local input (capture.inputs.source_identity)
+    # what the hidden columns hold: "residual" (layer outputs as above) or "attention" (the
+    # output of decoder layer i's attention block, i >= 1, before it joins the residual)
+    hidden_source: str = "residual"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data; ``hidden_source`` only where it is not the residual stream, so residual
+        captures read as before and a reader that predates attention captures refuses one."""
+        d = asdict(self)
+        if d["hidden_source"] == "residual":
+            del d["hidden_source"]
+        return d
 
     def fingerprint(self) -> str:
         """What must not change between a killed run and its resumption."""
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 @dataclass
@@ -147,6 +158,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["capture"] = self.capture.to_dict()
         d["codec"] = self.codec.to_dict()
         return d
 

@@ -1,8 +1,10 @@
 """The summary ``make demo`` prints: what was captured and what training did with it.
 
-Read from artifacts only, nothing recomputed: the capture's manifest (tokens, shard bytes)
-and the run's ``metrics.jsonl`` (the held-out evaluation at step 0 is the converted student
-before training; the last one is after).
+Teacher-forced numbers are read from artifacts, not recomputed: the capture's manifest
+(tokens, shard bytes) and the run's ``metrics.jsonl`` (the held-out evaluation at step 0 is the
+converted student before training; the last one is after). Free-running agreement is not in
+the run's records, so it is measured here (``generation_agreement``): a few short greedy
+continuations of the student before and after training against the teacher's.
 """
 
 from __future__ import annotations
@@ -39,6 +41,28 @@ def summarize(capture_dir: str, run_dir: str) -> dict:
         "tokens_trained": train[-1].get("tokens_seen", 0) if train else 0,
         "heldout_tokens": after.get("tokens", 0),
     }
+
+
+def generation_agreement(run_dir: str, *, teacher: str | None = None, prompts: int = 4,
+                         prompt_len: int = 16, new_tokens: int = 8) -> dict:
+    """``gen_agreement_before`` / ``_after``: per-token free-running agreement with the teacher
+    of the run's initial student (``student.path`` or the conversion in ``OUT/student-init``)
+    and of its final one, on prompts from the run's held-out data."""
+    from .generate_eval import generation_eval
+    from .train_config import load_config
+
+    run = Path(run_dir)
+    cfg = load_config(run / "config.yaml")
+    if not cfg.eval.data:
+        raise ConfigError(f"{run_dir}: the run has no held-out data (eval.data) to take "
+                          f"prompts from")
+    before = cfg.student.path or str(run / "student-init")
+    got = generation_eval([before, str(run / "final")], cfg.eval.data, teacher=teacher,
+                          prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens,
+                          device=cfg.train.device)
+    return {"gen_agreement_before": got[0].gen_agreement,
+            "gen_agreement_after": got[1].gen_agreement,
+            "gen_prompts": got[0].prompts, "gen_new_tokens": new_tokens}
 
 
 def write_summary(summary: dict, out_json: str | Path) -> None:

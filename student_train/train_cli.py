@@ -111,8 +111,9 @@ def resume_command(config_path: Path | None, overrides: tuple[str, ...],
 
 
 @click.command("eval", epilog="""\b
-Example:
+Examples:
   kdpipe eval --student runs/train/final --data runs/heldout --json eval.json
+  kdpipe eval --student runs/train/final --data runs/heldout --generate --new-tokens 16
 """)
 @click.option("--student", "student_dir", required=True,
               type=click.Path(exists=True, file_okay=False),
@@ -131,12 +132,27 @@ Example:
               help="Also write the metrics to this JSON file.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar on stderr (default: when stderr is a terminal).")
+@click.option("--generate", is_flag=True,
+              help="Also free-running: greedy continuations of the student and the teacher on "
+                   "held-out prompts (per-token and whole-continuation agreement, the "
+                   "student's cross-entropy on the teacher's continuations).")
+@click.option("--teacher", type=click.Path(exists=True, file_okay=False),
+              help="With --generate: the teacher's model directory (default: the dataset's "
+                   "teacher when it is the embedded one).")
+@click.option("--prompts", default=16, show_default=True, type=click.IntRange(1),
+              help="With --generate: number of held-out prompts.")
+@click.option("--prompt-len", default=32, show_default=True, type=click.IntRange(1),
+              help="With --generate: tokens per prompt.")
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(1),
+              help="With --generate: tokens generated and compared per prompt.")
 def eval_cmd(student_dir: str, data: str, seq_len: int, max_tokens: int, device: str,
              precision: str, no_tokenizer_check: bool, json_out: Path | None,
-             progress: bool | None) -> None:
+             progress: bool | None, generate: bool, teacher: str | None, prompts: int,
+             prompt_len: int, new_tokens: int) -> None:
     """Held-out metrics of a student against the teacher's captured distributions:
     sparse KL (top-k plus tail bucket, and top-k renormalized), top-1 agreement, and
-    next-token cross-entropy; on a dense dataset also the full-vocabulary KL and top-1."""
+    next-token cross-entropy; on a dense dataset also the full-vocabulary KL and top-1; with
+    --generate, free-running agreement with the teacher."""
     from transformers.utils import logging as hf_logging
 
     from .evaluate import evaluate_student
@@ -153,9 +169,25 @@ def eval_cmd(student_dir: str, data: str, seq_len: int, max_tokens: int, device:
     if "kl_full" in m:
         click.echo(f"  kl_full  {m['kl_full']:.5f}  (teacher || student, whole vocabulary)")
         click.echo(f"  top1_full {m['top1_full']:.4f}  (the teacher's full argmax)")
+    if generate:
+        m.update(_generation_metrics(student_dir, data, teacher=teacher, prompts=prompts,
+                                     prompt_len=prompt_len, new_tokens=new_tokens,
+                                     device=device, precision=precision))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(m, indent=1))
+
+
+def _generation_metrics(student_dir: str, data: str, **options) -> dict:
+    """``eval --generate``: the free-running metrics, printed, as a dict."""
+    from .generate_eval import generation_eval
+    g = generation_eval([student_dir], data, **options)[0]
+    click.echo(f"  free-running, {g.prompts} prompts of {g.prompt_len} tokens, "
+               f"{g.new_tokens} greedy tokens each:")
+    click.echo(f"  gen_agreement  {g.gen_agreement:.4f}  (per token, same position)")
+    click.echo(f"  gen_match      {g.gen_match:.4f}  (whole continuations equal)")
+    click.echo(f"  gen_ce         {g.gen_ce:.4f}  (student on the teacher's continuations)")
+    return g.to_dict()
 
 
 @click.command()
@@ -173,11 +205,27 @@ def plot(run_dir: str, out_png: str | None) -> None:
 @click.option("--run", "run_dir", default="runs/train", show_default=True)
 @click.option("--out", "out_json", default="runs/demo/summary.json", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path))
-def demo_summary(capture_dir: str, run_dir: str, out_json: Path) -> None:
-    """Summarize a capture + training run: tokens captured, bytes/token, and the held-out
-    KL of the converted student before training and after."""
-    from .demo import summarize, write_summary
+@click.option("--generate/--no-generate", default=True, show_default=True,
+              help="Also measure free-running agreement with the teacher before and after "
+                   "training (a few short greedy continuations on held-out prompts).")
+@click.option("--teacher", type=click.Path(exists=True, file_okay=False),
+              help="The teacher's model directory for --generate (default: the dataset's "
+                   "teacher when it is the embedded one).")
+@click.option("--gen-prompts", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--gen-tokens", default=8, show_default=True, type=click.IntRange(1))
+def demo_summary(capture_dir: str, run_dir: str, out_json: Path, generate: bool,
+                 teacher: str | None, gen_prompts: int, gen_tokens: int) -> None:
+    """Summarize a capture + training run: tokens captured, bytes/token, the held-out KL of
+    the converted student before training and after, and free-running agreement with the
+    teacher before and after."""
+    from transformers.utils import logging as hf_logging
+
+    from .demo import generation_agreement, summarize, write_summary
+    hf_logging.disable_progress_bar()
     summary = summarize(capture_dir, run_dir)
+    if generate:
+        summary.update(generation_agreement(run_dir, teacher=teacher, prompts=gen_prompts,
+                                            new_tokens=gen_tokens))
     write_summary(summary, out_json)
     click.echo(f"tokens captured        {summary['tokens_captured']:,}")
     click.echo(f"bytes/token            {summary['bytes_per_token']:.1f}  "
@@ -185,4 +233,8 @@ def demo_summary(capture_dir: str, run_dir: str, out_json: Path) -> None:
     click.echo(f"held-out KL before     {summary['kl_before']:.4f}  (converted student)")
     click.echo(f"held-out KL after      {summary['kl_after']:.4f}  "
                f"({summary['steps']} steps, {summary['tokens_trained']:,} tokens)")
+    if generate:
+        click.echo(f"free-running agreement {summary['gen_agreement_before']:.3f} before, "
+                   f"{summary['gen_agreement_after']:.3f} after  (per token, "
+                   f"{summary['gen_prompts']} prompts x {gen_tokens} greedy tokens)")
     click.echo(f"wrote {out_json}")

@@ -10,6 +10,11 @@ Dense terms (``dense_kl``...) compare the student with the teacher's full distri
 rebuilt from the teacher's last-layer state (a hidden layer of the batch) through the teacher
 head the module is given (``teacher_head``), on the same rows as the sparse losses.
 
+Hidden-state targets follow what the dataset captured (``CaptureSettings.hidden_source``):
+layer outputs (the student's ``hidden_states``) or attention-block outputs, which the student
+matches with its token mixers' outputs (KDA or attention), read by forward hooks on the mapped
+layers' ``self_attn``.
+
 Masks: head losses use the loss rows (``loss_mask`` set, and a teacher row for the sparse
 losses or a next token for CE); hidden-state losses use every position whose ``loss_mask``
 is set, so assistant-only chat masks apply to all terms.
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 
 from kdpipe.compress.dense import TeacherHead
+from kdpipe.schemas import ConfigError
 
 from .dense_kl import DenseTerm, dense_losses
 from .losses import hidden_loss
@@ -120,11 +126,24 @@ class DistillModule(nn.Module):
     """The student plus what distillation adds: projections into the teacher's hidden size."""
 
     def __init__(self, student: nn.Module, *, objective: Objective, teacher_hidden_size: int,
-                 projection: str = "auto", teacher_head: TeacherHead | None = None) -> None:
+                 projection: str = "auto", hidden_source: str = "residual",
+                 teacher_head: TeacherHead | None = None) -> None:
         super().__init__()
         self.student = student
         self.objective = objective
         self.teacher_head = teacher_head     # frozen, outside the parameters and state dict
+        self.hidden_source = hidden_source
+        self._mixer_out: dict[int, torch.Tensor] = {}
+        if hidden_source == "attention":
+            layers = student.model.layers
+            for s, _ in objective.layer_map:
+                if not 1 <= s <= len(layers):
+                    raise ConfigError(f"loss.layer_map: student layer {s} has no token mixer to "
+                                      f"align with attention outputs (layers 1..{len(layers)})")
+                layers[s - 1].self_attn.register_forward_hook(self._keeper(s))
+        elif hidden_source != "residual":
+            raise ConfigError(f"hidden states of kind {hidden_source!r}: this kdpipe knows "
+                              f"residual and attention")
         width = student.config.hidden_size
         self.projections = nn.ModuleDict()
         if objective.hidden_terms and (projection == "always" or
@@ -138,14 +157,25 @@ class DistillModule(nn.Module):
                         proj.weight.copy_(torch.eye(width))
                 self.projections[str(s)] = proj
 
+    def _keeper(self, layer: int):
+        def hook(_module, _inputs, output):
+            if self._mixer_out is not None:
+                self._mixer_out[layer] = output
+        return hook
+
     def forward(self, batch: PackedBatch, objective: Objective | None = None,
                 teacher_head: TeacherHead | None = None) -> dict[str, torch.Tensor]:
         """Per-term sums over the micro-batch's loss rows (hidden terms over positions);
         ``teacher_head``: the one dense terms use, if not the module's (a held-out set's)."""
         obj = objective or self.objective
         hidden_terms = obj.hidden_terms
+        mixers = bool(hidden_terms) and self.hidden_source == "attention"
+        self._mixer_out = {} if mixers else None
         out = self.student(batch.input_ids, cu_seqlens=batch.cu_seqlens, return_logits=False,
-                           output_hidden_states=bool(hidden_terms), use_cache=False)
+                           output_hidden_states=bool(hidden_terms) and not mixers,
+                           use_cache=False)
+        states = self._mixer_out if mixers else out.hidden_states
+        self._mixer_out = None
         final = out.last_hidden_state[0]                                 # [N, H]
         sums = head_losses(final[batch.row_pos], self.student.get_output_embeddings().weight,
                            topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
@@ -164,7 +194,7 @@ class DistillModule(nn.Module):
             for t in hidden_terms:
                 sums[t.name] = final.new_zeros((), dtype=torch.float32)
             for s, tl in obj.layer_map:
-                h_s = out.hidden_states[s][0][mask]                      # [n, H_s]
+                h_s = states[s][0][mask]                                 # [n, H_s]
                 if str(s) in self.projections:
                     h_s = self.projections[str(s)](h_s)
                 h_t = batch.hidden[tl][mask]                             # [n, H_t]

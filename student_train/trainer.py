@@ -271,6 +271,7 @@ class Trainer:
         module = DistillModule(student, objective=self.objective,
                                teacher_hidden_size=manifest.teacher.hidden_size,
                                projection=cfg.loss.projection,
+                               hidden_source=manifest.capture.hidden_source,
                                teacher_head=None if head is None else head.to(self.device))
         if self.resume_from:
             ckpt.load_projections(module, self.resume_from)

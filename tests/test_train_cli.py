@@ -70,11 +70,14 @@ def test_plot_and_demo_summary(run, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     out = tmp_path / "demo" / "summary.json"
+    # the run's initial student as the teacher: it agrees with itself before training
     result = CliRunner().invoke(cli, ["demo-summary", "--capture", str(run / "ds"), "--run",
-                                      str(run / "run"), "--out", str(out)])
+                                      str(run / "run"), "--out", str(out),
+                                      "--teacher", str(run / "student")])
     assert result.exit_code == 0, result.output
     s = json.loads(out.read_text())
     assert {"tokens_captured", "bytes_per_token", "kl_before", "kl_after"} <= set(s)
+    assert s["gen_agreement_before"] == 1.0 and 0 <= s["gen_agreement_after"] < 1.0
     from kdpipe.compress import Dataset
     m = Dataset(str(run / "ds")).manifest
     assert s["tokens_captured"] == m.tokens

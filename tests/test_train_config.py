@@ -53,7 +53,7 @@ def test_reference_config_documents_every_key_with_its_default():
     assert differ == {"student.teacher", "train.max_steps"}     # set so the file runs as is
 
 
-@pytest.mark.parametrize("name", ["reference", "demo", "stage1", "stage2"])
+@pytest.mark.parametrize("name", ["reference", "demo", "stage1", "stage1-all-layers", "stage2"])
 def test_recipes_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.loss.terms

@@ -6,7 +6,8 @@ file-system helpers every stage publishes through (``Storage``, ``publish_file``
 ``check_writable``).
 """
 
-from .codec import Codec, load_codec_config, needs_fitting, preset_names
+from .codec import (Codec, load_codec_config, needs_fitting, preset_names, sampling_of,
+                    signal_of)
 from .manifests import write_manifest_if_complete
 from .reader import Dataset
 from .storage import (Storage, check_writable, fsync_path, fsync_tree, publish_dir, publish_file,
@@ -15,4 +16,5 @@ from .writer import PartWriter
 
 __all__ = ["Codec", "Dataset", "PartWriter", "Storage", "check_writable", "fsync_path",
            "fsync_tree", "load_codec_config", "needs_fitting", "preset_names", "publish_dir",
-           "publish_file", "publish_tree", "share_tree", "write_manifest_if_complete"]
+           "publish_file", "publish_tree", "sampling_of", "share_tree", "signal_of",
+           "write_manifest_if_complete"]

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdpipe.compress import PartWriter, Storage, load_codec_config, needs_fitting
+from kdpipe.compress import PartWriter, Storage, load_codec_config, needs_fitting, sampling_of
 from kdpipe.runtime import Interrupted, StageTimes, StopSignals, resolve_device
 from kdpipe.schemas import CaptureSettings, CodecConfig, ConfigError, TeacherDocument
 
-from .backends import HFBackend, TeacherBackend, parse_hidden_layers, resolve_dtype
+from .backends import HFBackend, Sampling, TeacherBackend, parse_hidden_layers, resolve_dtype
 from .inputs import (BadRecord, check_source, count_records, doc_id, iter_part,
                      source_identity, tokenize_record)
 from .lock import PartLock
@@ -99,8 +99,10 @@ def make_backend(opts: CaptureOptions, model_path: str, device: str, dtype: str,
                  layers: list[int]) -> TeacherBackend:
     """The teacher backend ``opts`` asks for, loaded (the caller closes it)."""
     if opts.backend == "hf":
+        sampling = sampling_of(load_codec_config(opts.codec))
         return HFBackend(model_path, device=device, dtype=dtype, top_k=opts.top_k,
-                         hidden_layers=layers, trust_remote_code=opts.trust_remote_code)
+                         hidden_layers=layers, trust_remote_code=opts.trust_remote_code,
+                         sampling=None if sampling is None else Sampling(*sampling))
     if opts.backend == "vllm":
         from .vllm_backend import VLLMBackend  # imports vllm only here
         return VLLMBackend(model_path, device=device, dtype=dtype, top_k=opts.top_k,
@@ -178,6 +180,16 @@ def _check_options(opts: CaptureOptions) -> tuple[CaptureOptions, object]:
     if opts.backend == "hf" and opts.vllm_options:
         raise ConfigError(f"{sorted(opts.vllm_options)}: vLLM options need --backend vllm")
     codec_cfg = load_codec_config(opts.codec)
+    sampling = sampling_of(codec_cfg)
+    if sampling is not None:   # the rows' width is the number of draws
+        if opts.backend != "hf":
+            raise ConfigError(f"--codec {opts.codec}: the sampled teacher signal is drawn by "
+                              f"the hf backend only; use --backend hf")
+        if opts.top_k is not None and opts.top_k != sampling[0]:
+            raise ConfigError(f"--top-k {opts.top_k}: --codec {opts.codec} samples "
+                              f"{sampling[0]} ids per position and keeps no top-k; leave "
+                              f"--top-k out")
+        opts = replace(opts, top_k=sampling[0])
     if opts.top_k is None:   # the teacher computes no more log-probs than the codec keeps
         opts = replace(opts, top_k=codec_cfg.top_k or DEFAULT_TOP_K)
     if opts.max_seq_len < 1 or opts.top_k < 1 or opts.window < 1:
@@ -236,6 +248,12 @@ def run_capture(opts: CaptureOptions, *, backend: TeacherBackend | None = None
                                                      opts.num_shards):
         teacher = backend if backend is not None else make_backend(opts, model_path, device,
                                                                     dtype, layers)
+        sampling = sampling_of(codec_cfg)
+        if getattr(teacher, "sampling", None) != (None if sampling is None
+                                                  else Sampling(*sampling)):
+            raise ConfigError(f"--codec {opts.codec}: the teacher backend given draws "
+                              f"{getattr(teacher, 'sampling', None)}, the codec asks for "
+                              f"{sampling or 'top-k rows'}")
         try:
             return _capture_part(opts, teacher, settings, codec_cfg, model_id, dtype, device,
                                  stop, total)
@@ -378,7 +396,7 @@ def _run_window(window, backend: TeacherBackend, opts: CaptureOptions,
     output per sequence, and the number of tokens.
     """
     prepared = []
-    seqs = []
+    seqs, seq_ids = [], []
     for index, rec in window:
         if isinstance(rec, BadRecord):
             prepared.append((index, rec.reason, False))
@@ -396,6 +414,7 @@ def _run_window(window, backend: TeacherBackend, opts: CaptureOptions,
         for j, (ids, mask) in enumerate(pieces):
             docs.append((base if len(pieces) == 1 else f"{base}-c{j:04d}", ids, mask, len(seqs)))
             seqs.append(ids)
+            seq_ids.append(docs[-1][0])
         prepared.append((index, docs, cut))
     outputs = [None] * len(seqs)
     # a backend with its own scheduler (vLLM) takes the whole window at once
@@ -404,7 +423,10 @@ def _run_window(window, backend: TeacherBackend, opts: CaptureOptions,
     on_device = 0
     for batch in groups:
         with times.time("forward"):
-            results = backend.forward_batch([seqs[i] for i in batch])
+            results = (backend.forward_batch([seqs[i] for i in batch],
+                                             doc_ids=[seq_ids[i] for i in batch])
+                       if getattr(backend, "sampling", None) is not None
+                       else backend.forward_batch([seqs[i] for i in batch]))
         for i, res in zip(batch, results):
             size = sum(t.numel() * t.element_size() for t in res.hidden.values() if t.is_cuda)
             if on_device + size > HIDDEN_ON_DEVICE_BYTES:   # e.g. every layer of a big teacher
@@ -454,7 +476,9 @@ def _write_window(prepared: list, outputs: list, writer: PartWriter, opts: Captu
                 out = outputs[si]
                 tdocs.append(TeacherDocument(doc_id=did, input_ids=ids, topk_ids=out.topk_ids,
                                              topk_logprobs=out.topk_logprobs, loss_mask=mask,
-                                             hidden=out.hidden, record_index=index))
+                                             hidden=out.hidden, record_index=index,
+                                             sample_ids=out.sample_ids,
+                                             sample_counts=out.sample_counts))
             writer.add_record(index, tdocs, truncated=cut and opts.long_documents == "truncate",
                               split=cut and opts.long_documents == "split")
         writer.end_window(commit=True)   # every window is durable once written

@@ -103,6 +103,10 @@ def evaluate_student(student_dir: str, data: str, *, seq_len: int = 2048, max_to
         raise ConfigError(f"--device {e}") from e
     student = load_student(student_dir)
     ds = Dataset(data)
+    if ds.codec.signal == "sampled":
+        raise ConfigError(f"--data {data}: holds the sampled teacher signal; evaluation "
+                          f"measures KL on top-k rows: capture the held-out set with a top-k "
+                          f"codec (e.g. --codec exact)")
     check_dataset(ds.manifest, where=data, student_config=student.config, student_dir=student_dir,
                   data=DataConfig(path=data, check_tokenizer=check_tokenizer),
                   loss=LossConfig(), layer_map=[])

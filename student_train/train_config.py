@@ -24,7 +24,9 @@ from kdpipe.schemas import ConfigError
 from kdpipe.schemas.convert import from_data, load_file, load_yaml
 
 SPARSE_LOSSES = ("kl", "reverse_kl", "jsd", "tvd")
-HEAD_LOSSES = SPARSE_LOSSES + ("ce",)
+SAMPLED_LOSSES = ("sampled",)        # on the sampled teacher signal (codec ids: sampled)
+TEACHER_LOSSES = SPARSE_LOSSES + SAMPLED_LOSSES
+HEAD_LOSSES = TEACHER_LOSSES + ("ce",)
 HIDDEN_LOSSES = ("hidden_cosine", "hidden_mse")
 LOSS_KINDS = HEAD_LOSSES + HIDDEN_LOSSES
 MISSING_MODES = ("zero", "tail")
@@ -82,8 +84,9 @@ class LossTerm:
                               f"{', '.join(LOSS_KINDS)}")
         if self.temperature <= 0:
             raise ConfigError(f"{where}.temperature must be positive, got {self.temperature}")
-        if self.kind not in SPARSE_LOSSES and self.temperature != 1.0:
-            raise ConfigError(f"{where}: temperature applies to {', '.join(SPARSE_LOSSES)} only")
+        if self.kind not in TEACHER_LOSSES and self.temperature != 1.0:
+            raise ConfigError(f"{where}: temperature applies to {', '.join(TEACHER_LOSSES)} "
+                              f"only")
         if self.missing is not None and self.missing not in MISSING_MODES:
             raise ConfigError(f"{where}.missing must be one of {MISSING_MODES}, "
                               f"got {self.missing!r}")

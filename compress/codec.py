@@ -273,9 +273,9 @@ class Codec:
         sample order (count descending, ties by id), padded with id -1 and count 0."""
         self._require("sampled")
         ids = self.ids.decode(ids_blobs, rows, torch.device("cpu"))
-        counts = self.values.decode(values_blobs, rows, torch.device("cpu"))
+        counts = self.values.decode(values_blobs, rows, torch.device("cpu")).int()
         self._check_shapes(ids, counts)
-        if bool(((ids < 0) != (counts == 0)).any()):
+        if not torch.equal(ids < 0, counts == 0):
             raise CodecError("sampled rows: ids and counts disagree on a row's size "
                              "(corrupt data)")
         ids, counts = sample_order(ids, counts, self.vocab_size)

@@ -192,7 +192,8 @@ def dataset_stats(uri: str) -> dict:
     return {
         "uri": uri, "complete": m.complete, "format_version": m.format_version,
         "producer": m.producer, "teacher": vars(m.teacher), "capture": vars(m.capture),
-        "codec": m.codec.to_dict(), "documents": m.documents, "tokens": m.tokens,
+        "codec": m.codec.to_dict(), "signal": ds.codec.signal, "documents": m.documents,
+        "tokens": m.tokens,
         "teacher_rows": sum(s.teacher_rows for s in m.shards), "shards": len(m.shards),
         "bytes": m.total_bytes, "bytes_per_token": m.total_bytes / tokens,
         "bytes_per_token_split": {k: v / tokens for k, v in split.items()},

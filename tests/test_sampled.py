@@ -298,10 +298,7 @@ def test_training_on_samples_lowers_the_loss_and_the_heldout_kl(toy_inputs, tmp_
                      "[{kind: sampled, weight: 1.0}]", steps=16)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    first, last = train[0], train[-1]
-    key = next(k for k in first if k.startswith("loss/sampled") or k == "sampled"
-               or k.endswith("sampled"))
-    assert last[key] < first[key]
+    assert train[-1]["sampled"] < 0.8 * train[0]["sampled"]
     assert evals[-1]["kl"] < evals[0]["kl"]
 
 
@@ -440,3 +437,24 @@ def test_tools_understand_or_refuse_the_sampled_signal(captured, tmp_path, capsy
     same = zip(Dataset(str(sampled)).iter_documents(), Dataset(str(tmp_path / "c4"))
                .iter_documents())
     assert all(torch.equal(a.sample_ids, b.sample_ids) for a, b in same)
+
+
+@pytest.mark.gpu
+def test_cuda_draws_are_seeded_and_unbiased():
+    """On the GPU: the same document seed draws the same samples, and the sampled
+    cross-entropy of the teacher's own log-probs estimates its entropy."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(4096, 49152, device="cuda", generator=g).mul_(3).bfloat16()
+    a = sample_rows(logits, 32, temperature=1.0,
+                    generator=document_generator(0, "doc", "cuda"))
+    b = sample_rows(logits, 32, temperature=1.0,
+                    generator=document_generator(0, "doc", "cuda"))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    lp = torch.log_softmax(logits.double(), -1)
+    ce = -(a[1].double() / 32 * lp.gather(1, a[0].clamp(min=0))).sum(1)
+    err = ce - (-(lp.exp() * lp).sum(1))
+    assert abs(float(err.mean())) < 4 * float(err.std()) / math.sqrt(len(err))
+    c = codec(draws=32, vocab=49152)
+    blob = c.encode_samples(a[0].cpu().numpy(), a[1].cpu().numpy())
+    got = c.decode_samples([blob[0]], [blob[1]], [4096], "cuda")
+    assert torch.equal(got[0], a[0]) and torch.equal(got[1], a[1])

@@ -298,7 +298,8 @@ def test_training_on_samples_lowers_the_loss_and_the_heldout_kl(toy_inputs, tmp_
                      "[{kind: sampled, weight: 1.0}]", steps=16)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert train[-1]["sampled"] < 0.8 * train[0]["sampled"]
+    losses = [r["loss_sampled"] for r in train]   # a cross-entropy: the teacher's entropy is
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1   # its floor, not 0
     assert evals[-1]["kl"] < evals[0]["kl"]
 
 

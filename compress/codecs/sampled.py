@@ -99,7 +99,6 @@ class SampledIds(GapIds):
                               f"the data holds rows of {k} (samples cannot be re-drawn from "
                               f"stored samples)")
         self.draws, self.temperature, self.seed = draws, float(temperature), seed
-        self.dictionary = True
         self.level = entropy.check_level(params.get("level", 1), "ids sampled")
         self.tag = entropy.params_tag("ids.sampled", {"draws": draws})
         self.n_streams = 4

@@ -35,20 +35,39 @@ def afm_4p5b_config():
 def random_afm_teacher(out: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
     """AFM-4.5B with random bf16 weights, built on the GPU and saved with a tokenizer, so that
     capture and training load it as they load any checkpoint."""
+    return random_teacher(out, tokenizer_dir, afm_4p5b_config(), device="cuda",
+                          dtype=torch.bfloat16, seed=seed)
+
+
+def tiny_config(vocab_size: int):
+    """AFM's architecture at a size a CPU runs in milliseconds a batch (smoke runs)."""
+    from transformers import ArceeConfig
+    return ArceeConfig(**(AFM_4P5B | dict(vocab_size=vocab_size, hidden_size=64,
+                                          intermediate_size=128, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=16, bos_token_id=0, eos_token_id=0,
+                                          dtype="float32")))
+
+
+def random_teacher(out: Path, tokenizer_dir: Path, config, *, device: str, dtype: torch.dtype,
+                   seed: int = 0) -> Path:
+    """A model of ``config`` with random weights, saved with a tokenizer (kept if ``out``
+    already holds one)."""
     from transformers import AutoModelForCausalLM
 
     if (out / "config.json").exists():
         return out
     torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(afm_4p5b_config(), dtype=torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     for f in tokenizer_dir.iterdir():
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy(f, tmp / f.name)
     del model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     tmp.rename(out)
     return out
 
@@ -101,8 +120,33 @@ def attention_flops_per_token(config, seq_len: int, full_layers: int) -> float:
     return 4 * full_layers * width * (seq_len + 1) / 2
 
 
+H200_BF16_PEAK = 989e12   # dense bf16 FLOP/s of an H200 (NVIDIA's data sheet): the MFU denominator
+
+
+def train_flops_per_token(model: torch.nn.Module, config, seq_len: int, full_layers: int) -> float:
+    """Model FLOPs of one trained token, written down: forward ``2 P + A`` (P the weights of
+    every nn.Linear, LM head included; A causal attention in documents of ``seq_len`` tokens),
+    backward ``2 P + 2 A`` for the input gradients (every layer has trainable parameters below
+    it in both recipes) plus ``2 P_trainable`` for the weight gradients. Recomputed forwards and
+    fla's KDA kernels are not counted, so MFU is a lower bound."""
+    p = linear_params(model)
+    trainable = sum(m.weight.numel() for m in model.modules()
+                    if isinstance(m, torch.nn.Linear) and m.weight.requires_grad)
+    a = attention_flops_per_token(config, seq_len, full_layers)
+    return (2 * p + a) + (2 * p + 2 * a) + 2 * trainable
+
+
+def spread(values: list[float]) -> dict:
+    """Median and range of a row's repeats (the table shows these; the JSON keeps them all)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return {"median": median, "min": ordered[0], "max": ordered[-1]}
+
+
 def synced() -> float:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 

@@ -1,21 +1,25 @@
 """Training throughput of AFM-4.5B's 3:1 KDA hybrid student: recipes, lengths, online vs offline.
 
-    python bench/bench_afm_train.py --teacher DIR --data DS [--rows stage1:8192,stage1:8192:none,...]
-        [--online 8192] [--steps 4] [--warmup 2] [--json bench/results/afm_train.json]
+    python bench/bench_afm_train.py --teacher DIR --data DS [--rows stage1:8192:none,...]
+        [--online 8192] [--steps 20] [--repeats 3] [--warmup 4] [--json bench/results/X.json]
     torchrun --nproc-per-node 2 bench/bench_afm_train.py ... (data parallel; rank 0 reports)
 
 ``--teacher``: AFM-4.5B with random weights (``bench/afm.py``); ``--data``: a capture of it
 with hidden layers 9,18,27,36 (``bench_afm_capture.py --keep DS``). Each row builds kdpipe's
 ``Trainer`` (the code ``kdpipe train`` runs: streaming shards, decoding on the GPU, packing,
-bf16 autocast over float32 master weights, activation checkpointing, chunked sparse KL), runs
-``--warmup`` + ``--steps`` of its steps (``Trainer.one_step``) and reports the stage seconds
-the trainer records for the last ``--steps``. The student is the 3:1 hybrid with random
+bf16 autocast over float32 master weights, activation checkpointing, chunked sparse KL,
+compiled decoder layers), runs ``--warmup`` untimed steps (``Trainer.one_step``), then
+``--repeats`` times ``--steps`` timed ones in the same process: the table shows the median
+and range of the repeats' tokens/s, the JSON keeps every repeat. MFU divides the FLOPs of a
+trained token (``afm.train_flops_per_token``, written down there) by the H200's dense bf16
+peak. The student is the 3:1 hybrid with random
 weights rounded to bf16 (as converted from a bf16 teacher, so frozen linears are kept in bf16),
 built once on the GPU and handed to every row's ``Trainer`` (conversion from random teacher
 weights would only cost time). A step is ``max(1, 8192 / L)`` sequences of L tokens per GPU.
 
-A row is ``recipe:L[:C]``, C the activation checkpointing: ``all`` layers recompute in
-backward (the default), ``none``, or a number of layers.
+A row is ``recipe:L[:C[:K]]``, C the activation checkpointing: ``all`` layers recompute in
+backward (the default), ``none``, or a number of layers; K the compilation (``train.compile``):
+``layers`` (the default) or ``none`` (eager).
 
 Recipes: ``stage1`` (embeddings, LM head, norms and MLPs frozen; 0.2 CE + 0.2 KL at T=2 +
 0.6 hidden cosine on layers 9/18/27/36) and ``full`` (every parameter, same loss). ``online``
@@ -33,11 +37,14 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import tempfile
+import time
 
 import torch
 
-from afm import afm_4p5b_config, gpu_name, print_table, synced, write_json
+from afm import (H200_BF16_PEAK, afm_4p5b_config, gpu_name, print_table, spread, synced,
+                 train_flops_per_token, write_json)
 from kdpipe.capture.topk import topk_logprobs
 from kdpipe.student_train import KDAHybridForCausalLM
 from kdpipe.student_train.model.convert import student_config_from_teacher
@@ -52,7 +59,7 @@ FROZEN = ["embed_tokens", "lm_head", r"(^|\.)(input_layernorm|post_attention_lay
 
 
 def config(out: str, data: str, student_dir: str, recipe: str, seq_len: int,
-           recompute: str) -> Config:
+           recompute: str, compiled: str) -> Config:
     return from_data(Config, {
         "out": out, "student": {"path": student_dir},
         "data": {"path": data, "seq_len": seq_len, "workers": 2, "decode_on": "device",
@@ -66,6 +73,7 @@ def config(out: str, data: str, student_dir: str, recipe: str, seq_len: int,
         "train": {"max_steps": 1000, "micro_batch": max(1, 8192 // seq_len), "grad_accum": 1,
                   "precision": "bf16", "gradient_checkpointing": recompute != "none",
                   "checkpoint_layers": 0 if recompute in ("all", "none") else int(recompute),
+                  "compile": compiled,
                   "frozen": FROZEN if recipe != "full" else []},
         "log": {"tensorboard": False, "progress": False}}).validate()
 
@@ -120,35 +128,52 @@ class WithTargets:
         self.inner.close()
 
 
-def run_row(recipe: str, seq_len: int, recompute: str, *, student, args,
+def run_row(recipe: str, seq_len: int, recompute: str, compiled: str, *, student, args,
             teacher=None) -> dict:
     for p in student.parameters():              # a row before may have frozen and packed them
         p.data = p.data.float()
         p.requires_grad_(True)
     student.model.gradient_checkpointing = False     # or enabled it: the Trainer decides
+    for layer in student.model.layers:               # or compiled them in place: likewise
+        layer._compiled_call_impl = None
     out = f"/tmp/kdpipe-afm-train/{recipe}-{seq_len}{'-online' if teacher else ''}"  # all ranks
     torch.cuda.reset_peak_memory_stats()
-    tr = Trainer(config(out, args.data, args.student_dir, recipe, seq_len, recompute),
+    tr = Trainer(config(out, args.data, args.student_dir, recipe, seq_len, recompute, compiled),
                  overwrite=True, student=student)
     if teacher is not None:
         tr.batches = WithTargets(tr.batches, teacher)
-    records = [tr.one_step() for _ in range(args.warmup + args.steps)][args.warmup:]
-    times = [r["tokens"] / r["tokens_per_s"] for r in records]     # the steps' wall seconds
-    waits = [r["stage_s"]["data_wait"] for r in records]
-    tokens = [r["tokens"] for r in records]
-    m = records[-1]
+    warm = [tr.one_step() for _ in range(args.warmup)]
+    repeats = []
+    for _ in range(args.repeats):
+        records = [tr.one_step() for _ in range(args.steps)]
+        times = [r["tokens"] / r["tokens_per_s"] for r in records]     # the steps' wall seconds
+        tokens = sum(r["tokens"] for r in records)
+        repeats.append({
+            "steps": len(records), "tokens": tokens, "seconds": sum(times),
+            "tokens_per_s": tokens / sum(times),
+            **{f"{k}_s": sum(r["stage_s"][k] for r in records) / len(records)
+               for k in ("data_wait", "forward_backward", "optimizer")}})
     profile = profile_step(tr) if args.profile else None
     tr.batches.close()
-    row = {"what": f"{recipe}{' online' if teacher else ''} L={seq_len} recompute={recompute}",
+    world = tr.dist.world_size
+    rate = spread([r["tokens_per_s"] for r in repeats])
+    per_token = train_flops_per_token(student, student.config, min(seq_len, args.doc_len),
+                                      student.config.layer_types.count("full_nope")
+                                      + student.config.layer_types.count("full_rope"))
+    row = {"what": f"{recipe}{' online' if teacher else ''} L={seq_len} recompute={recompute}"
+                   f"{' eager' if compiled == 'none' else ''}",
            "recipe": recipe, "online": teacher is not None, "seq_len": seq_len,
-           "recompute": recompute,
-           "gpus": tr.dist.world_size, "trainable_b": tr.trainable / 1e9,
-           "tokens_per_s": sum(tokens) / sum(times),
-           "tokens_per_s_per_gpu": sum(tokens) / sum(times) / tr.dist.world_size,
-           "step_s": sum(times) / len(times), "data_wait_s": sum(waits) / len(waits),
-           **{f"{k}_s": sum(r["stage_s"][k] for r in records) / len(records)
-              for k in ("forward_backward", "optimizer")},
-           "loss": m["loss"], "profile": profile,
+           "recompute": recompute, "compile": compiled, "gpus": world,
+           "trainable_b": tr.trainable / 1e9,
+           "tokens_per_s": rate["median"], "tokens_per_s_min": rate["min"],
+           "tokens_per_s_max": rate["max"], "tokens_per_s_per_gpu": rate["median"] / world,
+           "flops_per_token": per_token,
+           "mfu": rate["median"] / world * per_token / H200_BF16_PEAK,
+           "step_s": spread([r["seconds"] / r["steps"] for r in repeats])["median"],
+           **{k: spread([r[k] for r in repeats])["median"]
+              for k in ("data_wait_s", "forward_backward_s", "optimizer_s")},
+           "warmup_s": sum(r["tokens"] / r["tokens_per_s"] for r in warm),
+           "loss": records[-1]["loss"], "repeats": repeats, "profile": profile,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     del tr
     gc.collect()
@@ -231,10 +256,14 @@ def main() -> None:
     ap.add_argument("--rows", default="stage1:2048,stage1:8192,stage1:8192:none,stage1:32768,"
                                       "full:8192,full:8192:none,full:32768")
     ap.add_argument("--online", default="8192", help="L[:C] of the online row (0: none)")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats per row, in one process")
+    ap.add_argument("--warmup", type=int, default=4,
+                    help="untimed steps first (compilation, autotuning, the first recompile)")
     ap.add_argument("--loss-positions", type=int, default=8192, help="0: no loss table")
     ap.add_argument("--loss-chunk", type=int, default=2048)
+    ap.add_argument("--doc-len", type=int, default=4096,
+                    help="the documents' length in DS (attention never crosses documents)")
     ap.add_argument("--profile", action="store_true", help="profile one more step per row")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -253,10 +282,16 @@ def main() -> None:
     args.student_dir = tempfile.mkdtemp(prefix="afm-student-")
     student_cfg.save_pretrained(args.student_dir)      # the config the Trainer checks against
     rows = []
+    meta = {"machine": gpu_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "command": " ".join(sys.argv), "steps": args.steps, "repeats": args.repeats,
+            "warmup": args.warmup, "peak_flops": H200_BF16_PEAK}
     for spec in [r for r in args.rows.split(",") if r]:
-        recipe, length, recompute = (spec.split(":") + ["all"])[:3]
+        recipe, length, *rest = spec.split(":")
+        recompute = rest[0] if rest else "all"
+        compiled = rest[1] if len(rest) > 1 else "layers"
         try:
-            rows.append(run_row(recipe, int(length), recompute, student=student, args=args))
+            rows.append(run_row(recipe, int(length), recompute, compiled, student=student,
+                                args=args))
         except torch.OutOfMemoryError as e:
             rows.append({"what": f"{recipe} L={length} recompute={recompute}",
                          "error": f"out of memory: {e}"[:200]})
@@ -264,14 +299,14 @@ def main() -> None:
             torch.cuda.empty_cache()
         if rank == 0:
             print(rows[-1], flush=True)
-            write_json(args.json, {"machine": gpu_name(), "steps": args.steps,
-                                   "warmup": args.warmup, "rows": rows, "partial": True})
+            write_json(args.json, {**meta, "rows": rows, "partial": True})
     if args.online != "0":
         length, recompute = (args.online.split(":") + ["all"])[:2]
         offline = next((r for r in rows if r.get("recipe") == "stage1" and r["seq_len"] ==
-                        int(length) and r["recompute"] == recompute), None)
+                        int(length) and r["recompute"] == recompute
+                        and r["compile"] == "layers"), None)
         teacher = OnlineTeacher(args.teacher, top_k=128)
-        online = run_row("stage1", int(length), recompute, student=student, args=args,
+        online = run_row("stage1", int(length), recompute, "layers", student=student, args=args,
                          teacher=teacher)
         if offline:
             online["offline_speedup"] = offline["tokens_per_s"] / online["tokens_per_s"]
@@ -286,10 +321,14 @@ def main() -> None:
     if rank != 0:
         return
     print(f"\nAFM-4.5B 3:1 KDA hybrid student (random weights), {gpu_name()}, "
-          f"{rows[0].get('gpus', 1)} process(es); {args.steps} timed steps after {args.warmup}")
+          f"{rows[0].get('gpus', 1)} process(es); median of {args.repeats} repeats of "
+          f"{args.steps} timed steps after {args.warmup} untimed; MFU against "
+          f"{H200_BF16_PEAK / 1e12:.0f} TFLOP/s")
     print_table("training throughput", rows, [
         ("what", "what", "s"), ("tokens_per_s", "tokens/s", ".0f"),
-        ("tokens_per_s_per_gpu", "per GPU", ".0f"), ("step_s", "s/step", ".2f"),
+        ("tokens_per_s_min", "min", ".0f"), ("tokens_per_s_max", "max", ".0f"),
+        ("tokens_per_s_per_gpu", "per GPU", ".0f"), ("mfu", "MFU", ".1%"),
+        ("step_s", "s/step", ".3f"),
         ("data_wait_s", "data wait s", ".3f"), ("forward_backward_s", "fwd+bwd s", ".3f"),
         ("optimizer_s", "optim s", ".3f"),
         ("trainable_b", "trainable B", ".2f"), ("peak_gib", "peak GiB", ".1f"),
@@ -307,8 +346,7 @@ def main() -> None:
         print_table("head loss, forward + backward", loss_rows, [
             ("what", "what", "s"), ("positions", "positions", "d"), ("ms", "ms", ".1f"),
             ("peak_extra_gib", "peak GiB", ".2f")])
-    write_json(args.json, {"machine": gpu_name(), "steps": args.steps, "warmup": args.warmup,
-                           "rows": rows, "loss": loss_rows})
+    write_json(args.json, {**meta, "rows": rows, "loss": loss_rows})
 
 
 if __name__ == "__main__":

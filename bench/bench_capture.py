@@ -2,12 +2,13 @@
 
     python bench/bench_capture.py [--model embedded] [--data runs/corpus/train.jsonl]
         [--limit 64] [--max-seq-len 512] [--codec exact] [--hidden-layers 10,20,30]
-        [--json runs/bench/capture.json]
+        [--writer auto|process|thread] [--json runs/bench/capture.json]
 
 "plain forward" is ``model(ids, attention_mask).logits`` over the same length-sorted
 batches the capture forms; "capture" is the whole `kdpipe capture` loop (tokenize,
 forward, float32 top-k, hidden states, encode, Parquet write, fragment commits), with the
-seconds of its stages as the capture records them.
+seconds of its stages as the capture records them; "forward inside the capture" is its tokens
+over the capture's own ``forward`` seconds (what the writer leaves the forward loop).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--codec", default="exact")
     ap.add_argument("--hidden-layers", default="none")
+    ap.add_argument("--writer", default="auto", choices=["auto", "process", "thread"])
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
     model_path, _ = locate_model(a.model, print)
@@ -80,16 +82,18 @@ def main() -> None:
         s = run_capture(CaptureOptions(
             model=model_path, data=a.data, out=str(Path(tmp) / "ds"), limit=a.limit,
             max_seq_len=a.max_seq_len, batch_tokens=a.batch_tokens, device=device, dtype=dtype,
-            codec=a.codec, hidden_layers=a.hidden_layers, progress=False))
+            codec=a.codec, hidden_layers=a.hidden_layers, progress=False, writer=a.writer))
     cap = s.tokens / s.seconds
-    rows = [("plain forward (.logits)", fwd, 1.0), ("capture (top-k + hidden + write)", cap,
-                                                     cap / fwd)]
+    in_capture = s.tokens / s.stages["forward"]
+    rows = [("plain forward (.logits)", fwd, 1.0),
+            ("capture (top-k + hidden + write)", cap, cap / fwd),
+            ("forward inside the capture", in_capture, in_capture / fwd)]
     machine = (torch.cuda.get_device_name() if device.startswith("cuda")
                else f"{platform.processor() or platform.machine()}, "
                     f"{torch.get_num_threads()} threads")
     print(f"\nmodel {a.model}, {s.tokens} tokens in {len(seqs)} docs (<= {a.max_seq_len}), "
           f"device {device} ({machine}), dtype {dtype}, codec {a.codec}, hidden "
-          f"{a.hidden_layers}")
+          f"{a.hidden_layers}, writer {a.writer}")
     print(f"{'what':36} {'tokens/s':>10} {'vs forward':>10}")
     for name, tps, rel in rows:
         print(f"{name:36} {tps:10.0f} {rel:10.2f}")
@@ -102,9 +106,10 @@ def main() -> None:
         Path(a.json).write_text(json.dumps({
             "model": a.model, "device": device, "machine": machine, "dtype": dtype,
             "tokens": s.tokens, "documents": len(seqs), "max_seq_len": a.max_seq_len,
-            "codec": a.codec, "hidden_layers": a.hidden_layers,
+            "codec": a.codec, "hidden_layers": a.hidden_layers, "writer": a.writer,
             "forward_tokens_per_s": fwd, "capture_tokens_per_s": cap,
-            "capture_over_forward": cap / fwd, "bytes_per_token": s.bytes_per_token,
+            "capture_over_forward": cap / fwd, "forward_in_capture_tokens_per_s": in_capture,
+            "bytes_per_token": s.bytes_per_token,
             "stages_s": s.stages}, indent=1))
 
 

@@ -125,6 +125,12 @@ class HFBackend:
         return teacher_info(name_or_path, self.model.config, self.tokenizer, dtype,
                             vocab_size=self.vocab_size, architecture=type(self.model).__name__)
 
+    def head_artifact(self) -> bytes:
+        """The teacher's final norm and LM head as a dense dataset ships them."""
+        from .dense_head import extract_head
+        return extract_head(self.model, logit_scale=self.logit_scale,
+                            softcap=self.softcap).to_bytes()
+
     def close(self) -> None:
         """Drop the model, so a process that goes on (a benchmark, a notebook) gets its
         device memory back."""

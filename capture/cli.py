@@ -88,6 +88,10 @@ def corpus_build(out: Path, heldout: Path | None, heldout_percent: int) -> None:
               help="Close a shard after this many documents (0: by size only).")
 @click.option("--shard-mb", default=512.0, show_default=True, type=click.FloatRange(0.001),
               help="Close a shard after about this many MB.")
+@click.option("--writer", default="auto", show_default=True,
+              type=click.Choice(["auto", "process", "thread"]),
+              help="Who encodes and writes the shards: a writer process (auto on CUDA: keeps "
+                   "the teacher's interpreter free) or a thread of the capture (auto on CPU).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--tensor-parallel-size", type=click.IntRange(1), default=None,
@@ -145,8 +149,11 @@ def capture(**kw) -> None:
                f"{s.bytes / 1e6:.1f} MB ({s.bytes_per_token:.1f} bytes/token), "
                f"{s.seconds:.1f} s; skipped records: {skipped}")
     if s.stages:
-        click.echo("seconds by stage (threads overlap): " + ", ".join(
+        click.echo("seconds by stage (threads and the writer overlap the forward): " + ", ".join(
             f"{k} {v:.2f}" for k, v in sorted(s.stages.items(), key=lambda kv: -kv[1])))
+    if s.stages.get("forward"):
+        click.echo(f"teacher forward alone: {s.tokens_in_run / s.stages['forward']:.0f} "
+                   f"tokens/s (the capture: {s.tokens_in_run / max(s.seconds, 1e-9):.0f})")
 
 
 VLLM_OPTIONS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization",

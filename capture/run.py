@@ -8,11 +8,16 @@ reaches --shard-mb or --docs-per-shard). A stop or kill loses at most the window
 flight; a resumed run starts on a window boundary and forms exactly the batches, and
 the shard boundaries, an uninterrupted run formed, so its output is identical.
 
+Windows are encoded and written by a writer process (``writer_process``; the default on
+CUDA) or by a writer thread of this process (``--writer thread``; the default on the CPU),
+which write the same bytes.
+
 The run's seconds per stage (``CaptureSummary.stages``, printed by ``kdpipe capture``) are the
-main thread's ``read``, ``tokenize``, ``forward`` (teacher forward, top-k, hidden states) and
-``wait_writer``, the writer thread's ``write_window``, and inside it the ``PartWriter``'s
-``encode_topk`` (summed over its encoder threads), ``encode_hidden``, ``parquet`` and
-``commit``. They stay out of the dataset, whose bytes a resumed run reproduces.
+teacher's process's ``read``, ``tokenize``, ``forward`` (teacher forward, top-k, hidden states),
+``stage`` (process writer only: hidden states encoded on the GPU, the window copied into
+shared memory) and ``wait_writer``; the writer's ``write_window``, and inside it the
+``PartWriter``'s ``encode_topk`` (summed over its encoder threads), ``encode_hidden``,
+``parquet`` and ``commit``. They stay out of the dataset, whose bytes a resumed run reproduces.
 """
 
 from __future__ import annotations
@@ -30,15 +35,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdpipe.compress import PartWriter, Storage, load_codec_config, needs_fitting, sampling_of
+from kdpipe.compress import (Codec, PartWriter, Storage, load_codec_config, needs_fitting,
+                             sampling_of)
+from kdpipe.compress.dense import HEAD_ARTIFACT
 from kdpipe.runtime import Interrupted, StageTimes, StopSignals, resolve_device
-from kdpipe.schemas import CaptureSettings, CodecConfig, ConfigError, TeacherDocument
+from kdpipe.schemas import CaptureSettings, CodecConfig, ConfigError
 
 from .backends import HFBackend, Sampling, TeacherBackend, parse_hidden_layers, resolve_dtype
 from .inputs import (BadRecord, check_source, count_records, doc_id, iter_part,
                      source_identity, tokenize_record)
 from .lock import PartLock
 from .teacher import locate_model
+from .writer_process import PartProgress, WriterProcess, write_window
 
 
 # Hidden states a window keeps on the GPU for the writer to encode there (two windows are in
@@ -46,6 +54,7 @@ from .teacher import locate_model
 HIDDEN_ON_DEVICE_BYTES = 8 << 30
 DEFAULT_TOP_K = 128
 REPORTED_BAD_RECORDS = 20
+WRITERS = ("auto", "process", "thread")
 
 
 @dataclass
@@ -73,6 +82,7 @@ class CaptureOptions:
     shard_mb: float = 512.0
     trust_remote_code: bool = False
     progress: bool = True
+    writer: str = "auto"       # process | thread | auto: the process on CUDA, else the thread
     # --backend vllm only: VLLMBackend keyword arguments (tensor_parallel_size, ...)
     vllm_options: dict = field(default_factory=dict)
 
@@ -89,10 +99,17 @@ class CaptureSummary:
     records: int = 0                # input records of this part committed (read)
     stopped_by: int | None = None   # the signal that stopped the capture, if one did
     stages: dict[str, float] = field(default_factory=dict)   # seconds per stage (see above)
+    # per window handed to the writer: (seconds since processing began, tokens)
+    windows: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def bytes_per_token(self) -> float:
         return self.bytes / max(self.tokens, 1)
+
+    @property
+    def tokens_in_run(self) -> int:
+        """Tokens this run processed (``tokens`` also counts those of a resumed run's past)."""
+        return sum(n for _, n in self.windows)
 
 
 def make_backend(opts: CaptureOptions, model_path: str, device: str, dtype: str,
@@ -177,6 +194,8 @@ def _check_options(opts: CaptureOptions) -> tuple[CaptureOptions, object]:
         raise ConfigError(f"--long-documents {opts.long_documents!r}: use truncate or split")
     if opts.backend not in ("hf", "vllm"):
         raise ConfigError(f"--backend {opts.backend!r}: available backends: hf, vllm")
+    if opts.writer not in WRITERS:
+        raise ConfigError(f"--writer {opts.writer!r}: use {', '.join(WRITERS)}")
     if opts.backend == "hf" and opts.vllm_options:
         raise ConfigError(f"{sorted(opts.vllm_options)}: vLLM options need --backend vllm")
     codec_cfg = load_codec_config(opts.codec)
@@ -190,6 +209,9 @@ def _check_options(opts: CaptureOptions) -> tuple[CaptureOptions, object]:
                               f"{sampling[0]} ids per position and keeps no top-k; leave "
                               f"--top-k out")
         opts = replace(opts, top_k=sampling[0])
+    if codec_cfg.dense and opts.backend != "hf":
+        raise ConfigError(f"--codec {opts.codec}: dense codecs need the teacher's last layer, "
+                          f"final norm and LM head, which only --backend hf provides")
     if opts.top_k is None:   # the teacher computes no more log-probs than the codec keeps
         opts = replace(opts, top_k=codec_cfg.top_k or DEFAULT_TOP_K)
     if opts.max_seq_len < 1 or opts.top_k < 1 or opts.window < 1:
@@ -221,6 +243,8 @@ def run_capture(opts: CaptureOptions, *, backend: TeacherBackend | None = None
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {opts.model}: cannot read its configuration: {e}") from e
     layers = parse_hidden_layers(opts.hidden_layers, config.num_hidden_layers)
+    if codec_cfg.dense:   # the full distribution is rebuilt from the last layer's output
+        layers = sorted(set(layers) | {config.num_hidden_layers})
     vocab = getattr(config, "vocab_size", None)
     if vocab and opts.top_k > vocab:
         raise ConfigError(f"--top-k {opts.top_k} exceeds the teacher's vocabulary ({vocab})")
@@ -267,22 +291,39 @@ def _capture_part(opts: CaptureOptions, backend: TeacherBackend, settings: Captu
                   total: int | None) -> CaptureSummary:
     """Open the part's writer and capture what is left of the part (nothing if complete)."""
     times = StageTimes()
+    windows: list[tuple[float, int]] = []
+    teacher = backend.teacher_info(model_id, dtype)
+    artifacts = None
+    if codec_cfg.dense:
+        if not hasattr(backend, "head_artifact"):
+            raise ConfigError(f"--codec {codec_cfg.name}: the {backend.name} backend cannot "
+                              f"provide the teacher head a dense codec ships")
+        artifacts = {HEAD_ARTIFACT: backend.head_artifact()}
+    args = dict(uri=opts.out, teacher=teacher, capture=settings, codec=codec_cfg,
+                index=opts.shard_index, count=opts.num_shards, docs_per_shard=opts.docs_per_shard,
+                shard_bytes=int(opts.shard_mb * (1 << 20)), artifacts=artifacts)
+    if opts.writer == "process" or (opts.writer == "auto" and device.startswith("cuda")):
+        # the teacher's side encodes hidden states on the GPU: a codec without side data
+        codec = Codec(codec_cfg, vocab_size=teacher.vocab_size, top_k=settings.top_k,
+                      hidden_size=teacher.hidden_size, hidden_dtype=teacher.dtype)
+        open_writer = lambda: WriterProcess(args, device=device, codec=codec,  # noqa: E731
+                                            long_documents=opts.long_documents, times=times)
+    else:
+        open_writer = lambda: PartWriter(**args, times=times)  # noqa: E731
     t0 = time.time()
     try:
-        with PartWriter(opts.out, teacher=backend.teacher_info(model_id, dtype),
-                        capture=settings, codec=codec_cfg, index=opts.shard_index,
-                        count=opts.num_shards, docs_per_shard=opts.docs_per_shard,
-                        shard_bytes=int(opts.shard_mb * (1 << 20)), times=times) as writer:
+        with open_writer() as writer:
             if writer.complete:
                 writer.finish()  # writes manifest.json if other parts finished meanwhile
-                return _summary(opts, writer, time.time(), times)
+                return _summary(opts, writer, time.time(), times, windows)
             t0 = time.time()  # throughput counts processing, not model loading
-            _capture_records(opts, backend, writer, device, stop, total, times)
+            _capture_records(opts, backend, writer, device, stop, total, times, windows)
     except Interrupted as e:
         if not stop.graceful:   # before the first window: nothing new was written
             raise
-        return _summary(opts, writer, t0, times, stopped_by=e.signum)   # the writer aborted
-    return _summary(opts, writer, t0, times,
+        return _summary(opts, writer, t0, times, windows,
+                        stopped_by=e.signum)   # the writer aborted
+    return _summary(opts, writer, t0, times, windows,
                     stopped_by=None if writer.complete else stop.signum)
 
 
@@ -301,11 +342,13 @@ def _timed(items: Iterable[T], times: StageTimes, stage: str) -> Iterator[T]:
         yield item
 
 
-def _capture_records(opts: CaptureOptions, backend: TeacherBackend, writer: PartWriter,
-                     device: str, stop: StopSignals, total: int | None,
-                     times: StageTimes) -> None:
+def _capture_records(opts: CaptureOptions, backend: TeacherBackend,
+                     writer: PartWriter | WriterProcess, device: str, stop: StopSignals,
+                     total: int | None, times: StageTimes,
+                     windows: list[tuple[float, int]]) -> None:
     """Run the windows from the part's resume point; commit each; finish the part unless
-    stopped. A part that wrote no document is an error that says why."""
+    stopped. A part that wrote no document is an error that says why. ``windows`` receives
+    (time.time(), tokens) of every window as it is handed to the writer."""
     start = writer.next_record
     records = iter_part(opts.data, text_field=opts.text_field, num_parts=opts.num_shards,
                         part=opts.shard_index, start=start, limit=opts.limit, split=opts.split)
@@ -316,7 +359,9 @@ def _capture_records(opts: CaptureOptions, backend: TeacherBackend, writer: Part
     stop.graceful = True
     tokens_done = bad = 0
     window: list[tuple[int, object]] = []
-    with bar, _BackgroundWrites(writer, opts, device, times) as writes:
+    writes = (nullcontext(writer) if isinstance(writer, WriterProcess)
+              else _BackgroundWrites(writer, opts, device, times))
+    with bar, writes as writes:
         for index, rec in _timed(records, times, "read"):
             window.append((index, rec))
             if isinstance(rec, BadRecord) and rec.where:   # name the first few
@@ -325,31 +370,37 @@ def _capture_records(opts: CaptureOptions, backend: TeacherBackend, writer: Part
                     _say(f"{rec.where}: {rec.reason}; record skipped")
             if (index // opts.num_shards + 1) % opts.window:
                 continue
-            tokens_done += _submit(window, backend, opts, writes, bar, times)
+            tokens_done += _submit(window, backend, opts, writes, bar, times, windows)
             bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):.0f}")
             window = []
             if stop.signum is not None:
                 writes.wait()
                 return
         if window:
-            _submit(window, backend, opts, writes, bar, times)
+            _submit(window, backend, opts, writes, bar, times, windows)
         writes.wait()
-        if writer.manifest.documents == 0 and (opts.num_shards == 1 or
-                                               writer.manifest.records.read):
-            raise ConfigError(_nothing_written(opts, writer))
+        progress = _progress(writer)
+        if progress.documents == 0 and (opts.num_shards == 1 or progress.records.read):
+            raise ConfigError(_nothing_written(opts, progress))
         writer.finish()
 
 
 def _submit(window: list, backend: TeacherBackend, opts: CaptureOptions,
-            writes: _BackgroundWrites, bar, times: StageTimes) -> int:
+            writes: _BackgroundWrites | WriterProcess, bar, times: StageTimes,
+            windows: list[tuple[float, int]]) -> int:
     prepared, outputs, tokens = _run_window(window, backend, opts, times)
     writes.submit(prepared, outputs)
+    windows.append((time.time(), tokens))
     bar.update(len(window))
     return tokens
 
 
-def _nothing_written(opts: CaptureOptions, writer: PartWriter) -> str:
-    counts = writer.manifest.records
+def _progress(writer: PartWriter | WriterProcess) -> PartProgress:
+    return writer.progress if isinstance(writer, WriterProcess) else PartProgress.of(writer)
+
+
+def _nothing_written(opts: CaptureOptions, progress: PartProgress) -> str:
+    counts = progress.records
     if not counts.read:
         return f"--data {opts.data}: no input records to capture; nothing was written"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counts.skipped.items()))
@@ -358,8 +409,10 @@ def _nothing_written(opts: CaptureOptions, writer: PartWriter) -> str:
 
 
 class _BackgroundWrites:
-    """Encodes and commits windows on one background thread, in order, one window at a time:
-    the encoding and Parquet writes of window w overlap the teacher forward of window w + 1."""
+    """``--writer thread``: encodes and commits windows on one background thread of this
+    process, in order, one window at a time: the encoding and Parquet writes of window w
+    overlap the teacher forward of window w + 1 (and contend with it for the interpreter lock,
+    which costs little when the forward runs on the CPU, and much on a fast GPU)."""
 
     def __init__(self, writer: PartWriter, opts: CaptureOptions, device: str,
                  times: StageTimes) -> None:
@@ -378,8 +431,9 @@ class _BackgroundWrites:
 
     def submit(self, prepared: list, outputs: list) -> None:
         self.wait()
-        self.pending = self.pool.submit(_write_window, prepared, outputs, self.writer, self.opts,
-                                        self.stream.handoff(), self.times)
+        self.pending = self.pool.submit(write_window, prepared, outputs, self.writer,
+                                        self.opts.long_documents, self.times,
+                                        self.stream.handoff())
 
     def wait(self) -> None:
         """Block until the previous window is written; re-raise its error in this thread."""
@@ -463,33 +517,13 @@ class _WriterStream:
             self.stream.synchronize()    # the window's GPU tensors are released after this
 
 
-def _write_window(prepared: list, outputs: list, writer: PartWriter, opts: CaptureOptions,
-                  stream_ctx, times: StageTimes) -> None:
-    """Encode and commit one window, in record order (runs on the writer thread)."""
-    with times.time("write_window"), stream_ctx:
-        for index, docs, cut in prepared:
-            if isinstance(docs, str):
-                writer.add_record(index, [], skipped=docs)
-                continue
-            tdocs = []
-            for did, ids, mask, si in docs:
-                out = outputs[si]
-                tdocs.append(TeacherDocument(doc_id=did, input_ids=ids, topk_ids=out.topk_ids,
-                                             topk_logprobs=out.topk_logprobs, loss_mask=mask,
-                                             hidden=out.hidden, record_index=index,
-                                             sample_ids=out.sample_ids,
-                                             sample_counts=out.sample_counts))
-            writer.add_record(index, tdocs, truncated=cut and opts.long_documents == "truncate",
-                              split=cut and opts.long_documents == "split")
-        writer.end_window(commit=True)   # every window is durable once written
-
-
-def _summary(opts: CaptureOptions, writer: PartWriter, t0: float, times: StageTimes,
+def _summary(opts: CaptureOptions, writer: PartWriter | WriterProcess, t0: float,
+             times: StageTimes, windows: list[tuple[float, int]],
              stopped_by: int | None = None) -> CaptureSummary:
-    m = writer.manifest
-    return CaptureSummary(out=opts.out, documents=m.documents, tokens=m.tokens,
-                          bytes=m.total_bytes, seconds=time.time() - t0,
-                          complete=writer.complete, skipped=dict(m.records.skipped),
-                          records=m.records.read, stopped_by=stopped_by,
-                          stages=times.as_dict())
+    p = _progress(writer)
+    return CaptureSummary(out=opts.out, documents=p.documents, tokens=p.tokens, bytes=p.bytes,
+                          seconds=time.time() - t0, complete=p.complete,
+                          skipped=dict(p.records.skipped), records=p.records.read,
+                          stopped_by=stopped_by, stages=times.as_dict(),
+                          windows=[(t - t0, n) for t, n in windows])
 

@@ -30,7 +30,8 @@ def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int,
     top-k is not sampling from the teacher.
 
     A low-rank hidden codec gets its projection fitted on SRC's first documents; the
-    projection is stored in DST as an artifact. Rerunning the same command after an
+    projection is stored in DST as an artifact. A dense codec needs a dense SRC, whose
+    teacher head DST ships too. Rerunning the same command after an
     interruption resumes where it stopped (with the projection fitted the first time).
     DST must be new, empty or a kdpipe dataset; SRC is only read.
     """
@@ -46,6 +47,10 @@ def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int,
     artifacts = None
     if needs_fitting(config):
         config, artifacts = _resolve_lowrank(source, config, dst, calibration_tokens)
+    if config.dense:   # the full distribution needs SRC's last layer and teacher head
+        from .dense import HEAD_ARTIFACT, load_head
+        load_head(source)
+        artifacts = {**(artifacts or {}), HEAD_ARTIFACT: source.storage.read_bytes(HEAD_ARTIFACT)}
     # offline: no GPU to keep up with, so the hidden states get zstd too (smaller shards)
     with PartWriter(dst, teacher=m.teacher, capture=m.capture, codec=config, index=0, count=1,
                     artifacts=artifacts, zstd_hidden=True) as writer:
@@ -133,7 +138,8 @@ def _resolve_lowrank(source, config: CodecConfig, dst: str, calibration_tokens: 
 def fidelity_cmd(dataset: str, codecs: str | None, plot_path: str | None,
                  json_path: str | None, max_rows: int | None, sampled_paths: tuple[str, ...],
                  device: str, repeats: int, threads: int) -> None:
-    """Compare codecs on an exact dataset: size, divergence, speed.
+    """Compare codecs on an exact dataset: size, divergence, speed. Dense codecs are compared
+    on a dense exact dataset (--codec dense-exact at capture), by the full distribution.
 
     Sampled codecs draw from the teacher's full distribution, which an exact top-k does not
     hold: pass a sampled capture of the same records with --sampled instead."""
@@ -157,6 +163,8 @@ def fidelity_cmd(dataset: str, codecs: str | None, plot_path: str | None,
     configs = [c for c in configs if signal_of(c) == "topk"]
     exact = Dataset(dataset)
     sample = fidelity.load_sample(exact, max_rows=max_rows)
+    if not codecs and sample.head is None:   # dense presets need a dense exact reference
+        configs = [c for c in configs if not c.dense]
     rows = [fidelity.evaluate(sample, c, device=device, repeats=repeats) for c in configs]
     rows += [fidelity.evaluate_sampled(exact, Dataset(p), max_rows=max_rows, device=device)
              for p in sampled_paths]

@@ -45,7 +45,21 @@ def load_codec_config(name_or_path: str) -> CodecConfig:
     data = load_file(path)
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
-    return CodecConfig.from_dict(data, str(path))
+    config = CodecConfig.from_dict(data, str(path))
+    check_signals(config)
+    return config
+
+
+def check_signals(config: CodecConfig) -> None:
+    """Refuse ``dense: true`` with sampled ids. A dense dataset already rebuilds the teacher's
+    whole distribution at every position, so draws from it would store a noisy copy of what
+    the rows hold exactly; the dense codecs keep top-k rows beside it."""
+    if config.dense and signal_of(config) != "topk":
+        raise ConfigError(f"codec {config.name!r}: dense: true keeps the teacher's full "
+                          f"distribution beside top-k rows, and ids {config.ids.kind!r} store "
+                          f"the {signal_of(config)} signal instead; use a dense preset "
+                          f"(dense-bf16, dense-fp8, dense-exact) or a sampled codec without "
+                          f"dense")
 
 
 def side_data_param(config: CodecConfig) -> str | None:
@@ -175,6 +189,7 @@ class Codec:
         self.hidden = lookup(HIDDEN, config.hidden.kind, "hidden")(
             config.hidden.params, hidden_size=hidden_size, dtype=_hidden_dtype(hidden_dtype),
             artifacts=artifacts)
+        check_signals(config)
         if self.ids.capabilities.signal != self.values.capabilities.signal:
             raise ConfigError(f"codec {config.name!r}: ids {config.ids.kind!r} store the "
                               f"{self.ids.capabilities.signal} signal but values "
@@ -292,6 +307,11 @@ class Codec:
     def encode_hidden_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
         """``encode_hidden`` as a 1-D uint8 array, without the copy into bytes."""
         return self.hidden.encode_array(x, layer)
+
+    def encode_hidden_tensor(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """``encode_hidden_array``'s bytes as a 1-D uint8 tensor, on ``x``'s device where the
+        hidden codec encodes there (``HiddenCodec.encode_tensor``)."""
+        return self.hidden.encode_tensor(x, layer)
 
     def decode_hidden(self, blobs: Sequence[bytes], rows: Sequence[int],
                       device: torch.device | str = "cpu", layer: int | None = None

@@ -17,6 +17,17 @@ decodes them again in batches of whole documents of about ``batch_tokens`` posit
   1% of dimensions, at least one, with the largest mean |x| in the sample);
 * encode and decode throughput of ids + values, in rows (tokens) per second.
 
+A dense codec (``dense: true``) is measured on what it adds, against a dense exact dataset
+(``dense-exact``, captured in float32): its bytes per token are the top-k it keeps plus the
+last layer's hidden state, and its KL is that of the full distribution rebuilt from the decoded
+hidden state against the one rebuilt from the exact state (the teacher's own forward), over
+the whole vocabulary; top-1 compares the two argmaxes, mean |delta log-prob| runs over the
+exact top-k ids, and the throughputs are of encoding the hidden state and of decoding it and
+rebuilding the distributions.
+
+On a dense sample every codec also gets ``kl_true_full_mean`` (in the JSON): KL against the
+teacher's true full distribution, so top-k codecs are charged for the tail they drop.
+
 The sampled signal cannot be made from stored top-k rows (``check_recode``), so its row
 (``evaluate_sampled``) scores a sampled capture of the same records against the exact one:
 its stored bytes, whether the most drawn id is the exact top-1, and, with ``p`` the exact
@@ -29,6 +40,7 @@ the estimate at this number of draws). The KL columns do not apply to it (NaN).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -42,6 +54,7 @@ from kdpipe.schemas import CodecConfig, ComponentSpec, ConfigError
 
 from .codec import Codec, needs_fitting, sampling_of
 from .codecs.hidden import fit_lowrank
+from .dense import TeacherHead, dense_layer, load_head
 from .reader import Dataset
 
 MASSIVE_FRACTION = 0.01
@@ -58,6 +71,8 @@ class Sample:
     vocab_size: int
     hidden_size: int
     hidden_dtype: str
+    head: TeacherHead | None = None       # a dense dataset's teacher head
+    dense_layer: int | None = None        # and the layer its distributions come from
 
     @property
     def rows(self) -> list[int]:
@@ -103,6 +118,10 @@ def load_sample(dataset: Dataset, *, max_rows: int | None = None,
                           f"and float32); {dataset.uri} uses {m.codec.ids.kind}/"
                           f"{m.codec.values.kind}")
     layers = dataset.hidden_layers if hidden_layers is None else list(hidden_layers)
+    head = layer = None
+    if m.codec.dense:
+        head, layer = load_head(dataset), dense_layer(m)
+        layers = sorted(set(layers) | {layer})
     ids, lps, hidden, total = [], [], {layer: [] for layer in layers}, 0
     for doc in dataset.iter_documents(hidden_layers=layers):
         if doc.topk_ids.shape[0] == 0:
@@ -117,7 +136,7 @@ def load_sample(dataset: Dataset, *, max_rows: int | None = None,
     if not ids:
         raise ConfigError(f"{dataset.uri} has no teacher rows to evaluate")
     return Sample(ids, lps, hidden, m.teacher.vocab_size, m.teacher.hidden_size,
-                  m.teacher.dtype)
+                  m.teacher.dtype, head, layer)
 
 
 def resolve_lowrank(config: CodecConfig, calibration: dict[int, torch.Tensor]
@@ -131,8 +150,7 @@ def resolve_lowrank(config: CodecConfig, calibration: dict[int, torch.Tensor]
     artifact = fit_lowrank(calibration, config.hidden.params.get("rank"))
     params = {**config.hidden.params, "projection": LOWRANK_ARTIFACT,
               "projection_sha256": hashlib.sha256(artifact).hexdigest()}
-    resolved = CodecConfig(name=config.name, ids=config.ids, values=config.values,
-                           hidden=ComponentSpec("lowrank", params), top_k=config.top_k)
+    resolved = dataclasses.replace(config, hidden=ComponentSpec("lowrank", params))
     return resolved, {LOWRANK_ARTIFACT: artifact}
 
 
@@ -238,6 +256,9 @@ def evaluate(sample: Sample, config: CodecConfig, *, device: torch.device | str 
     A low-rank hidden codec without a projection gets one fitted on the first
     documents (``calibration_tokens``); its cosine is measured on the others.
     """
+    if config.dense:
+        return evaluate_dense(sample, config, device=device, repeats=repeats,
+                              batch_tokens=batch_tokens)
     held_out = 0
     if config.hidden.kind == "lowrank" and "projection" not in config.hidden.params:
         calibration, held_out = split_calibration(sample, calibration_tokens)
@@ -265,6 +286,9 @@ def evaluate(sample: Sample, config: CodecConfig, *, device: torch.device | str 
     ids, lps, tail = (torch.cat(parts) for parts in zip(*out))
     n = sum(rows)
     scores = score_rows(sample, k, ids, lps, tail)
+    extra = {}
+    if sample.head is not None:   # a dense sample knows the true tail: score against it
+        extra["kl_true_full_mean"] = true_full_kl(sample, ids, lps, tail)
 
     hidden_bytes = cos = cos_nm = None
     if sample.hidden:
@@ -286,7 +310,94 @@ def evaluate(sample: Sample, config: CodecConfig, *, device: torch.device | str 
         ids_bytes_per_token=ids_bytes, values_bytes_per_token=vals_bytes,
         hidden_bytes_per_token_layer=hidden_bytes,
         **scores, hidden_cosine=cos, hidden_cosine_no_massive=cos_nm,
-        encode_tokens_per_s=n / enc_s, decode_tokens_per_s=n / dec_s)
+        encode_tokens_per_s=n / enc_s, decode_tokens_per_s=n / dec_s, extra=extra)
+
+
+def true_full_kl(sample: Sample, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor,
+                 chunk: int = 512) -> float:
+    """Mean KL(teacher || decoded) over the whole vocabulary, the teacher's true distribution
+    rebuilt from a dense sample's exact last layer, the decoded side its top-k plus its
+    missing mass spread evenly over the other ids (what ``missing: tail`` assumes)."""
+    ref = torch.cat(sample.hidden[sample.dense_layer]).float()
+    if ref.shape[0] != ids.shape[0]:
+        raise ConfigError("the true full KL needs a teacher row at every position (a dataset "
+                          "captured without a teacher mask)")
+    vocab, k = sample.vocab_size, ids.shape[1]
+    total = 0.0
+    for lo in range(0, ref.shape[0], chunk):
+        p = sample.head.log_probs(ref[lo:lo + chunk]).double()
+        top, m = lps[lo:lo + chunk].double(), tail[lo:lo + chunk].double().clamp(min=1e-30)
+        z = (top.exp().sum(1) + m).log()                   # decoded mass need not sum to 1
+        q = ((m.log() - math.log(max(vocab - k, 1))) - z)[:, None].expand_as(p).clone()
+        q.scatter_(1, ids[lo:lo + chunk].long(), top - z[:, None])
+        total += float((p.exp() * (p - q)).sum())
+    return total / ref.shape[0]
+
+
+def _dense_scores(head: TeacherHead, ref: torch.Tensor, dec: torch.Tensor,
+                  ref_ids: torch.Tensor, chunk: int = 512) -> dict[str, float]:
+    """KL(exact || decoded) over the vocabulary per row, top-1 agreement and mean |delta
+    log-prob| over the exact top-k ids, from last-layer states ``ref`` and ``dec`` [N, H]."""
+    kls, top1, err = [], 0, 0.0
+    for lo in range(0, ref.shape[0], chunk):
+        p = head.log_probs(ref[lo:lo + chunk]).double()
+        q = head.log_probs(dec[lo:lo + chunk]).double()
+        kls.append((p.exp() * (p - q)).sum(1).clamp(min=0.0))
+        top1 += int((p.argmax(1) == q.argmax(1)).sum())
+        ids = ref_ids[lo:lo + chunk]
+        err += float((p.gather(1, ids) - q.gather(1, ids)).abs().sum())
+    kl = torch.cat(kls).numpy()
+    return {"kl_topk_mean": float(kl.mean()), "kl_topk_p99": float(np.percentile(kl, 99)),
+            "kl_full_mean": float(kl.mean()), "abs_logprob_err_mean": err / ref_ids.numel(),
+            "top1_agreement": top1 / ref.shape[0]}
+
+
+def evaluate_dense(sample: Sample, config: CodecConfig, *, device: torch.device | str = "cpu",
+                   repeats: int = 1, batch_tokens: int = 8192) -> FidelityRow:
+    """A dense codec against a dense exact sample (see the module's docstring)."""
+    if sample.head is None:
+        raise ConfigError(f"codec {config.name!r} is dense: its fidelity needs a dense exact "
+                          f"dataset (captured with --codec dense-exact) as the reference")
+    layer, head = sample.dense_layer, sample.head.to(device)
+    codec = Codec(config, vocab_size=sample.vocab_size, top_k=sample.k,
+                  hidden_size=sample.hidden_size, hidden_dtype=sample.hidden_dtype)
+    states = sample.hidden[layer]
+    lengths = [x.shape[0] for x in states]
+    enc_s = dec_s = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        blobs = [codec.encode_hidden(x, layer) for x in states]
+        enc_s = min(enc_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        decoded = []
+        for b in document_batches(lengths, batch_tokens):
+            h = codec.decode_hidden(blobs[b], lengths[b], device, layer)
+            for lo in range(0, h.shape[0], 1024):   # the rebuild, as a reader would run it
+                head.log_probs(h[lo:lo + 1024])
+            decoded.append(h.cpu())
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        dec_s = min(dec_s, time.perf_counter() - t0)
+    ref, dec = torch.cat(states).float(), torch.cat(decoded)
+    if ref.shape[0] != sum(sample.rows):
+        raise ConfigError("fidelity of a dense codec needs a teacher row at every position "
+                          "(a dataset captured without a teacher mask)")
+    scores = _dense_scores(head, ref.to(device), dec.to(device),
+                           torch.from_numpy(np.concatenate(sample.ids)).to(device))
+    cos, cos_nm = _cosines(ref, dec)
+    n = ref.shape[0]
+    topk = [codec.encode_rows(i, v) for i, v in zip(sample.ids, sample.logprobs)]
+    ids_bytes = sum(len(b[0]) for b in topk) / n
+    vals_bytes = sum(len(b[1]) for b in topk) / n
+    hidden_bytes = sum(map(len, blobs)) / n
+    return FidelityRow(
+        codec=config.name, k=sample.vocab_size,
+        bytes_per_token=ids_bytes + vals_bytes + hidden_bytes,
+        ids_bytes_per_token=ids_bytes, values_bytes_per_token=vals_bytes,
+        hidden_bytes_per_token_layer=hidden_bytes, **scores, hidden_cosine=cos,
+        hidden_cosine_no_massive=cos_nm, encode_tokens_per_s=n / enc_s,
+        decode_tokens_per_s=n / dec_s,
+        extra={"dense": True, "kl_true_full_mean": scores["kl_full_mean"]})
 
 
 def evaluate_sampled(exact: Dataset, sampled: Dataset, *, max_rows: int | None = None,
@@ -395,7 +506,8 @@ def _score_samples(ref_ids: np.ndarray, ref: np.ndarray, ids: np.ndarray, counts
 
 def format_table(rows: Sequence[FidelityRow]) -> str:
     """A Markdown table of the rows."""
-    head = ("| codec | k | B/token ids+values | ids | values | hidden B/token/layer | "
+    head = ("| codec | k | B/token ids+values (dense: +last layer) | ids | values | "
+            "hidden B/token/layer | "
             "KL top-k mean | KL top-k p99 | KL full mean | mean abs dlogp | top-1 | "
             "hidden cos | cos w/o massive | encode tok/s | decode tok/s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

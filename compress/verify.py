@@ -14,6 +14,7 @@ from tqdm import tqdm
 from kdpipe.schemas import DatasetError, KdpipeError, ShardEntry
 from kdpipe.schemas import arrow as cols
 
+from .dense import HEAD_ARTIFACT, dense_layer, full_logprobs, load_head
 from .manifests import manifest_files, read_manifest
 from .reader import Dataset, check_sha256
 from .storage import Storage
@@ -151,6 +152,11 @@ def verify_dataset(uri: str, *, deep: bool = False, progress: bool = False) -> V
         except Exception as e:  # anything a damaged file makes a library raise
             report.problems.append(ShardProblem(rel, f"{ds.storage.describe(rel)}: "
                                                      f"unreadable: {e}"))
+    if ds.manifest.codec.dense:   # its head: listed, intact (checked above), and fitting
+        try:
+            load_head(ds)
+        except KdpipeError as e:
+            report.problems.append(ShardProblem(HEAD_ARTIFACT, str(e)))
     bar = tqdm(total=ds.manifest.documents if deep else len(ds.shards),
                unit="doc" if deep else "shard", desc="verify", file=sys.stderr,
                disable=None if progress else True)
@@ -205,8 +211,10 @@ def dump_arrays(uri: str, limit: int | None = None) -> dict[str, np.ndarray]:
     """Decoded arrays per document, rows without a teacher row as id -1 / log-prob -inf
     (and, where the codec stores the missing mass, ``tail_mass`` NaN); for the sampled
     signal ``sample_ids`` / ``sample_counts`` [T, m] instead of the top-k (id -1, count 0
-    for padding and rows without a teacher row)."""
+    for padding and rows without a teacher row); for a dense dataset also ``logprobs``
+    [T, V], the full distributions rebuilt at every position."""
     ds = Dataset(uri)
+    head = load_head(ds) if ds.manifest.codec.dense else None
     arrays: dict[str, np.ndarray] = {}
     for n, doc in enumerate(ds.iter_documents()):
         if limit is not None and n >= limit:
@@ -239,4 +247,7 @@ def dump_arrays(uri: str, limit: int | None = None) -> dict[str, np.ndarray]:
             arrays[f"{p}/loss_mask"] = doc.loss_mask
         for layer, h in doc.hidden.items():
             arrays[f"{p}/hidden/{layer}"] = h.numpy().astype(np.float32)
+        if head is not None:
+            arrays[f"{p}/logprobs"] = full_logprobs(head, doc.hidden[dense_layer(ds.manifest)]) \
+                .numpy()
     return arrays

@@ -37,6 +37,7 @@ from kdpipe.schemas.layout import (PARTS_DIR, SHARDS_DIR, TMP_PREFIX, fragment_p
                                    shard_path)
 
 from .codec import Codec, side_data_param
+from .dense import HEAD_ARTIFACT
 from .manifests import (load_manifest_or_fragments, read_manifest, write_fragment,
                         write_manifest_if_complete)
 from .reader import ArtifactLoader, artifact_relpath
@@ -46,6 +47,15 @@ PARQUET_ZSTD_LEVEL = 3
 ENCODE_THREADS = min(8, os.cpu_count() or 1)
 QUEUED_RECORDS = 256     # records whose documents wait for the window's end, at most
 _TMP_RE = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]{8}-(.+)")   # Storage.atomic_output's
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedHidden:
+    """A document's hidden states of one layer, already encoded with the part's codec
+    (``Codec.encode_hidden_tensor``, e.g. on the GPU that computed them) and stored as given:
+    capture encodes on the teacher's GPU and writes in another process."""
+
+    data: np.ndarray   # 1-D uint8
 
 
 def parquet_options(schema: pa.Schema, codec: Codec, *, zstd_hidden: bool = False) -> dict:
@@ -108,9 +118,10 @@ def _describe_diff(a, b) -> list[str]:
 
 
 def _artifact_refs(codec: CodecConfig) -> set[str]:
-    """Dataset files a codec configuration names (its hidden codec's side data)."""
+    """Dataset files a codec configuration names (its hidden codec's side data, a dense
+    codec's teacher head)."""
     ref = codec.hidden.params.get(side_data_param(codec) or "")
-    return {ref} if isinstance(ref, str) else set()
+    return ({ref} if isinstance(ref, str) else set()) | ({HEAD_ARTIFACT} if codec.dense else set())
 
 
 class PartWriter:
@@ -134,6 +145,10 @@ class PartWriter:
                  times: StageTimes | None = None) -> None:
         if not 0 <= index < count:
             raise ConfigError(f"--shard-index {index} must be in [0, {count})")
+        if codec.dense and teacher.num_hidden_layers not in capture.hidden_layers:
+            raise ConfigError(f"codec {codec.name!r} is dense: it needs the teacher's last layer "
+                              f"({teacher.num_hidden_layers}) among the hidden layers, which "
+                              f"are {list(capture.hidden_layers)}")
         self.times = times if times is not None else StageTimes()
         self.storage = Storage(uri)
         self.index, self.count = index, count
@@ -395,8 +410,12 @@ class PartWriter:
         b[cols.TOPK_VALUES].append(vals_b)
         size = len(ids_b) + len(vals_b) + 4 * doc.num_tokens
         for layer in self.hidden_layers:
-            with self.times.time("encode_hidden"):
-                h = self.codec.encode_hidden_array(doc.hidden[layer], layer)
+            x = doc.hidden[layer]
+            if isinstance(x, EncodedHidden):
+                h = x.data
+            else:
+                with self.times.time("encode_hidden"):
+                    h = self.codec.encode_hidden_array(x, layer)
             b[hidden_column(layer)].append(h)
             size += h.size
         self._buf_bytes += size

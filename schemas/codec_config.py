@@ -6,6 +6,11 @@ A codec has three independent parts, each a ``kind`` plus parameters:
 * ``values`` -- their log-probabilities (sorted descending by the reader),
 * ``hidden`` -- the captured hidden states.
 
+``dense: true`` adds the teacher's full distribution: capture keeps the last decoder layer's
+output (encoded by the hidden codec like any captured layer) and ships the teacher's final
+norm and LM head once as a dataset artifact, from which readers rebuild every row's
+log-probabilities over the whole vocabulary (``compress.dense``).
+
 The configuration travels with the data (manifest and every shard's Parquet
 metadata); its fingerprint is what readers compare, so decoding data with a
 configuration other than the one that encoded it is refused, never silently wrong.
@@ -53,6 +58,7 @@ class CodecConfig:
     values: ComponentSpec
     hidden: ComponentSpec
     top_k: int | None = None  # keep only the first top_k of the captured k (None: all)
+    dense: bool = False       # also the full distribution: last layer + the teacher's head
 
     def __post_init__(self) -> None:
         if self.top_k is not None and self.top_k < 1:
@@ -64,8 +70,11 @@ class CodecConfig:
         return from_data(cls, d, file=where)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ids": self.ids.to_obj(), "values": self.values.to_obj(),
-                "hidden": self.hidden.to_obj(), "top_k": self.top_k}
+        d = {"name": self.name, "ids": self.ids.to_obj(), "values": self.values.to_obj(),
+             "hidden": self.hidden.to_obj(), "top_k": self.top_k}
+        if self.dense:   # only when set: the fingerprints of other codecs stay as they were
+            d["dense"] = True
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kdpipe.compress import Dataset, sampling_of
+from kdpipe.compress.dense import TeacherHead, dense_layer, load_head
 from kdpipe.schemas import ConfigError, Manifest, tokenizer_fingerprint
 
 from .train_config import SAMPLED_LOSSES, SPARSE_LOSSES, DataConfig, LossConfig
@@ -82,7 +84,6 @@ def check_dataset(manifest: Manifest, *, where: str, student_config, student_dir
 
 def _signal_problems(manifest: Manifest, where: str, loss: LossConfig) -> list[str]:
     """The loss terms must read the teacher signal the dataset holds, at its temperature."""
-    from kdpipe.compress import sampling_of
     sampling = sampling_of(manifest.codec)
     problems = []
     for i, t in enumerate(loss.terms):
@@ -102,6 +103,19 @@ def _signal_problems(manifest: Manifest, where: str, loss: LossConfig) -> list[s
     return problems
 
 
+def load_dense_head(dataset: Dataset, *, student_vocab: int, student: str
+                    ) -> tuple[TeacherHead, int]:
+    """A dense dataset's teacher head and the layer it rebuilds from, refused with one line
+    when the dataset is not dense, has lost its head, or the student's vocabulary differs
+    from the head's (the full distributions would not line up)."""
+    head = load_head(dataset)
+    if head.vocab_size != student_vocab:
+        raise ConfigError(f"{dataset.uri}: its teacher head has a vocabulary of "
+                          f"{head.vocab_size} tokens, {student} has vocab_size {student_vocab}; "
+                          f"dense losses compare full distributions over the same vocabulary")
+    return head, dense_layer(dataset.manifest)
+
+
 def check_same_teacher(train: Manifest, other: Manifest, *, train_where: str,
                        other_where: str) -> None:
     """The held-out dataset must come from the same teacher as the training data."""
@@ -113,7 +127,6 @@ def check_same_teacher(train: Manifest, other: Manifest, *, train_where: str,
                             f"held-out data {other_where} has {b}")
     if problems:
         raise ConfigError("held-out data comes from another teacher:\n  " + "\n  ".join(problems))
-    from kdpipe.compress import sampling_of
     if sampling_of(other.codec) is not None:
         raise ConfigError(f"held-out data {other_where} holds the sampled teacher signal; "
                           f"evaluation measures KL on top-k rows: capture the held-out set "

@@ -80,6 +80,8 @@ def train(config_path: Path | None, overrides: tuple[str, ...], resume: bool, ov
         if trainer.dist.is_main:
             ev = result["eval"]
             tail = f"; held-out kl {ev['kl']:.4f}, top1 {ev['top1']:.3f}" if ev else ""
+            if ev and "kl_full" in ev:
+                tail += f", kl_full {ev['kl_full']:.4f}"
             click.echo(f"trained {result['step']} steps, final loss "
                        f"{result['train'].get('loss', float('nan')):.4f}{tail}; "
                        f"student in {Path(cfg.out) / 'final'}")
@@ -134,7 +136,7 @@ def eval_cmd(student_dir: str, data: str, seq_len: int, max_tokens: int, device:
              progress: bool | None) -> None:
     """Held-out metrics of a student against the teacher's captured distributions:
     sparse KL (top-k plus tail bucket, and top-k renormalized), top-1 agreement, and
-    next-token cross-entropy."""
+    next-token cross-entropy; on a dense dataset also the full-vocabulary KL and top-1."""
     from transformers.utils import logging as hf_logging
 
     from .evaluate import evaluate_student
@@ -148,6 +150,9 @@ def eval_cmd(student_dir: str, data: str, seq_len: int, max_tokens: int, device:
     click.echo(f"  kl_topk  {m['kl_topk']:.5f}  (teacher renormalized on its top-k)")
     click.echo(f"  top1     {m['top1']:.4f}")
     click.echo(f"  ce       {m['ce']:.4f}")
+    if "kl_full" in m:
+        click.echo(f"  kl_full  {m['kl_full']:.5f}  (teacher || student, whole vocabulary)")
+        click.echo(f"  top1_full {m['top1_full']:.4f}  (the teacher's full argmax)")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(m, indent=1))

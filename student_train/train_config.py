@@ -28,7 +28,9 @@ SAMPLED_LOSSES = ("sampled",)        # on the sampled teacher signal (codec ids:
 TEACHER_LOSSES = SPARSE_LOSSES + SAMPLED_LOSSES
 HEAD_LOSSES = TEACHER_LOSSES + ("ce",)
 HIDDEN_LOSSES = ("hidden_cosine", "hidden_mse")
-LOSS_KINDS = HEAD_LOSSES + HIDDEN_LOSSES
+DENSE_LOSSES = ("dense_kl", "dense_reverse_kl", "dense_jsd")   # need a dense dataset
+TEMPERED_LOSSES = TEACHER_LOSSES + DENSE_LOSSES
+LOSS_KINDS = HEAD_LOSSES + HIDDEN_LOSSES + DENSE_LOSSES
 MISSING_MODES = ("zero", "tail")
 
 
@@ -84,8 +86,8 @@ class LossTerm:
                               f"{', '.join(LOSS_KINDS)}")
         if self.temperature <= 0:
             raise ConfigError(f"{where}.temperature must be positive, got {self.temperature}")
-        if self.kind not in TEACHER_LOSSES and self.temperature != 1.0:
-            raise ConfigError(f"{where}: temperature applies to {', '.join(TEACHER_LOSSES)} "
+        if self.kind not in TEMPERED_LOSSES and self.temperature != 1.0:
+            raise ConfigError(f"{where}: temperature applies to {', '.join(TEMPERED_LOSSES)} "
                               f"only")
         if self.missing is not None and self.missing not in MISSING_MODES:
             raise ConfigError(f"{where}.missing must be one of {MISSING_MODES}, "
@@ -117,6 +119,10 @@ class LossConfig:
     def uses_hidden(self) -> bool:
         return any(t.kind in HIDDEN_LOSSES and t.weight != 0 for t in self.terms)
 
+    @property
+    def uses_dense(self) -> bool:
+        return any(t.kind in DENSE_LOSSES for t in self.terms)
+
 
 @dataclass(kw_only=True)
 class OptimConfig:
@@ -145,6 +151,7 @@ class TrainConfig:
     precision: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     gradient_checkpointing: bool = False
     checkpoint_layers: int = 0       # with it: how many decoder layers recompute (0: all)
+    compile: str = "auto"            # auto (CUDA: torch.compile each decoder layer) | layers | none
     frozen: list[str] = field(default_factory=list)   # regexes of parameter names to freeze
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
@@ -153,6 +160,7 @@ class TrainConfig:
     def validate(self) -> None:
         _positive(self, "micro_batch", "grad_accum", "log_every")
         _choice(self, "precision", ("auto", "bf16", "fp32"))
+        _choice(self, "compile", ("auto", "layers", "none"))
         if self.checkpoint_layers < 0:
             raise ConfigError("train.checkpoint_layers must be >= 0 (0: every layer)")
         if self.max_steps <= 0 and self.max_tokens <= 0:

@@ -6,6 +6,10 @@ FSDP2 wrap. It returns per-term sums over the micro-batch; ``weighted_loss`` tur
 into the optimized scalar with normalizers counted over the whole global batch, so the
 result does not depend on how the batch is split over ranks and micro-batches.
 
+Dense terms (``dense_kl``...) compare the student with the teacher's full distribution,
+rebuilt from the teacher's last-layer state (a hidden layer of the batch) through the teacher
+head the module is given (``teacher_head``), on the same rows as the sparse losses.
+
 Masks: head losses use the loss rows (``loss_mask`` set, and a teacher row for the sparse
 losses or a next token for CE); hidden-state losses use every position whose ``loss_mask``
 is set, so assistant-only chat masks apply to all terms.
@@ -18,10 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdpipe.compress.dense import TeacherHead
+
+from .dense_kl import DenseTerm, dense_losses
 from .losses import hidden_loss
 from .packing import PackedBatch
 from .sparse_kl import HeadTerm, head_losses
-from .train_config import HIDDEN_LOSSES, TEACHER_LOSSES, LossConfig
+from .train_config import DENSE_LOSSES, HIDDEN_LOSSES, TEACHER_LOSSES, LossConfig
+
+DENSE_KINDS = DENSE_LOSSES + ("dense_top1",)
 
 
 @dataclass(frozen=True)
@@ -35,7 +44,7 @@ class Term:
     @property
     def normalizer(self) -> str:
         """The count this term's sum is divided by (see ``PackedBatch.counts``)."""
-        if self.kind in TEACHER_LOSSES:
+        if self.kind in TEACHER_LOSSES or self.kind in DENSE_KINDS:
             return "kd_rows"
         return "ce_rows" if self.kind == "ce" else "hidden_tokens"
 
@@ -46,22 +55,32 @@ class Objective:
     layer_map: tuple[tuple[int, int], ...] = ()      # (student layer, teacher layer)
     chunk_size: int = 1024
     top1: bool = False
+    dense_layer: int | None = None     # the teacher layer dense terms rebuild from
 
     @property
     def head_terms(self) -> list[HeadTerm]:
         return [HeadTerm(t.name, t.kind, t.temperature, t.missing) for t in self.terms
-                if t.kind not in HIDDEN_LOSSES]
+                if t.kind not in HIDDEN_LOSSES and t.kind not in DENSE_KINDS]
 
     @property
     def hidden_terms(self) -> list[Term]:
         return [t for t in self.terms if t.kind in HIDDEN_LOSSES] if self.layer_map else []
 
     @property
+    def dense_terms(self) -> list[DenseTerm]:
+        return [DenseTerm(t.name, t.kind, t.temperature) for t in self.terms
+                if t.kind in DENSE_KINDS]
+
+    @property
     def teacher_layers(self) -> list[int]:
-        return sorted({t for _, t in self.layer_map}) if self.hidden_terms else []
+        layers = {t for _, t in self.layer_map} if self.hidden_terms else set()
+        if self.dense_terms and self.dense_layer is not None:
+            layers.add(self.dense_layer)
+        return sorted(layers)
 
 
-def training_objective(loss: LossConfig, *, layer_map: list[tuple[int, int]]) -> Objective:
+def training_objective(loss: LossConfig, *, layer_map: list[tuple[int, int]],
+                       dense_layer: int | None = None) -> Objective:
     names: dict[str, int] = {}
     terms = []
     for t in loss.terms:
@@ -70,15 +89,20 @@ def training_objective(loss: LossConfig, *, layer_map: list[tuple[int, int]]) ->
         name = base if names[base] == 1 else f"{base}_{names[base]}"
         terms.append(Term(name, t.kind, t.weight, t.temperature, t.missing or loss.missing))
     uses_hidden = any(t.kind in HIDDEN_LOSSES for t in terms)
-    return Objective(tuple(terms), tuple(layer_map) if uses_hidden else (), loss.chunk_size)
+    return Objective(tuple(terms), tuple(layer_map) if uses_hidden else (), loss.chunk_size,
+                     dense_layer=dense_layer)
 
 
-def eval_objective(chunk_size: int = 1024) -> Objective:
+def eval_objective(chunk_size: int = 1024, dense_layer: int | None = None) -> Objective:
     """Held-out metrics: KL(teacher || student) on the top-k plus the tail bucket at T=1,
     the same KL with the teacher renormalized on its top-k, next-token cross-entropy, and
-    top-1 agreement."""
+    top-1 agreement; on a dense held-out set (``dense_layer`` given) also the exact
+    full-vocabulary KL(teacher || student) and agreement with the teacher's full argmax."""
+    dense = (Term("kl_full", "dense_kl", 0.0), Term("top1_full", "dense_top1", 0.0)) \
+        if dense_layer is not None else ()
     return Objective((Term("kl", "kl", 1.0, 1.0, "tail"), Term("kl_topk", "kl", 0.0, 1.0, "zero"),
-                      Term("ce", "ce", 1.0)), (), chunk_size, top1=True)
+                      Term("ce", "ce", 1.0), *dense), (), chunk_size, top1=True,
+                     dense_layer=dense_layer)
 
 
 def weighted_loss(sums: dict[str, torch.Tensor], objective: Objective,
@@ -96,10 +120,11 @@ class DistillModule(nn.Module):
     """The student plus what distillation adds: projections into the teacher's hidden size."""
 
     def __init__(self, student: nn.Module, *, objective: Objective, teacher_hidden_size: int,
-                 projection: str = "auto") -> None:
+                 projection: str = "auto", teacher_head: TeacherHead | None = None) -> None:
         super().__init__()
         self.student = student
         self.objective = objective
+        self.teacher_head = teacher_head     # frozen, outside the parameters and state dict
         width = student.config.hidden_size
         self.projections = nn.ModuleDict()
         if objective.hidden_terms and (projection == "always" or
@@ -113,9 +138,10 @@ class DistillModule(nn.Module):
                         proj.weight.copy_(torch.eye(width))
                 self.projections[str(s)] = proj
 
-    def forward(self, batch: PackedBatch, objective: Objective | None = None
-                ) -> dict[str, torch.Tensor]:
-        """Per-term sums over the micro-batch's loss rows (hidden terms over positions)."""
+    def forward(self, batch: PackedBatch, objective: Objective | None = None,
+                teacher_head: TeacherHead | None = None) -> dict[str, torch.Tensor]:
+        """Per-term sums over the micro-batch's loss rows (hidden terms over positions);
+        ``teacher_head``: the one dense terms use, if not the module's (a held-out set's)."""
         obj = objective or self.objective
         hidden_terms = obj.hidden_terms
         out = self.student(batch.input_ids, cu_seqlens=batch.cu_seqlens, return_logits=False,
@@ -125,7 +151,15 @@ class DistillModule(nn.Module):
                            topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
                            tail=batch.tail, has_teacher=batch.has_teacher, labels=batch.labels,
                            terms=obj.head_terms, chunk_size=obj.chunk_size, top1=obj.top1,
-                           sample_ids=batch.sample_ids, sample_weights=batch.sample_weights)
+                           sample_ids=batch.sample_ids, sample_weights=batch.sample_weights) \
+            if obj.head_terms or obj.top1 else {}
+        if obj.dense_terms:
+            head = teacher_head or self.teacher_head
+            sums.update(dense_losses(
+                final[batch.row_pos], self.student.get_output_embeddings().weight,
+                teacher_hidden=batch.hidden[obj.dense_layer][batch.row_pos], head=head,
+                has_teacher=batch.has_teacher, terms=obj.dense_terms,
+                chunk_size=obj.chunk_size))
         if hidden_terms:
             mask = batch.hidden_mask
             for t in hidden_terms:

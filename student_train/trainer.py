@@ -31,6 +31,7 @@ from kdpipe.schemas import ConfigError, DatasetError
 from kdpipe.schemas.layout import embedded_teacher_dir, is_embedded_teacher
 
 from . import checkpoint as ckpt
+from .compile import compile_decoder_layers, wants_compile
 from .evaluate import autocast_for, eval_stream, evaluate, load_student
 from .metrics import MetricsLog
 from .model.modeling import enable_activation_checkpointing
@@ -38,7 +39,8 @@ from .packing import PackedBatch
 from .run_dir import check_out, local_path, mark_run, remove_run
 from .stream import StreamState, global_batch
 from .stream_loader import DistillStream, TrainBatches, build_index
-from .train_checks import check_dataset, check_same_teacher, resolve_layer_map
+from .train_checks import (check_dataset, check_same_teacher, load_dense_head,
+                           resolve_layer_map)
 from .train_config import Config, OptimConfig, StudentConfig, dump_config
 from .train_dist import init_distributed, no_sync, parallelize, strategy_of, unwrap
 from .train_objective import DistillModule, training_objective, weighted_loss
@@ -107,7 +109,8 @@ def frozen_linears_to_bf16(model: torch.nn.Module) -> int:
 
 def build_optimizer(module: torch.nn.Module, *, optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on vectors (norms, biases) and parameters marked
-    ``_no_weight_decay`` (KDA's A_log and dt_bias)."""
+    ``_no_weight_decay`` (KDA's A_log and dt_bias). On CUDA the fused implementation: one
+    kernel per parameter group instead of several passes over the optimizer state."""
     decay, no_decay = [], []
     for p in module.parameters():
         if not p.requires_grad:
@@ -115,8 +118,9 @@ def build_optimizer(module: torch.nn.Module, *, optim: OptimConfig) -> torch.opt
         (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr,
-                             betas=tuple(optim.betas), eps=optim.eps)
+                             betas=tuple(optim.betas), eps=optim.eps, fused=on_cuda or None)
 
 
 def teacher_dir(student: StudentConfig, *, is_main: bool, barrier,
@@ -219,6 +223,19 @@ class Trainer:
         layer_map = resolve_layer_map(cfg.loss.layer_map,
                                       student_layers=config.num_hidden_layers,
                                       captured=manifest.capture.hidden_layers)
+        student_name = f"student {student_dir or '(built from the teacher)'}"
+        head = dense_at = None
+        # one-line refusals before the others: a dense term on data that is not dense, a dense
+        # dataset without its head (also when no term uses it: the dataset is damaged)
+        if cfg.loss.uses_dense or manifest.codec.dense:
+            head, dense_at = load_dense_head(self.dataset, student_vocab=config.vocab_size,
+                                             student=student_name)
+        if not cfg.loss.uses_dense:
+            head = dense_at = None
+        self.eval_head = self.eval_layer = None
+        if eval_manifest is not None and eval_manifest.codec.dense:
+            self.eval_head, self.eval_layer = load_dense_head(
+                Dataset(cfg.eval.data), student_vocab=config.vocab_size, student=student_name)
         check_dataset(manifest, where=cfg.data.path, student_config=config,
                       student_dir=student_dir, tokenizer_dir=tokenizer_dir, data=cfg.data,
                       loss=cfg.loss, layer_map=layer_map)
@@ -233,7 +250,10 @@ class Trainer:
         if cfg.eval.data:
             self.eval_stream = eval_stream(
                 cfg.eval.data, seq_len=cfg.eval.seq_len or cfg.data.seq_len,
-                micro_batch=cfg.eval.micro_batch, max_tokens=cfg.eval.max_tokens, dist=dist)
+                micro_batch=cfg.eval.micro_batch, max_tokens=cfg.eval.max_tokens, dist=dist,
+                hidden_layers=[] if self.eval_head is None else [self.eval_layer])
+            if self.eval_head is not None:
+                self.eval_head = self.eval_head.to(self.device)
 
         # then the out directory and the student
         if not self.resume_from:
@@ -247,16 +267,19 @@ class Trainer:
                                    else init_dir, kda_backend=cfg.student.kda_backend)
 
         # objective, projections, frozen parameters, memory savers
-        self.objective = training_objective(cfg.loss, layer_map=layer_map)
+        self.objective = training_objective(cfg.loss, layer_map=layer_map, dense_layer=dense_at)
         module = DistillModule(student, objective=self.objective,
                                teacher_hidden_size=manifest.teacher.hidden_size,
-                               projection=cfg.loss.projection)
+                               projection=cfg.loss.projection,
+                               teacher_head=None if head is None else head.to(self.device))
         if self.resume_from:
             ckpt.load_projections(module, self.resume_from)
         self.trainable, self.frozen = freeze(student, cfg.train.frozen)
         if cfg.train.gradient_checkpointing:
             enable_activation_checkpointing(student, cfg.train.checkpoint_layers)
         module.to(self.device)
+        if wants_compile(cfg.train.compile, self.device):
+            compile_decoder_layers(student)
 
         # parallelism, then the optimizer over the (possibly sharded) parameters
         self.strategy = strategy_of(cfg.parallel, dist, module)
@@ -497,13 +520,15 @@ class Trainer:
         t0 = time.perf_counter()
         result = evaluate(self.model, self.eval_stream, dist=self.dist, bf16=self.bf16,
                           chunk_size=self.cfg.loss.chunk_size or 1024,
-                          progress=self.dist.is_main and self.cfg.log.progress)
+                          progress=self.dist.is_main and self.cfg.log.progress,
+                          teacher_head=self.eval_head, dense_layer=self.eval_layer)
         result["step"] = self.step
         self.last_eval = result
         self.metrics.log("eval", self.step, result)
         self._between_steps["eval"] += time.perf_counter() - t0
         if self.dist.is_main and self.cfg.log.progress:
-            tqdm.write(f"eval step {self.step}: kl {result['kl']:.4f} "
+            full = f" kl_full {result['kl_full']:.4f}" if "kl_full" in result else ""
+            tqdm.write(f"eval step {self.step}: kl {result['kl']:.4f}{full} "
                        f"top1 {result['top1']:.3f} ce {result['ce']:.4f}")
         return result
 

@@ -76,15 +76,16 @@ def tiny_teacher(tmp_path_factory):
     return out
 
 
-def _capture(teacher, data, out, codec: str) -> list:
+def _capture(teacher, data, out, codec: str, writer: str = "auto") -> list:
     run_capture(CaptureOptions(model=str(teacher), data=str(data), out=str(out), top_k=16,
                                hidden_layers=",".join(map(str, LAYERS)), codec=codec,
                                device="cuda", dtype="float32", window=4, max_seq_len=96,
-                               progress=False))
+                               progress=False, writer=writer))
     return list(Dataset(str(out)).iter_documents(hidden_layers=LAYERS))
 
 
-def test_hidden_states_encoded_on_the_writer_stream(tmp_path, tiny_teacher, monkeypatch):
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_hidden_states_encoded_on_the_writer_stream(tmp_path, tiny_teacher, monkeypatch, writer):
     """Windows overlap: the writer thread encodes window w's hidden states on its own stream
     while window w+1's forward runs. What it stores must be the forward's values (exact
     codec, against a plain forward of each document alone), and encoding on the device
@@ -92,7 +93,7 @@ def test_hidden_states_encoded_on_the_writer_stream(tmp_path, tiny_teacher, monk
     from transformers import AutoModelForCausalLM
 
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in docstring_texts(16, 500)])
-    exact = _capture(tiny_teacher, data, tmp_path / "exact", "exact")
+    exact = _capture(tiny_teacher, data, tmp_path / "exact", "exact", writer)
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).cuda().eval()
     for doc in exact:
         with torch.no_grad():
@@ -101,12 +102,28 @@ def test_hidden_states_encoded_on_the_writer_stream(tmp_path, tiny_teacher, monk
         for layer in LAYERS[:-1]:   # the last entry of hidden_states is after the final norm
             torch.testing.assert_close(doc.hidden[layer], states[layer][0].cpu(),
                                        atol=1e-4, rtol=1e-4)
-    on_device = _capture(tiny_teacher, data, tmp_path / "device", "default")
+    on_device = _capture(tiny_teacher, data, tmp_path / "device", "default", writer)
     monkeypatch.setattr(capture_run, "HIDDEN_ON_DEVICE_BYTES", 0)
-    on_host = _capture(tiny_teacher, data, tmp_path / "host", "default")
+    on_host = _capture(tiny_teacher, data, tmp_path / "host", "default", writer)
     assert len(on_device) == len(on_host) == len(exact) == 16
     for a, b in zip(on_device, on_host):
         assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_logprobs,
                                                                    b.topk_logprobs)
         for layer in LAYERS:
             assert torch.equal(a.hidden[layer], b.hidden[layer]), (a.doc_id, layer)
+
+
+@pytest.mark.parametrize("codec", ["exact", "default"])
+def test_process_and_thread_writers_write_the_same_bytes_on_cuda(tmp_path, tiny_teacher, codec):
+    """The process writer gets hidden states encoded on the GPU and copied through page-locked
+    shared memory; the thread writer encodes them on its own stream: the files are the same."""
+    import hashlib
+
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in docstring_texts(16, 500)])
+    files = {}
+    for writer in ("process", "thread"):
+        out = tmp_path / writer
+        _capture(tiny_teacher, data, out, codec, writer)
+        files[writer] = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                         for p in sorted(out.rglob("*")) if p.is_file()}
+    assert "manifest.json" in files["thread"] and files["process"] == files["thread"]

@@ -40,11 +40,12 @@ def _run_until_first_commit(args, frag, **kw) -> subprocess.Popen:
     return proc
 
 
-def test_sigint_keeps_finished_windows_says_so_and_resumes(tmp_path, teacher_dir):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_sigint_keeps_finished_windows_says_so_and_resumes(tmp_path, teacher_dir, writer):
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
     out = tmp_path / "ds"     # default --shard-mb: no shard would fill before the stop
     frag = out / "parts" / "part-00000-of-00001.json"
-    proc = _run_until_first_commit(_cli(teacher_dir, data, out), frag)
+    proc = _run_until_first_commit(_cli(teacher_dir, data, out, "--writer", writer), frag)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr
@@ -60,11 +61,13 @@ def test_sigint_keeps_finished_windows_says_so_and_resumes(tmp_path, teacher_dir
     assert len(list(Dataset(str(out)).iter_documents())) == len(TEXTS)
 
 
-def test_second_signal_aborts_at_once_leaving_only_whole_shards(tmp_path, teacher_dir):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_second_signal_aborts_at_once_leaving_only_whole_shards(tmp_path, teacher_dir, writer):
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
     out = tmp_path / "ds"
     frag = out / "parts" / "part-00000-of-00001.json"
-    proc = _run_until_first_commit(_cli(teacher_dir, data, out, "--no-progress"), frag)
+    proc = _run_until_first_commit(_cli(teacher_dir, data, out, "--no-progress", "--writer",
+                                        writer), frag)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)

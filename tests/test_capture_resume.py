@@ -52,9 +52,12 @@ def _assert_same_arrays(a: dict, b: dict) -> None:
         assert np.array_equal(a[key], b[key]), key
 
 
-def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, teacher_dir, data, uninterrupted):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, teacher_dir, data, uninterrupted,
+                                                 writer):
     out = tmp_path / "ds"
-    proc = subprocess.Popen(_cli_args(teacher_dir, data, out), stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cli_args(teacher_dir, data, out, writer=writer),
+                            stderr=subprocess.DEVNULL)
     frag = out / "parts" / "part-00000-of-00001.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -74,10 +77,11 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, teacher_dir, data, un
     assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_sigterm_stops_gracefully_and_resumes(tmp_path, teacher_dir, data, uninterrupted):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_sigterm_stops_gracefully_and_resumes(tmp_path, teacher_dir, data, uninterrupted, writer):
     out = tmp_path / "ds"
-    proc = subprocess.Popen(_cli_args(teacher_dir, data, out), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(_cli_args(teacher_dir, data, out, writer=writer),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     frag = out / "parts" / "part-00000-of-00001.json"
     while proc.poll() is None and not frag.exists():
         time.sleep(0.02)

@@ -26,7 +26,8 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mnt)], check=True)
 
 
-def test_disk_full_then_resume(small_disk: Path, tmp_path, teacher_dir):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_disk_full_then_resume(small_disk: Path, tmp_path, teacher_dir, writer):
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in docstring_texts(8, 300)])
     opts = dict(model=str(teacher_dir), data=str(data), top_k=8, max_seq_len=48, window=2,
                 docs_per_shard=2, hidden_layers="0,15,30", progress=False)
@@ -37,7 +38,7 @@ def test_disk_full_then_resume(small_disk: Path, tmp_path, teacher_dir):
     filler.write_bytes(b"\0" * (4 * 2**20 - need // 2))   # room for about half the shards
     out = small_disk / "ds"
     with pytest.raises(DatasetError, match="No space left on device.*rerun the same command"):
-        run_capture(CaptureOptions(out=str(out), **opts))
+        run_capture(CaptureOptions(out=str(out), writer=writer, **opts))
     assert not (out / "manifest.json").exists()
     assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".tmp-")]
     filler.unlink()

@@ -146,6 +146,19 @@ def test_codec_configuration_is_checked():
     assert preset.ids.kind == "sampled" and preset.values.kind == "counts"
 
 
+def test_a_codec_is_never_both_dense_and_sampled(tmp_path):
+    """Refused when the file is loaded (capture's first check) and when a manifest carrying
+    such a configuration is decoded."""
+    both = {**sampled_config().to_dict(), "name": "dense-sampled", "dense": True}
+    path = tmp_path / "dense-sampled.json"
+    path.write_text(json.dumps(both))
+    with pytest.raises(ConfigError, match="dense-sampled.*dense: true.*sampled signal"):
+        load_codec_config(str(path))
+    with pytest.raises(ConfigError, match="dense: true.*sampled signal"):
+        Codec(CodecConfig.from_dict(both), vocab_size=VOCAB, top_k=DRAWS, hidden_size=4,
+              hidden_dtype="float32")
+
+
 # -- the unbiased loss -------------------------------------------------------------------------
 
 def _mean_gradient(student: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
@@ -394,7 +407,17 @@ def test_capture_refuses_top_k_and_vllm_with_samples(captured, teacher_dir, tmp_
         run_capture(CaptureOptions(out=str(tmp_path / "b"), backend="vllm", **base))
 
 
-def test_tools_understand_or_refuse_the_sampled_signal(captured, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def torch_threads():
+    """``kdpipe fidelity`` sets torch's CPU threads for its timings; later tests in this
+    process must not run with its count (float32 forwards differ across thread counts)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tools_understand_or_refuse_the_sampled_signal(captured, tmp_path, capsys, monkeypatch,
+                                                       torch_threads):
     from helpers import run_main
     sampled, exact = captured / "sampled", captured / "exact"
     code, out, _ = run_main(["inspect", sampled, "--json"], capsys, monkeypatch)

@@ -117,7 +117,7 @@ def test_codec_config_unknown_key_and_wrong_type_name_file_and_path(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("ids: gaps\nvalues: {kind: grid, step: 0.002}\nhidden: fp8\ntopk: 4\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(f))}: unknown key 'topk'; valid "
-                                          r"keys: name, ids, values, hidden, top_k$"):
+                                          r"keys: name, ids, values, hidden, top_k, dense$"):
         load_codec_config(str(f))
     f.write_text("ids: gaps\nvalues: {kind: [grid]}\nhidden: fp8\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(f))}: values.kind: expected a "

@@ -134,6 +134,8 @@ class HiddenCodec(ABC):
     """
 
     capabilities = Capabilities()
+    #: ``encode_tensor`` computes on the input's device (else on the host, whatever it gets)
+    encodes_on_device = False
 
     def __init__(self, params: dict[str, Any], *, hidden_size: int, dtype: torch.dtype,
                  artifacts: Callable[[str], bytes] | None = None) -> None:
@@ -147,6 +149,12 @@ class HiddenCodec(ABC):
 
     def encode(self, x: torch.Tensor, layer: int | None = None) -> bytes:
         return self.encode_array(x, layer).tobytes()
+
+    def encode_tensor(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """``encode_array``'s bytes as a 1-D uint8 tensor, left on ``x``'s device when the codec
+        encodes there, so a caller copies them out when it chooses (capture: asynchronously,
+        into the writer process's shared memory). The default encodes on the host."""
+        return torch.from_numpy(self.encode_array(x, layer))
 
     @abstractmethod
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,

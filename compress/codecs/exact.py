@@ -43,10 +43,14 @@ class NativeHidden(HiddenCodec):
     """Raw little-endian bytes of the teacher's dtype (bf16 stays bf16: lossless)."""
 
     capabilities = Capabilities(lossless=True)
+    encodes_on_device = True
 
     def encode_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
         x = x.detach().to("cpu", self.dtype, copy=True).contiguous()
         return x.view(torch.uint8).numpy().reshape(-1)
+
+    def encode_tensor(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        return x.detach().to(self.dtype).contiguous().view(torch.uint8).reshape(-1)
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
                layer: int | None = None) -> torch.Tensor:

@@ -43,6 +43,11 @@ def _rows_tensor(blobs: Sequence[bytes], rows: Sequence[int], row_bytes: int, wh
 def _scaled_encode(x: torch.Tensor, limit: float, to_codes: Callable) -> np.ndarray:
     """[T, H] -> rows of [bf16 scale | codes of x / scale], computed on ``x``'s device (a GPU
     encodes a capture's hidden states far faster than the host, and copies half the bytes)."""
+    return _scaled_rows(x, limit, to_codes).cpu().numpy().reshape(-1)
+
+
+def _scaled_rows(x: torch.Tensor, limit: float, to_codes: Callable) -> torch.Tensor:
+    """``_scaled_encode`` as a 1-D uint8 tensor on ``x``'s device."""
     x = x.detach().float()
     scale = (x.abs().amax(dim=1, keepdim=True) / limit).to(torch.bfloat16)
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale.float()))
@@ -50,7 +55,7 @@ def _scaled_encode(x: torch.Tensor, limit: float, to_codes: Callable) -> np.ndar
     rows = x.shape[0]   # explicit shapes: zero-token documents have no strides to view by
     row = torch.cat([scale.reshape(-1).view(torch.uint8).reshape(rows, 2),
                      codes.reshape(-1).view(torch.uint8).reshape(rows, x.shape[1])], dim=1)
-    return row.cpu().numpy().reshape(-1)
+    return row.reshape(-1)
 
 
 def _scaled_decode(data: torch.Tensor, code_dtype: torch.dtype) -> torch.Tensor:
@@ -77,10 +82,14 @@ class _NoParams(HiddenCodec):
 @register(HIDDEN, "bf16")
 class Bf16Hidden(_NoParams):
     name = "bf16"
+    encodes_on_device = True
 
     def encode_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
         return x.detach().to("cpu", torch.bfloat16, copy=True).contiguous().view(torch.uint8) \
             .numpy().reshape(-1)
+
+    def encode_tensor(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        return x.detach().to(torch.bfloat16).contiguous().view(torch.uint8).reshape(-1)
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
                layer: int | None = None) -> torch.Tensor:
@@ -91,9 +100,13 @@ class Bf16Hidden(_NoParams):
 @register(HIDDEN, "fp8")
 class Fp8Hidden(_NoParams):
     name = "fp8"
+    encodes_on_device = True
 
     def encode_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
-        return _scaled_encode(x, FP8_MAX, lambda v: v.to(torch.float8_e4m3fn))
+        return self.encode_tensor(x, layer).cpu().numpy()
+
+    def encode_tensor(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        return _scaled_rows(x, FP8_MAX, lambda v: v.to(torch.float8_e4m3fn))
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
                layer: int | None = None) -> torch.Tensor:
@@ -104,9 +117,13 @@ class Fp8Hidden(_NoParams):
 @register(HIDDEN, "int8")
 class Int8Hidden(_NoParams):
     name = "int8"
+    encodes_on_device = True
 
     def encode_array(self, x: torch.Tensor, layer: int | None = None) -> np.ndarray:
-        return _scaled_encode(x, INT8_MAX, lambda v: torch.round(v).to(torch.int8))
+        return self.encode_tensor(x, layer).cpu().numpy()
+
+    def encode_tensor(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        return _scaled_rows(x, INT8_MAX, lambda v: torch.round(v).to(torch.int8))
 
     def decode(self, blobs: Sequence[bytes], rows: Sequence[int], device: torch.device,
                layer: int | None = None) -> torch.Tensor:

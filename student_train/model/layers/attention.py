@@ -88,6 +88,7 @@ def _flash_varlen():
     return varlen_attn if {"window_size", "enable_gqa"} <= params.keys() else None
 
 
+@torch.compiler.disable   # per-document loops and varlen kernels: run as they are
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout,
            scale: float) -> torch.Tensor:
     """Causal GQA attention of ``[B, Hq, T, D]`` queries over ``[B, Hkv, S, D]`` keys/values,

@@ -105,11 +105,11 @@ class KimiDeltaAttention(nn.Module):
             if not x.is_cuda:
                 raise ConfigError("kda_backend='fla' needs CUDA tensors; "
                                   "use 'auto' or 'torch' on CPU")
-            if not kda_fla.fla_installed():
+            if not kda_fla.FLA_INSTALLED:
                 raise ConfigError("kda_backend='fla' needs the flash-linear-attention packages "
                                   "(pip install fla-core flash-linear-attention)")
             return kda_fla
-        return kda_fla if x.is_cuda and kda_fla.fla_installed() else kda_torch
+        return kda_fla if x.is_cuda and kda_fla.FLA_INSTALLED else kda_torch
 
     def forward(self, x: torch.Tensor, layout: SequenceLayout, *, cache=None) -> torch.Tensor:
         """``x``: ``[B, T, hidden]``. ``cache`` (a ``KDAStateLayer``) supplies the conv and

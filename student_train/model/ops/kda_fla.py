@@ -3,22 +3,24 @@
 Same contract as ``ops.kda_torch`` (``kda`` and ``short_conv``), so the layer swaps one module for
 the other. fla is imported inside the functions: importing it without a GPU either exports
 nothing or fails, and CPU runs never reach this module.
+
+Both ops are opaque to ``torch.compile`` (``torch.compiler.disable``): fla's Triton kernels,
+with their own autotuning and autograd, run as they are, and a compiled decoder layer fuses
+the elementwise work around them.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from functools import cache
 
 import torch
 
-
-@cache
-def fla_installed() -> bool:
-    """Whether the ``fla`` package can be imported (checked without importing it)."""
-    return importlib.util.find_spec("fla") is not None
+# Whether the ``fla`` package can be imported, checked once without importing it (a plain
+# value, so a compiled layer that picks its ops does not trace an import lookup).
+FLA_INSTALLED = importlib.util.find_spec("fla") is not None
 
 
+@torch.compiler.disable
 def kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
         A_log: torch.Tensor, dt_bias: torch.Tensor, *, initial_state: torch.Tensor | None = None,
         output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
@@ -39,6 +41,7 @@ def kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
               use_beta_sigmoid_in_kernel=True, cu_seqlens=cu_seqlens)
 
 
+@torch.compiler.disable
 def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                cache: torch.Tensor | None = None, output_final_state: bool = False,
                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

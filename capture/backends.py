@@ -16,6 +16,7 @@ import torch
 from kdpipe.runtime import auto_dtype, torch_dtype
 from kdpipe.schemas import ConfigError, TeacherInfo
 
+from .sampling import document_generator, sample_rows
 from .teacher import teacher_info
 from .topk import topk_logprobs
 
@@ -24,9 +25,21 @@ CAPTURE_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class SequenceOutput:
-    topk_ids: torch.Tensor          # [T, k] int64, CPU
+    topk_ids: torch.Tensor          # [T, k] int64, CPU ([T, 0] when sampling)
     topk_logprobs: torch.Tensor     # [T, k] float32, CPU
     hidden: dict[int, torch.Tensor]  # layer -> [T, H] in the capture dtype, backend's device
+    sample_ids: torch.Tensor | None = None      # [T, draws] int64, CPU (sampling only)
+    sample_counts: torch.Tensor | None = None   # [T, draws] int32, CPU
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Draw ``draws`` ids per position at ``temperature`` instead of taking the top-k; each
+    sequence's generator is seeded from ``seed`` and its document id."""
+
+    draws: int
+    temperature: float
+    seed: int
 
 
 class TeacherBackend(Protocol):
@@ -96,10 +109,11 @@ class HFBackend:
 
     def __init__(self, model_path: str, *, device: str, dtype: str, top_k: int,
                  hidden_layers: list[int], trust_remote_code: bool = False,
-                 hidden_source: str = "residual") -> None:
+                 hidden_source: str = "residual", sampling: Sampling | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.device, self.dtype, self.top_k = device, dtype, top_k
+        self.sampling = sampling
         self.tokenizer = AutoTokenizer.from_pretrained(model_path,
                                                        trust_remote_code=trust_remote_code)
         self.model = self._load_model(model_path, dtype, trust_remote_code)
@@ -184,10 +198,11 @@ class HFBackend:
         return logits
 
     @torch.inference_mode()
-    def forward_batch(self, seqs: list[np.ndarray], *, chunk_tokens: int = 2048
-                      ) -> list[SequenceOutput]:
+    def forward_batch(self, seqs: list[np.ndarray], *, chunk_tokens: int = 2048,
+                      doc_ids: list[str] | None = None) -> list[SequenceOutput]:
         """Run right-padded sequences in one forward; the LM head and top-k run in chunks so
-        logits never exist for more than ``chunk_tokens`` positions at once."""
+        logits never exist for more than ``chunk_tokens`` positions at once. With
+        ``sampling``, ``doc_ids`` (one per sequence) seed the sequences' draws."""
         lengths = [len(s) for s in seqs]
         B, L = len(seqs), max(lengths)
         pad = self.tokenizer.pad_token_id or 0
@@ -202,6 +217,9 @@ class HFBackend:
         h = out.last_hidden_state                                    # [B, L, H] after final norm
         valid = mask.bool().view(-1).to(self.device)
         flat = h.reshape(B * L, -1)[valid]                          # real positions only
+        hidden = {layer: t.reshape(B * L, -1)[valid] for layer, t in self._captured.items()}
+        if self.sampling is not None:
+            return self._sampled(flat, lengths, hidden, doc_ids, chunk_tokens)
         top_ids, top_lps = [], []
         for start in range(0, flat.shape[0], chunk_tokens):
             i, lp = topk_logprobs(self._logits(flat[start:start + chunk_tokens]), self.top_k)
@@ -210,10 +228,31 @@ class HFBackend:
         all_ids = torch.cat(top_ids).cpu()
         all_lps = torch.cat(top_lps).cpu()
         # hidden states stay on the device: the codec encodes them there (fewer bytes to copy)
-        hidden = {layer: t.reshape(B * L, -1)[valid] for layer, t in self._captured.items()}
         results, pos = [], 0
         for n in lengths:
             results.append(SequenceOutput(all_ids[pos:pos + n], all_lps[pos:pos + n],
                                           {k: v[pos:pos + n] for k, v in hidden.items()}))
+            pos += n
+        return results
+
+    def _sampled(self, flat: torch.Tensor, lengths: list[int], hidden: dict[int, torch.Tensor],
+                 doc_ids: list[str] | None, chunk_tokens: int) -> list[SequenceOutput]:
+        """Each sequence's draws, from its own generator, in chunks of positions."""
+        s = self.sampling
+        if doc_ids is None or len(doc_ids) != len(lengths):
+            raise ValueError("sampling needs one document id per sequence")
+        results, pos = [], 0
+        for n, did in zip(lengths, doc_ids):
+            gen = document_generator(s.seed, did, flat.device)
+            ids, counts = [], []
+            for start in range(pos, pos + n, chunk_tokens):
+                i, c = sample_rows(self._logits(flat[start:min(start + chunk_tokens, pos + n)]),
+                                   s.draws, temperature=s.temperature, generator=gen)
+                ids.append(i)
+                counts.append(c)
+            empty = torch.zeros(n, 0, dtype=torch.long)
+            results.append(SequenceOutput(empty, empty.float(),
+                                          {k: v[pos:pos + n] for k, v in hidden.items()},
+                                          torch.cat(ids).cpu(), torch.cat(counts).cpu()))
             pos += n
         return results

@@ -35,12 +35,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdpipe.compress import Codec, PartWriter, Storage, load_codec_config, needs_fitting
+from kdpipe.compress import (Codec, PartWriter, Storage, load_codec_config, needs_fitting,
+                             sampling_of)
 from kdpipe.compress.dense import HEAD_ARTIFACT
 from kdpipe.runtime import Interrupted, StageTimes, StopSignals, resolve_device
 from kdpipe.schemas import CaptureSettings, CodecConfig, ConfigError
 
-from .backends import HFBackend, TeacherBackend, parse_hidden_layers, resolve_dtype
+from .backends import HFBackend, Sampling, TeacherBackend, parse_hidden_layers, resolve_dtype
 from .inputs import (BadRecord, check_source, count_records, doc_id, iter_part,
                      source_identity, tokenize_record)
 from .lock import PartLock
@@ -116,9 +117,11 @@ def make_backend(opts: CaptureOptions, model_path: str, device: str, dtype: str,
                  layers: list[int]) -> TeacherBackend:
     """The teacher backend ``opts`` asks for, loaded (the caller closes it)."""
     if opts.backend == "hf":
+        sampling = sampling_of(load_codec_config(opts.codec))
         return HFBackend(model_path, device=device, dtype=dtype, top_k=opts.top_k,
                          hidden_layers=layers, trust_remote_code=opts.trust_remote_code,
-                         hidden_source=opts.hidden_source)
+                         hidden_source=opts.hidden_source,
+                         sampling=None if sampling is None else Sampling(*sampling))
     if opts.backend == "vllm":
         if opts.hidden_source != "residual" and layers:
             raise ConfigError(f"--hidden-source {opts.hidden_source}: the vllm backend "
@@ -202,6 +205,16 @@ def _check_options(opts: CaptureOptions) -> tuple[CaptureOptions, object]:
     if opts.backend == "hf" and opts.vllm_options:
         raise ConfigError(f"{sorted(opts.vllm_options)}: vLLM options need --backend vllm")
     codec_cfg = load_codec_config(opts.codec)
+    sampling = sampling_of(codec_cfg)
+    if sampling is not None:   # the rows' width is the number of draws
+        if opts.backend != "hf":
+            raise ConfigError(f"--codec {opts.codec}: the sampled teacher signal is drawn by "
+                              f"the hf backend only; use --backend hf")
+        if opts.top_k is not None and opts.top_k != sampling[0]:
+            raise ConfigError(f"--top-k {opts.top_k}: --codec {opts.codec} samples "
+                              f"{sampling[0]} ids per position and keeps no top-k; leave "
+                              f"--top-k out")
+        opts = replace(opts, top_k=sampling[0])
     if codec_cfg.dense and opts.backend != "hf":
         raise ConfigError(f"--codec {opts.codec}: dense codecs need the teacher's last layer, "
                           f"final norm and LM head, which only --backend hf provides")
@@ -269,6 +282,12 @@ def run_capture(opts: CaptureOptions, *, backend: TeacherBackend | None = None
                                                      opts.num_shards):
         teacher = backend if backend is not None else make_backend(opts, model_path, device,
                                                                     dtype, layers)
+        sampling = sampling_of(codec_cfg)
+        if getattr(teacher, "sampling", None) != (None if sampling is None
+                                                  else Sampling(*sampling)):
+            raise ConfigError(f"--codec {opts.codec}: the teacher backend given draws "
+                              f"{getattr(teacher, 'sampling', None)}, the codec asks for "
+                              f"{sampling or 'top-k rows'}")
         try:
             captures = getattr(teacher, "hidden_source", "residual")
             if layers and captures != opts.hidden_source:
@@ -445,7 +464,7 @@ def _run_window(window, backend: TeacherBackend, opts: CaptureOptions,
     output per sequence, and the number of tokens.
     """
     prepared = []
-    seqs = []
+    seqs, seq_ids = [], []
     for index, rec in window:
         if isinstance(rec, BadRecord):
             prepared.append((index, rec.reason, False))
@@ -463,6 +482,7 @@ def _run_window(window, backend: TeacherBackend, opts: CaptureOptions,
         for j, (ids, mask) in enumerate(pieces):
             docs.append((base if len(pieces) == 1 else f"{base}-c{j:04d}", ids, mask, len(seqs)))
             seqs.append(ids)
+            seq_ids.append(docs[-1][0])
         prepared.append((index, docs, cut))
     outputs = [None] * len(seqs)
     # a backend with its own scheduler (vLLM) takes the whole window at once
@@ -471,7 +491,10 @@ def _run_window(window, backend: TeacherBackend, opts: CaptureOptions,
     on_device = 0
     for batch in groups:
         with times.time("forward"):
-            results = backend.forward_batch([seqs[i] for i in batch])
+            results = (backend.forward_batch([seqs[i] for i in batch],
+                                             doc_ids=[seq_ids[i] for i in batch])
+                       if getattr(backend, "sampling", None) is not None
+                       else backend.forward_batch([seqs[i] for i in batch]))
         for i, res in zip(batch, results):
             size = sum(t.numel() * t.element_size() for t in res.hidden.values() if t.is_cuda)
             if on_device + size > HIDDEN_ON_DEVICE_BYTES:   # e.g. every layer of a big teacher

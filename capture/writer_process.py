@@ -10,10 +10,10 @@ How a window travels:
 
 * The teacher's process encodes each document's hidden states on the GPU where the hidden
   codec can (``Codec.encode_hidden_tensor``: a few kernels, half the bytes to copy), then
-  copies them, with the top-k rows, into one of ``SLOTS`` shared-memory buffers, page-locked
-  on CUDA. The device-to-host copies run on a side CUDA stream that waits only for this
-  window's forward, so they overlap the next window's. Hidden states already on the host
-  are copied raw and encoded by the writer.
+  copies them, with the top-k rows (or the sampled ids and counts), into one of ``SLOTS``
+  shared-memory buffers, page-locked on CUDA. The device-to-host copies run on a side CUDA
+  stream that waits only for this window's forward, so they overlap the next window's.
+  Hidden states already on the host are copied raw and encoded by the writer.
 * Once the copies are done, a small message (record layout, offsets, input ids) goes to the
   writer process over a pipe. The writer maps the slot, feeds ``PartWriter`` exactly as the
   in-process path does (so the shards are byte-identical), commits the window, and answers
@@ -97,7 +97,9 @@ def write_window(prepared: list, outputs: list, writer: PartWriter, long_documen
                 out = outputs[si]
                 tdocs.append(TeacherDocument(doc_id=did, input_ids=ids, topk_ids=out.topk_ids,
                                              topk_logprobs=out.topk_logprobs, loss_mask=mask,
-                                             hidden=out.hidden, record_index=index))
+                                             hidden=out.hidden, record_index=index,
+                                             sample_ids=out.sample_ids,
+                                             sample_counts=out.sample_counts))
             writer.add_record(index, tdocs, truncated=cut and long_documents == "truncate",
                               split=cut and long_documents == "split")
         writer.end_window(commit=True)   # every window is durable once written
@@ -268,7 +270,10 @@ class WriterProcess:
             hidden = {layer: place(self.codec.encode_hidden_tensor(x, layer), True)
                       if x.is_cuda and encode_here else place(x, False)
                       for layer, x in out.hidden.items()}
-            layout.append((place(out.topk_ids, False), place(out.topk_logprobs, False), hidden))
+            samples = None if out.sample_ids is None else (place(out.sample_ids, False),
+                                                           place(out.sample_counts, False))
+            layout.append((place(out.topk_ids, False), place(out.topk_logprobs, False), hidden,
+                           samples))
         index = self.windows % SLOTS
         self.windows += 1
         slot = self.slots[index]
@@ -481,8 +486,9 @@ def _outputs(shm: SharedMemory, layout: list) -> list[SequenceOutput]:
         return torch.frombuffer(shm.buf, dtype=torch.uint8, count=n, offset=offset) \
             .view(dt).view(shape)
 
-    return [SequenceOutput(view(ids), view(lps), {layer: view(s) for layer, s in hidden.items()})
-            for ids, lps, hidden in layout]
+    return [SequenceOutput(view(ids), view(lps), {layer: view(s) for layer, s in hidden.items()},
+                           *(() if samples is None else (view(samples[0]), view(samples[1]))))
+            for ids, lps, hidden, samples in layout]
 
 
 def _portable(e: BaseException) -> bytes:

@@ -6,7 +6,8 @@ Public interface: ``load_codec_config``, ``Codec``, ``PartWriter`` (with ``Encod
 ``share_tree``, ``check_writable``).
 """
 
-from .codec import Codec, load_codec_config, needs_fitting, preset_names
+from .codec import (Codec, load_codec_config, needs_fitting, preset_names, sampling_of,
+                    signal_of)
 from .manifests import write_manifest_if_complete
 from .reader import Dataset
 from .storage import (Storage, check_writable, fsync_path, fsync_tree, publish_dir, publish_file,
@@ -15,5 +16,6 @@ from .writer import EncodedHidden, PartWriter
 
 __all__ = ["Codec", "Dataset", "EncodedHidden", "PartWriter", "Storage", "check_writable",
            "fsync_path", "fsync_tree", "load_codec_config", "needs_fitting", "preset_names",
-           "publish_dir", "publish_file", "publish_tree", "share_tree",
+           "publish_dir", "publish_file", "publish_tree", "sampling_of", "share_tree",
+           "signal_of",
            "write_manifest_if_complete"]

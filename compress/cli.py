@@ -9,7 +9,7 @@ import click
 
 from kdpipe.schemas import CodecConfig, ConfigError
 
-from .codec import load_codec_config, needs_fitting, preset_names
+from .codec import check_recode, load_codec_config, needs_fitting, preset_names, signal_of
 
 
 @click.command("compress")
@@ -25,6 +25,10 @@ def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int,
                  overwrite: bool) -> None:
     """Re-encode dataset SRC (any codec) into DST with another codec.
 
+    The sampled signal re-encodes only into codecs that sample the same way (draws,
+    temperature, seed), and a top-k never into a sampled codec: sampling from a stored
+    top-k is not sampling from the teacher.
+
     A low-rank hidden codec gets its projection fitted on SRC's first documents; the
     projection is stored in DST as an artifact. A dense codec needs a dense SRC, whose
     teacher head DST ships too. Rerunning the same command after an
@@ -37,6 +41,7 @@ def compress_cmd(src: str, dst: str, codec: str, calibration_tokens: int,
 
     config = load_codec_config(codec)
     source = Dataset(src)
+    check_recode(source.manifest.codec, config, src)
     prepare_dataset_output(dst, sources=[src], overwrite=overwrite)
     m = source.manifest
     artifacts = None
@@ -121,6 +126,9 @@ def _resolve_lowrank(source, config: CodecConfig, dst: str, calibration_tokens: 
               help="Write the rows as a JSON list of objects.")
 @click.option("--max-rows", type=click.IntRange(1), default=None,
               help="Evaluate on the first documents holding this many teacher rows.")
+@click.option("--sampled", "sampled_paths", multiple=True,
+              help="A sampled capture of the same records (repeatable): adds its row, scored "
+                   "against DATASET.")
 @click.option("--device", default="cpu", show_default=True, help="Decode device (cpu, cuda).")
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(1),
               help="Time encode/decode this many times, keep the best.")
@@ -128,10 +136,13 @@ def _resolve_lowrank(source, config: CodecConfig, dst: str, calibration_tokens: 
               help="torch CPU threads while timing (one: comparable across machines and "
                    "not slowed down by other processes).")
 def fidelity_cmd(dataset: str, codecs: str | None, plot_path: str | None,
-                 json_path: str | None, max_rows: int | None, device: str, repeats: int,
-                 threads: int) -> None:
+                 json_path: str | None, max_rows: int | None, sampled_paths: tuple[str, ...],
+                 device: str, repeats: int, threads: int) -> None:
     """Compare codecs on an exact dataset: size, divergence, speed. Dense codecs are compared
-    on a dense exact dataset (--codec dense-exact at capture), by the full distribution."""
+    on a dense exact dataset (--codec dense-exact at capture), by the full distribution.
+
+    Sampled codecs draw from the teacher's full distribution, which an exact top-k does not
+    hold: pass a sampled capture of the same records with --sampled instead."""
     import torch
 
     from . import fidelity
@@ -144,13 +155,24 @@ def fidelity_cmd(dataset: str, codecs: str | None, plot_path: str | None,
     torch.set_num_threads(threads)
     names = codecs.split(",") if codecs else preset_names()
     configs = [load_codec_config(n.strip()) for n in names if n.strip()]
-    sample = fidelity.load_sample(Dataset(dataset), max_rows=max_rows)
+    sampled = [c.name for c in configs if signal_of(c) != "topk"]
+    if sampled and codecs:
+        raise ConfigError(f"--codecs {','.join(sampled)}: a sampled codec draws from the "
+                          f"teacher's full distribution, which {dataset} does not hold; pass "
+                          f"a sampled capture of the same records with --sampled DIR")
+    configs = [c for c in configs if signal_of(c) == "topk"]
+    exact = Dataset(dataset)
+    sample = fidelity.load_sample(exact, max_rows=max_rows)
     if not codecs and sample.head is None:   # dense presets need a dense exact reference
         configs = [c for c in configs if not c.dense]
     rows = [fidelity.evaluate(sample, c, device=device, repeats=repeats) for c in configs]
+    rows += [fidelity.evaluate_sampled(exact, Dataset(p), max_rows=max_rows, device=device)
+             for p in sampled_paths]
     click.echo(f"{dataset}: {sum(sample.rows)} positions, {len(sample.rows)} documents, "
                f"captured k={sample.k}, decode on {device}, {threads} CPU thread(s)")
     click.echo(fidelity.format_table(rows))
+    if sampled_paths:
+        click.echo(fidelity.format_sampled(rows))
     if json_path:
         Path(json_path).write_text(json.dumps([r.to_dict() for r in rows], indent=1))
     if plot_path:

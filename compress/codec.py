@@ -19,6 +19,7 @@ from kdpipe.schemas.convert import load_file
 
 from .codecs import HIDDEN, IDS, VALUES
 from .codecs.base import lookup
+from .codecs.sampled import sample_order
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -44,7 +45,21 @@ def load_codec_config(name_or_path: str) -> CodecConfig:
     data = load_file(path)
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
-    return CodecConfig.from_dict(data, str(path))
+    config = CodecConfig.from_dict(data, str(path))
+    check_signals(config)
+    return config
+
+
+def check_signals(config: CodecConfig) -> None:
+    """Refuse ``dense: true`` with sampled ids. A dense dataset already rebuilds the teacher's
+    whole distribution at every position, so draws from it would store a noisy copy of what
+    the rows hold exactly; the dense codecs keep top-k rows beside it."""
+    if config.dense and signal_of(config) != "topk":
+        raise ConfigError(f"codec {config.name!r}: dense: true keeps the teacher's full "
+                          f"distribution beside top-k rows, and ids {config.ids.kind!r} store "
+                          f"the {signal_of(config)} signal instead; use a dense preset "
+                          f"(dense-bf16, dense-fp8, dense-exact) or a sampled codec without "
+                          f"dense")
 
 
 def side_data_param(config: CodecConfig) -> str | None:
@@ -57,6 +72,39 @@ def needs_fitting(config: CodecConfig) -> bool:
     before anything can be encoded with ``config``."""
     param = side_data_param(config)
     return param is not None and param not in config.hidden.params
+
+
+def signal_of(config: CodecConfig) -> str:
+    """The teacher signal a codec configuration stores: ``topk`` or ``sampled``."""
+    return lookup(IDS, config.ids.kind, "ids").capabilities.signal
+
+
+def sampling_of(config: CodecConfig) -> tuple[int, float, int] | None:
+    """(draws, temperature, seed) of a ``sampled`` codec configuration, else None."""
+    if signal_of(config) != "sampled":
+        return None
+    p = config.ids.params
+    return p.get("draws"), float(p.get("temperature", 1.0)), p.get("seed", 0)
+
+
+def check_recode(source: CodecConfig, target: CodecConfig, where: str) -> None:
+    """Whether data encoded with ``source`` can be re-encoded with ``target``: top-k into
+    top-k; samples into samples drawn the same way (same draws, temperature and seed: the
+    stored draws are the data). Samples drawn from a stored top-k would come from the
+    truncated, renormalized distribution, not the teacher's, so top-k never becomes samples."""
+    have, want = sampling_of(source), sampling_of(target)
+    if have is None and want is not None:
+        raise ConfigError(f"{where}: holds top-k rows; the {target.name!r} codec stores ids "
+                          f"sampled from the teacher's full distribution, which a top-k "
+                          f"cannot give without bias; capture with --codec {target.name}")
+    if have is not None and want is None:
+        raise ConfigError(f"{where}: holds the sampled teacher signal, which has no top-k to "
+                          f"store with {target.name!r}; use a codec with ids kind sampled")
+    if have is not None and have != want:
+        raise ConfigError(f"{where}: holds {have[0]} draws per position at temperature "
+                          f"{have[1]:g} with seed {have[2]}; codec {target.name!r} asks for "
+                          f"{want[0]} at {want[1]:g} with seed {want[2]}, and stored samples "
+                          f"cannot be re-drawn")
 
 
 def rank_sort(ids: torch.Tensor, lps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +189,22 @@ class Codec:
         self.hidden = lookup(HIDDEN, config.hidden.kind, "hidden")(
             config.hidden.params, hidden_size=hidden_size, dtype=_hidden_dtype(hidden_dtype),
             artifacts=artifacts)
+        check_signals(config)
+        if self.ids.capabilities.signal != self.values.capabilities.signal:
+            raise ConfigError(f"codec {config.name!r}: ids {config.ids.kind!r} store the "
+                              f"{self.ids.capabilities.signal} signal but values "
+                              f"{config.values.kind!r} the {self.values.capabilities.signal} one")
+
+    @property
+    def signal(self) -> str:
+        """``topk`` (``encode_rows``/``decode_rows``) or ``sampled`` (``encode_samples``/
+        ``decode_samples``)."""
+        return self.ids.capabilities.signal
+
+    def _require(self, signal: str) -> None:
+        if self.signal != signal:
+            raise CodecError(f"codec {self.config.name!r} stores the {self.signal} teacher "
+                             f"signal, not the {signal} one")
 
     @property
     def stores_tail(self) -> bool:
@@ -150,6 +214,7 @@ class Codec:
 
     def encode_rows(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[bytes, bytes]:
         """[N, k_captured] rank-ordered ids and log-probs -> (ids bytes, values bytes)."""
+        self._require("topk")
         ids = np.ascontiguousarray(np.asarray(ids)[:, : self.k], dtype=np.int64)
         lps = np.asarray(logprobs, dtype=np.float32)[:, : self.k]
         # one pass: negative ids are huge as unsigned
@@ -186,6 +251,7 @@ class Codec:
     def _decode(self, ids_blobs: Sequence[bytes], values_blobs: Sequence[bytes],
                 rows: Sequence[int], device: torch.device, with_tail: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self._require("topk")
         ids = self.ids.decode(ids_blobs, rows, device)
         if not self.ids.capabilities.rank_order and self.values.ordinal_levels is not None:
             ordinals, tail = self.values.decode_ordinals(values_blobs, rows, device, with_tail)
@@ -200,6 +266,35 @@ class Codec:
         if not self.ids.capabilities.rank_order:
             return (*rank_sort(ids, lps), tail)
         return ids.long(), lps, tail
+
+    def encode_samples(self, ids: np.ndarray, counts: np.ndarray) -> tuple[bytes, bytes]:
+        """[N, draws] sampled ids and counts (each row's distinct ids first, then id -1 with
+        count 0) -> (ids bytes, values bytes)."""
+        self._require("sampled")
+        ids = np.asarray(ids, dtype=np.int64)
+        counts = np.asarray(counts)
+        if ids.ndim != 2 or ids.shape != counts.shape or ids.shape[1] != self.k:
+            raise CodecError(f"sampled ids {ids.shape} and counts {counts.shape}: expected "
+                             f"[rows, {self.k}] each")
+        if bool(((ids < 0) != (counts == 0)).any()):
+            raise CodecError("sampled rows: padding (id -1) and zero counts disagree")
+        ids_bytes, perm = self.ids.encode_ordered(ids)
+        return ids_bytes, self.values.encode(np.take_along_axis(counts, perm, 1))
+
+    def decode_samples(self, ids_blobs: Sequence[bytes], values_blobs: Sequence[bytes],
+                       rows: Sequence[int], device: torch.device | str = "cpu"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blobs of several documents -> ([N, draws] int64 ids, [N, draws] int32 counts) in
+        sample order (count descending, ties by id), padded with id -1 and count 0."""
+        self._require("sampled")
+        ids = self.ids.decode(ids_blobs, rows, torch.device("cpu"))
+        counts = self.values.decode(values_blobs, rows, torch.device("cpu")).int()
+        self._check_shapes(ids, counts)
+        if not torch.equal(ids < 0, counts == 0):
+            raise CodecError("sampled rows: ids and counts disagree on a row's size "
+                             "(corrupt data)")
+        ids, counts = sample_order(ids, counts, self.vocab_size)
+        return ids.to(device), counts.to(device)
 
     @staticmethod
     def _check_shapes(ids: torch.Tensor, values: torch.Tensor) -> None:

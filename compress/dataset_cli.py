@@ -64,8 +64,9 @@ def verify_cmd(dataset: str, deep: bool, no_progress: bool) -> None:
 @click.option("--limit", type=click.IntRange(1), default=None, help="First N documents only.")
 def dump_cmd(dataset: str, out: str, limit: int | None) -> None:
     """Write decoded arrays of DATASET to an .npz (per document: DOCID/input_ids,
-    DOCID/teacher_mask, DOCID/topk_ids, DOCID/topk_logprobs, DOCID/hidden/LAYER; for a
-    dense dataset also DOCID/logprobs [T, V], the rebuilt full log-probabilities)."""
+    DOCID/teacher_mask, DOCID/topk_ids, DOCID/topk_logprobs, DOCID/hidden/LAYER; a sampled
+    dataset has DOCID/sample_ids and DOCID/sample_counts instead of the top-k; a dense dataset
+    also DOCID/logprobs [T, V], the rebuilt full log-probabilities)."""
     from .outputs import check_output_file
     from .verify import dump_arrays
     path = check_output_file(out if out.endswith(".npz") else f"{out}.npz", "--out")

@@ -27,6 +27,15 @@ rebuilding the distributions.
 
 On a dense sample every codec also gets ``kl_true_full_mean`` (in the JSON): KL against the
 teacher's true full distribution, so top-k codecs are charged for the tail they drop.
+
+The sampled signal cannot be made from stored top-k rows (``check_recode``), so its row
+(``evaluate_sampled``) scores a sampled capture of the same records against the exact one:
+its stored bytes, whether the most drawn id is the exact top-1, and, with ``p`` the exact
+distribution (top-K plus the missing mass spread evenly, as above) and ``w = count /
+draws``: the mean of ``sum_j w_j (-log p(id_j)) - H(p)`` (``sample_ce_bias``: the error of
+the sampled cross-entropy estimate, 0 in expectation for an unbiased one, with its standard
+error) and the mean total variation ``sum |w - p| / 2`` (``sample_tv_mean``: the noise of
+the estimate at this number of draws). The KL columns do not apply to it (NaN).
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ import torch
 
 from kdpipe.schemas import CodecConfig, ComponentSpec, ConfigError
 
-from .codec import Codec, needs_fitting
+from .codec import Codec, needs_fitting, sampling_of
 from .codecs.hidden import fit_lowrank
 from .dense import TeacherHead, dense_layer, load_head
 from .reader import Dataset
@@ -391,6 +400,110 @@ def evaluate_dense(sample: Sample, config: CodecConfig, *, device: torch.device 
         extra={"dense": True, "kl_true_full_mean": scores["kl_full_mean"]})
 
 
+def evaluate_sampled(exact: Dataset, sampled: Dataset, *, max_rows: int | None = None,
+                     device: torch.device | str = "cpu", batch_tokens: int = 8192
+                     ) -> FidelityRow:
+    """The row of a sampled capture (``sampled``) of the records of ``exact``: stored bytes,
+    decode and re-encode speed, and the estimate's quality against the exact rows."""
+    if sampling_of(sampled.manifest.codec) is None:
+        raise ConfigError(f"{sampled.uri}: holds top-k rows, not the sampled signal")
+    load_sample(exact, max_rows=1, hidden_layers=[])          # refuses a lossy reference
+    doc_ids, ids_b, vals_b, rows = [], [], [], []
+    for entry in sampled.shards:                              # the stored blobs
+        pf = sampled.open_shard(entry)
+        for rg in range(pf.num_row_groups):
+            t = sampled.read_row_group(entry, pf, rg, ["doc_id", "num_tokens", "teacher_mask",
+                                                       "topk_ids", "topk_values"])
+            doc_ids += t.column("doc_id").to_pylist()
+            ids_b += t.column("topk_ids").to_pylist()
+            vals_b += t.column("topk_values").to_pylist()
+            rows += [int(n) if m is None else int(sum(m)) for n, m in
+                     zip(t.column("num_tokens").to_pylist(), t.column("teacher_mask").to_pylist())]
+            if max_rows is not None and sum(rows) >= max_rows:
+                break
+        if max_rows is not None and sum(rows) >= max_rows:
+            break
+    codec, n = sampled.codec, sum(rows)
+    if not n:
+        raise ConfigError(f"{sampled.uri} has no teacher rows to evaluate")
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    decoded = [codec.decode_samples(ids_b[b], vals_b[b], rows[b], device)
+               for b in document_batches(rows, batch_tokens)]
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    dec_s = time.perf_counter() - t0
+    ids = torch.cat([d[0] for d in decoded]).cpu().numpy()
+    counts = torch.cat([d[1] for d in decoded]).cpu().numpy()
+    bounds = np.cumsum([0] + rows)
+    t0 = time.perf_counter()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        codec.encode_samples(ids[a:b], counts[a:b])
+    enc_s = time.perf_counter() - t0
+    scores = []
+    for i, doc in zip(range(len(doc_ids)), exact.iter_documents(hidden_layers=[])):
+        if doc.doc_id != doc_ids[i] or doc.num_teacher_rows != rows[i]:
+            raise ConfigError(f"{sampled.uri} and {exact.uri} do not hold the same documents "
+                              f"in the same order (document {i}: {doc_ids[i]} against "
+                              f"{doc.doc_id}); capture the same records")
+        a, b = bounds[i], bounds[i + 1]
+        scores.append(_score_samples(doc.topk_ids.numpy(),
+                                     doc.topk_logprobs.numpy().astype(np.float64),
+                                     ids[a:b], counts[a:b], exact.manifest.teacher.vocab_size))
+    if len(scores) != len(doc_ids):
+        raise ConfigError(f"{exact.uri} holds fewer documents than {sampled.uri}")
+    bias, tv, top1 = (np.concatenate(x) for x in zip(*scores))
+    ids_bytes, vals_bytes = sum(map(len, ids_b)) / n, sum(map(len, vals_b)) / n
+    nan = float("nan")
+    return FidelityRow(
+        codec=sampled.manifest.codec.name, k=codec.k, bytes_per_token=ids_bytes + vals_bytes,
+        ids_bytes_per_token=ids_bytes, values_bytes_per_token=vals_bytes,
+        hidden_bytes_per_token_layer=None, kl_topk_mean=nan, kl_topk_p99=nan, kl_full_mean=nan,
+        abs_logprob_err_mean=nan, top1_agreement=float(top1.mean()), hidden_cosine=None,
+        hidden_cosine_no_massive=None, encode_tokens_per_s=n / enc_s,
+        decode_tokens_per_s=n / dec_s,
+        extra={"draws": codec.k, "distinct_ids_per_row": float((counts > 0).sum() / n),
+               "sample_ce_bias": float(bias.mean()),
+               "sample_ce_bias_stderr": float(bias.std() / math.sqrt(len(bias))),
+               "sample_tv_mean": float(tv.mean())})
+
+
+def format_sampled(rows: Sequence[FidelityRow]) -> str:
+    """The sampled rows' own figures, one line each (empty if there are none)."""
+    return "\n".join(
+        f"{r.codec}: {r.extra['draws']} draws, {r.extra['distinct_ids_per_row']:.1f} distinct "
+        f"ids/row; sampled cross-entropy - exact entropy {r.extra['sample_ce_bias']:+.4f} "
+        f"(+- {r.extra['sample_ce_bias_stderr']:.4f} standard error; 0 when unbiased); mean "
+        f"total variation from the exact distribution {r.extra['sample_tv_mean']:.3f}"
+        for r in rows if "sample_ce_bias" in r.extra)
+
+
+def _score_samples(ref_ids: np.ndarray, ref: np.ndarray, ids: np.ndarray, counts: np.ndarray,
+                   vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: sampled cross-entropy error against the exact entropy, total variation
+    between ``count / draws`` and the exact distribution, and top-1 agreement."""
+    n, k_ref = ref.shape
+    w = counts / counts.sum(1, keepdims=True)
+    tail = np.clip(1.0 - np.exp(ref).sum(1), 0.0, 1.0)
+    p_other = np.maximum(tail / max(vocab - k_ref, 1), 1e-300)       # each id outside top-K
+    # the exact log-prob of every drawn id: its top-K entry, else the spread tail
+    match = ids[:, :, None] == ref_ids[:, None, :]                       # [n, m, K]
+    in_top = match.any(2)
+    lp_top = np.where(match, ref[:, None, :], 0.0).sum(2)
+    lp = np.where(in_top, lp_top, np.log(p_other)[:, None])
+    live = counts > 0
+    ce = -(np.where(live, w * lp, 0.0)).sum(1)
+    p = np.exp(ref)
+    entropy = -(p * ref).sum(1) - tail * np.log(p_other)
+    # TV: |w - p| over the top-K ids, plus drawn ids outside it, plus the undrawn tail
+    w_on_top = np.where(match & live[:, :, None], w[:, :, None], 0.0).sum(1)   # [n, K]
+    w_outside = np.where(live & ~in_top, w, 0.0).sum(1)
+    tv = 0.5 * (np.abs(w_on_top - p).sum(1) + np.abs(w_outside - tail))
+    top1 = ids[:, 0] == ref_ids[:, 0]
+    return ce - entropy, tv, top1
+
+
 def format_table(rows: Sequence[FidelityRow]) -> str:
     """A Markdown table of the rows."""
     head = ("| codec | k | B/token ids+values (dense: +last layer) | ids | values | "
@@ -400,14 +513,15 @@ def format_table(rows: Sequence[FidelityRow]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def opt(x: float | None, fmt: str) -> str:
-        return "-" if x is None else format(x, fmt)
+        return "-" if x is None or x != x else format(x, fmt)
 
     for r in rows:
         lines.append(
             f"| {r.codec} | {r.k} | {r.bytes_per_token:.1f} | {r.ids_bytes_per_token:.1f} | "
             f"{r.values_bytes_per_token:.1f} | {opt(r.hidden_bytes_per_token_layer, '.0f')} | "
-            f"{r.kl_topk_mean:.2e} | {r.kl_topk_p99:.2e} | {r.kl_full_mean:.2e} | "
-            f"{r.abs_logprob_err_mean:.3g} | {r.top1_agreement:.4f} | "
+            f"{opt(r.kl_topk_mean, '.2e')} | {opt(r.kl_topk_p99, '.2e')} | "
+            f"{opt(r.kl_full_mean, '.2e')} | {opt(r.abs_logprob_err_mean, '.3g')} | "
+            f"{r.top1_agreement:.4f} | "
             f"{opt(r.hidden_cosine, '.5f')} | {opt(r.hidden_cosine_no_massive, '.5f')} | "
             f"{r.encode_tokens_per_s:,.0f} | {r.decode_tokens_per_s:,.0f} |")
     return "\n".join(lines)
@@ -422,6 +536,8 @@ def plot(rows: Sequence[FidelityRow], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
+        if r.kl_topk_mean != r.kl_topk_mean:   # a sampled row has no top-k KL
+            continue
         kl = max(r.kl_topk_mean, 1e-9)
         ax.scatter(r.bytes_per_token, kl)
         ax.annotate(r.codec, (r.bytes_per_token, kl), textcoords="offset points",

@@ -169,7 +169,12 @@ class Dataset:
         val_b = table.column(cols.TOPK_VALUES).to_pylist()
         try:
             blobs = (ids_b, val_b, rows, device)
-            if self.codec.stores_tail:
+            samples = None
+            if self.codec.signal == "sampled":
+                samples = self.codec.decode_samples(*blobs)
+                topk_ids = torch.zeros(sum(rows), 0, dtype=torch.long, device=device)
+                topk_lps, tail = topk_ids.float(), None
+            elif self.codec.stores_tail:
                 topk_ids, topk_lps, tail = self.codec.decode_rows_with_tail(*blobs)
             else:
                 (topk_ids, topk_lps), tail = self.codec.decode_rows(*blobs), None
@@ -189,7 +194,9 @@ class Dataset:
                 loss_mask=None if loss_masks[i] is None else np.asarray(loss_masks[i], bool),
                 teacher_mask=None if teacher_masks[i] is None else np.asarray(teacher_masks[i],
                                                                               bool),
-                hidden={layer: h[t0:t1] for layer, h in hidden.items()}))
+                hidden={layer: h[t0:t1] for layer, h in hidden.items()},
+                sample_ids=None if samples is None else samples[0][r0:r1],
+                sample_counts=None if samples is None else samples[1][r0:r1]))
             r0, t0 = r1, t1
         return out
 

@@ -88,6 +88,8 @@ def format_document(ds: Dataset, index: int, *, start: int = 0, rows: int = 16, 
     if T and not 0 <= start < T:
         raise ConfigError(f"--start {start}: document {index} has {T} tokens")
     end = min(T, start + rows)
+    if doc.sample_ids is not None:
+        return _format_samples(doc, index, m, tok, tok_line, start, end, top)
     top = min(top, doc.topk_ids.shape[1])
     has_row = [True] * T if doc.teacher_mask is None else doc.teacher_mask.tolist()
     row_of = {}
@@ -117,4 +119,36 @@ def format_document(ds: Dataset, index: int, *, start: int = 0, rows: int = 16, 
         rest = max(0.0, 1.0 - sum(math.exp(lp) for lp in lps))
         trained = "" if doc.loss_mask is None or doc.loss_mask[t] else "  [not trained]"
         lines.append(f"{head}  {'  '.join(cells)}  rest {rest:.3f}{trained}")
+    return lines
+
+
+def _format_samples(doc, index: int, m, tok, tok_line: str, start: int, end: int,
+                    top: int) -> list[str]:
+    """``format_document`` for the sampled signal: the most drawn ids with count / draws."""
+    T, draws = doc.num_tokens, doc.sample_ids.shape[1]
+    has_row = [True] * T if doc.teacher_mask is None else doc.teacher_mask.tolist()
+    ids = doc.input_ids.tolist()
+    lines = [f"document    {index} of {m.documents}: {doc.doc_id}, {T} tokens, "
+             f"{doc.num_teacher_rows} teacher rows, {draws} draws each from "
+             f"{m.teacher.vocab_size} tokens",
+             f"teacher     {m.teacher.name_or_path}", tok_line]
+    if tok is not None:
+        lines.append(f"text        {tok.decode(ids[start:end])!r}")
+    lines += ["", f"{'pos':>5}  {'token':<{TOKEN_WIDTH}}  {'next':<{TOKEN_WIDTH}}  the {top} "
+                  f"most drawn tokens with count / draws (* = next token); distinct = ids drawn"]
+    r = sum(has_row[:start])
+    for t in range(start, end):
+        nxt = _token(tok, ids[t + 1]) if t + 1 < T else "(end)"
+        head = f"{t:>5}  {_token(tok, ids[t]):<{TOKEN_WIDTH}}  {nxt:<{TOKEN_WIDTH}}"
+        if not has_row[t]:
+            lines.append(f"{head}  (no teacher row)")
+            continue
+        counts = doc.sample_counts[r].tolist()
+        cells = [f"{_token(tok, i)}{'*' if t + 1 < T and i == ids[t + 1] else ''} "
+                 f"{c / draws:.3f}" for i, c in zip(doc.sample_ids[r, :top].tolist(), counts)
+                 if c > 0]
+        trained = "" if doc.loss_mask is None or doc.loss_mask[t] else "  [not trained]"
+        lines.append(f"{head}  {'  '.join(cells)}  distinct {sum(c > 0 for c in counts)}"
+                     f"{trained}")
+        r += 1
     return lines

@@ -72,6 +72,8 @@ def _check_rows(ds: Dataset, entry: ShardEntry, pf: pq.ParquetFile,
             if ids.shape[1] > 1 and bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
                 raise DatasetError("repeated token id within a row", file=where, row=row,
                                    field=cols.TOPK_IDS)
+            if doc.sample_ids is not None:
+                _check_samples(doc.sample_ids, doc.sample_counts, ds.codec.k, vocab, where, row)
             ii = doc.input_ids
             if ii.size and (int(ii.min()) < 0 or int(ii.max()) >= vocab):
                 raise DatasetError(f"input id outside [0, {vocab})", file=where, row=row,
@@ -91,6 +93,25 @@ def _check_rows(ds: Dataset, entry: ShardEntry, pf: pq.ParquetFile,
         raise DatasetError(f"holds {tokens} tokens / {rows} teacher rows, the manifest says "
                            f"{entry.tokens} / {entry.teacher_rows}", file=where)
     return n_docs
+
+
+def _check_samples(ids: torch.Tensor, counts: torch.Tensor, draws: int, vocab: int, where: str,
+                   row: int) -> None:
+    """A sampled row: distinct ids in the vocabulary, padding (-1, 0) last, counts adding up
+    to the draws."""
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= vocab):
+        raise DatasetError(f"sampled token id outside [0, {vocab})", file=where, row=row,
+                           field=cols.TOPK_IDS)
+    if bool(((ids < 0) != (counts == 0)).any()) or bool((counts < 0).any()):
+        raise DatasetError("sampled ids and counts disagree on padding", file=where, row=row,
+                           field=cols.TOPK_VALUES)
+    if bool((counts.sum(1) != draws).any()):
+        raise DatasetError(f"sampled counts do not add up to {draws} draws", file=where,
+                           row=row, field=cols.TOPK_VALUES)
+    live = ids.masked_fill(ids < 0, vocab).sort(dim=1).values
+    if ids.shape[1] > 1 and bool(((live.diff(dim=1) == 0) & (live[:, 1:] < vocab)).any()):
+        raise DatasetError("repeated sampled token id within a row", file=where, row=row,
+                           field=cols.TOPK_IDS)
 
 
 def _check_artifact(ds: Dataset, rel: str, entry) -> None:
@@ -177,7 +198,8 @@ def dataset_stats(uri: str) -> dict:
     return {
         "uri": uri, "complete": m.complete, "format_version": m.format_version,
         "producer": m.producer, "teacher": vars(m.teacher), "capture": vars(m.capture),
-        "codec": m.codec.to_dict(), "documents": m.documents, "tokens": m.tokens,
+        "codec": m.codec.to_dict(), "signal": ds.codec.signal, "documents": m.documents,
+        "tokens": m.tokens,
         "teacher_rows": sum(s.teacher_rows for s in m.shards), "shards": len(m.shards),
         "bytes": m.total_bytes, "bytes_per_token": m.total_bytes / tokens,
         "bytes_per_token_split": {k: v / tokens for k, v in split.items()},
@@ -187,8 +209,10 @@ def dataset_stats(uri: str) -> dict:
 
 def dump_arrays(uri: str, limit: int | None = None) -> dict[str, np.ndarray]:
     """Decoded arrays per document, rows without a teacher row as id -1 / log-prob -inf
-    (and, where the codec stores the missing mass, ``tail_mass`` NaN); for a dense dataset
-    also ``logprobs`` [T, V], the full distributions rebuilt at every position."""
+    (and, where the codec stores the missing mass, ``tail_mass`` NaN); for the sampled
+    signal ``sample_ids`` / ``sample_counts`` [T, m] instead of the top-k (id -1, count 0
+    for padding and rows without a teacher row); for a dense dataset also ``logprobs``
+    [T, V], the full distributions rebuilt at every position."""
     ds = Dataset(uri)
     head = load_head(ds) if ds.manifest.codec.dense else None
     arrays: dict[str, np.ndarray] = {}
@@ -197,15 +221,24 @@ def dump_arrays(uri: str, limit: int | None = None) -> dict[str, np.ndarray]:
             break
         T, k = doc.num_tokens, doc.topk_ids.shape[1]
         tmask = np.ones(T, bool) if doc.teacher_mask is None else doc.teacher_mask
-        ids = np.full((T, k), -1, np.int64)
-        lps = np.full((T, k), -np.inf, np.float32)
-        ids[tmask] = doc.topk_ids.numpy()
-        lps[tmask] = doc.topk_logprobs.numpy()
         p = doc.doc_id
         arrays[f"{p}/input_ids"] = doc.input_ids.astype(np.int64)
         arrays[f"{p}/teacher_mask"] = tmask
-        arrays[f"{p}/topk_ids"] = ids
-        arrays[f"{p}/topk_logprobs"] = lps
+        if doc.sample_ids is not None:   # the sampled signal, m = the most distinct ids of a row
+            m = max(1, int((doc.sample_counts > 0).sum(1).max())) if len(doc.sample_ids) else 1
+            ids = np.full((T, m), -1, np.int64)
+            counts = np.zeros((T, m), np.int32)
+            ids[tmask] = doc.sample_ids[:, :m].numpy()
+            counts[tmask] = doc.sample_counts[:, :m].numpy()
+            arrays[f"{p}/sample_ids"] = ids
+            arrays[f"{p}/sample_counts"] = counts
+        else:
+            ids = np.full((T, k), -1, np.int64)
+            lps = np.full((T, k), -np.inf, np.float32)
+            ids[tmask] = doc.topk_ids.numpy()
+            lps[tmask] = doc.topk_logprobs.numpy()
+            arrays[f"{p}/topk_ids"] = ids
+            arrays[f"{p}/topk_logprobs"] = lps
         if doc.tail_mass is not None:
             tail = np.full(T, np.nan, np.float32)
             tail[tmask] = doc.tail_mass.numpy()

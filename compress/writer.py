@@ -373,9 +373,17 @@ class PartWriter:
 
     def _check(self, doc: TeacherDocument) -> None:
         n = doc.num_teacher_rows
-        if doc.topk_ids.shape[0] != n:
-            raise DatasetError(f"{doc.topk_ids.shape[0]} teacher rows for {n} flagged positions",
-                               row=doc.record_index, field="topk_ids")
+        if self.codec.signal == "sampled":
+            if doc.sample_ids is None or doc.sample_counts is None:
+                raise DatasetError(f"codec {self.codec.config.name!r} stores sampled teacher "
+                                   f"rows, the document has none", row=doc.record_index,
+                                   field="sample_ids")
+            rows, field = doc.sample_ids.shape[0], "sample_ids"
+        else:
+            rows, field = doc.topk_ids.shape[0], "topk_ids"
+        if rows != n:
+            raise DatasetError(f"{rows} teacher rows for {n} flagged positions",
+                               row=doc.record_index, field=field)
         missing = set(self.hidden_layers) - set(doc.hidden)
         if missing:
             raise DatasetError(f"hidden layers {sorted(missing)} missing", row=doc.record_index,
@@ -383,6 +391,9 @@ class PartWriter:
 
     def _encode_topk(self, doc: TeacherDocument) -> tuple[bytes, bytes]:
         with self.times.time("encode_topk"):
+            if self.codec.signal == "sampled":
+                return self.codec.encode_samples(doc.sample_ids.numpy(),
+                                                 doc.sample_counts.numpy())
             return self.codec.encode_rows(doc.topk_ids.numpy(), doc.topk_logprobs.numpy())
 
     def _append(self, doc: TeacherDocument, ids_b: bytes, vals_b: bytes) -> None:

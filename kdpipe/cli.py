@@ -79,7 +79,8 @@ EXAMPLES: dict[str, list[str]] = {
     "student init": ["kdpipe student init --teacher \"$(kdpipe teacher prepare --quiet)\" "
                      "--pattern 3:1 --out runs/student"],
     "compress": ["kdpipe compress runs/capture runs/capture-small --codec small"],
-    "fidelity": ["kdpipe fidelity runs/exact --codecs exact,default,small --json rows.json"],
+    "fidelity": ["kdpipe fidelity runs/exact --codecs exact,default,small --json rows.json",
+                 "kdpipe fidelity runs/exact --codecs default --sampled runs/sampled"],
     "import": ["kdpipe import --format distillkit distillkit_data/ runs/imported"],
     "export": ["kdpipe export --format axolotl runs/capture runs/axolotl",
                "kdpipe export --format distillkit --codec distillkit-recommended "

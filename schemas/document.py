@@ -20,6 +20,11 @@ class TeacherDocument:
     ``grid`` values codec with ``tail_mass``, as in the ``default`` preset), which the
     quantized top-k alone cannot give back; None when the codec stores none, and then
     ``1 - sum(exp(topk_logprobs))`` is the best estimate (exact for lossless codecs).
+
+    The sampled signal (codec ``ids: sampled``) holds no top-k: ``topk_ids`` and
+    ``topk_logprobs`` are [N, 0], and ``sample_ids``/``sample_counts`` [N, draws] hold each
+    row's distinct ids drawn from the teacher and how often each was drawn, count
+    descending (ties by id), padded with id -1 and count 0. None for top-k signals.
     """
 
     doc_id: str
@@ -31,6 +36,8 @@ class TeacherDocument:
     teacher_mask: np.ndarray | None = None     # [T] bool
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     record_index: int = -1                     # index of the input record it came from
+    sample_ids: torch.Tensor | None = None     # [N, draws] int64, -1 padded
+    sample_counts: torch.Tensor | None = None  # [N, draws] int32, 0 padded
 
     @property
     def num_tokens(self) -> int:

@@ -119,6 +119,10 @@ def evaluate_student(student_dir: str, data: str, *, seq_len: int = 2048, max_to
         raise ConfigError(f"--device {e}") from e
     student = load_student(student_dir)
     ds = Dataset(data)
+    if ds.codec.signal == "sampled":
+        raise ConfigError(f"--data {data}: holds the sampled teacher signal; evaluation "
+                          f"measures KL on top-k rows: capture the held-out set with a top-k "
+                          f"codec (e.g. --codec exact)")
     head, layer = load_dense_head(ds, student_vocab=student.config.vocab_size,
                                   student=f"student {student_dir}") \
         if ds.manifest.codec.dense else (None, None)

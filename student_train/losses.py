@@ -27,6 +27,14 @@ gradients keep their size across temperatures, as in DistillKit):
 ``ce`` = next-token cross-entropy (T = 1), ``hidden_cosine`` = 1 - cos(proj(h_s), h_t),
 ``hidden_mse`` = mean over dimensions of (proj(h_s) - h_t)^2.
 
+``sampled`` trains on the sampled signal instead (codec ``ids: sampled``): a row holds ids
+drawn from the teacher at the capture's temperature T, with weights ``count / draws``, an
+unbiased estimate of the teacher's distribution. ``sum_j w_j (-log q_T(id_j))`` is then an
+unbiased estimate of the cross-entropy H(p_T, q_T) over the full vocabulary, and its
+gradient of the gradient of KL(p_T || q_T), which differs from it by the teacher's entropy,
+a constant (Anshumann et al., "Sparse Logit Sampling", ACL 2025). A top-k renormalized
+teacher is biased however many ids it keeps. Scaled by T^2 as the sparse losses are.
+
 ``losses_reference.py`` computes each of them directly on full-vocabulary float64
 distributions; the tests hold these functions to it, values and gradients.
 """
@@ -110,6 +118,15 @@ def sparse_loss(kind: str, logits: torch.Tensor, topk_ids: torch.Tensor,
     s = student_buckets(logits, topk_ids, temperature=temperature,
                         renormalize=(missing == "zero" and kind == "reverse_kl"))
     return sparse_divergence(kind, t, s) * temperature ** 2
+
+
+def sampled_loss(logits: torch.Tensor, sample_ids: torch.Tensor, sample_weights: torch.Tensor,
+                 *, temperature: float = 1.0) -> torch.Tensor:
+    """[R] T^2-scaled sampled cross-entropy ``-sum_j w_j log softmax(logits / T)[id_j]``;
+    padding entries carry weight 0 (their ids may be anything in the vocabulary)."""
+    z = logits / temperature
+    log_q = z.gather(-1, sample_ids) - torch.logsumexp(z, -1, keepdim=True)
+    return -(sample_weights.to(log_q.dtype) * log_q).sum(-1) * temperature ** 2
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

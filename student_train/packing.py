@@ -88,7 +88,8 @@ def _cut(starts: np.ndarray, lengths: np.ndarray, seq_len: int) -> tuple[np.ndar
 class PackedBatch:
     """One micro-batch: documents packed into one row, plus the targets of its loss rows.
 
-    Shapes: N packed tokens, R loss rows, k teacher top-k, H teacher hidden size.
+    Shapes: N packed tokens, R loss rows, k teacher top-k (0 for sampled data), m draws per
+    position of sampled data (0 for top-k data), H teacher hidden size.
     """
 
     input_ids: torch.Tensor          # [1, N] int64
@@ -101,6 +102,9 @@ class PackedBatch:
     tail: torch.Tensor               # [R] float32  teacher mass outside the top-k (stored
                                      #   by the codec where it keeps it, else recomputed)
     hidden_mask: torch.Tensor        # [N] bool  positions the hidden-state losses use
+    sample_ids: torch.Tensor         # [R, m] int64  sampled signal: distinct drawn ids (0 in
+                                     #   padding); m = 0 for top-k data
+    sample_weights: torch.Tensor     # [R, m] float32  count / draws (0 in padding)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [N, H]
     doc_ids: list[str] = field(default_factory=list)                # per piece (diagnostics)
     piece_starts: list[int] = field(default_factory=list)           # per piece
@@ -172,16 +176,28 @@ def teacher_tail(doc: TeacherDocument) -> torch.Tensor:
     return missing_mass(doc.topk_logprobs)
 
 
+def _sample_rows(doc: TeacherDocument, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, draws] ids (padding 0) and weights ``count / draws`` of a document's sampled rows
+    ([N, 0] for top-k data)."""
+    if not draws:
+        empty = torch.zeros(doc.num_teacher_rows, 0, dtype=torch.long,
+                            device=doc.topk_ids.device)
+        return empty, empty.float()
+    return doc.sample_ids.clamp(min=0), doc.sample_counts.float() / draws
+
+
 def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]], *,
-             k: int, hidden_layers: list[int] = (), hidden_size: int = 1) -> PackedBatch:
+             k: int, hidden_layers: list[int] = (), hidden_size: int = 1,
+             draws: int = 0) -> PackedBatch:
     """Pack ``pieces`` ([(doc key, start, length)], in order) of decoded documents.
+    ``draws``: the width of sampled rows (sampled data, whose ``k`` is 0), else 0.
 
     Works per piece and per document, never per position: positions are handled by numpy
     and torch indexing. With no pieces, returns a filler batch (one placeholder token, no
     loss rows) so every rank runs the same number of forwards.
     """
     if not pieces:
-        return _filler(k, hidden_layers, hidden_size)
+        return _filler(k, hidden_layers, hidden_size, draws)
     keys = sorted({p[0] for p in pieces})
     # Everything of the used documents, concatenated once: tokens, teacher rows, hidden.
     tok_off, tok_parts, row_idx_parts, loss_parts = {}, [], [], []
@@ -216,7 +232,11 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
     row_pos = np.nonzero(is_row)[0]
     topk_ids = torch.cat([docs[key].topk_ids for key in keys]).long()
     topk_lps = torch.cat([docs[key].topk_logprobs for key in keys]).float()
-    tails = torch.cat([teacher_tail(docs[key]) for key in keys])
+    tails = (torch.cat([teacher_tail(docs[key]) for key in keys]) if k
+             else torch.zeros(len(topk_ids), device=topk_ids.device))
+    samples = [_sample_rows(docs[key], draws) for key in keys]
+    s_ids = torch.cat([x for x, _ in samples])
+    s_w = torch.cat([w for _, w in samples])
     sel = rows[row_pos]
     dev = topk_ids.device              # decoded on the training device or on the CPU
     has_teacher = torch.from_numpy(sel >= 0).to(dev)
@@ -225,10 +245,14 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
         r_ids = topk_ids[sel_t] * has_teacher[:, None]
         r_lps = topk_lps[sel_t] * has_teacher[:, None]
         r_tail = torch.where(has_teacher, tails[sel_t], 0.0)
+        r_sids = s_ids[sel_t] * has_teacher[:, None]
+        r_sw = s_w[sel_t] * has_teacher[:, None]
     else:
         r_ids = torch.zeros(len(sel), k, dtype=torch.long, device=dev)
         r_lps = torch.zeros(len(sel), k, device=dev)
         r_tail = torch.zeros(len(sel), device=dev)
+        r_sids = torch.zeros(len(sel), draws, dtype=torch.long, device=dev)
+        r_sw = torch.zeros(len(sel), draws, device=dev)
     hidden = {}
     gather_t = torch.from_numpy(gather).to(dev)
     for layer in hidden_layers:
@@ -243,12 +267,13 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
         topk_ids=r_ids, topk_logprobs=r_lps,
         tail=r_tail,
         hidden_mask=torch.from_numpy(loss),
+        sample_ids=r_sids, sample_weights=r_sw,
         hidden=hidden,
         doc_ids=[docs[key].doc_id for key, _, _ in pieces],
         piece_starts=[int(s) for _, s, _ in pieces])
 
 
-def _filler(k: int, hidden_layers, hidden_size: int) -> PackedBatch:
+def _filler(k: int, hidden_layers, hidden_size: int, draws: int) -> PackedBatch:
     return PackedBatch(
         input_ids=torch.zeros(1, 1, dtype=torch.long),
         cu_seqlens=torch.tensor([0, 1], dtype=torch.int32),
@@ -259,4 +284,6 @@ def _filler(k: int, hidden_layers, hidden_size: int) -> PackedBatch:
         topk_logprobs=torch.zeros(1, k),
         tail=torch.zeros(1),
         hidden_mask=torch.zeros(1, dtype=torch.bool),
+        sample_ids=torch.zeros(1, draws, dtype=torch.long),
+        sample_weights=torch.zeros(1, draws),
         hidden={layer: torch.zeros(1, hidden_size) for layer in hidden_layers})

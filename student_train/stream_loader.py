@@ -258,9 +258,11 @@ class DistillStream(IterableDataset):
         ds = self.dataset
         decoded = ds.decode_table(raw.table, hidden_layers=self.hidden_layers, device=device) \
             if raw.pieces else []
-        return assemble(dict(enumerate(decoded)), raw.pieces, k=ds.codec.k,
+        sampled = ds.codec.signal == "sampled"    # its rows are [draws] wide, no top-k
+        return assemble(dict(enumerate(decoded)), raw.pieces, k=0 if sampled else ds.codec.k,
                         hidden_layers=self.hidden_layers,
-                        hidden_size=ds.manifest.teacher.hidden_size)
+                        hidden_size=ds.manifest.teacher.hidden_size,
+                        draws=ds.codec.k if sampled else 0)
 
 
 def ignore_stop_signals(worker_id: int) -> None:

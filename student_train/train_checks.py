@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdpipe.compress import Dataset
+from kdpipe.compress import Dataset, sampling_of
 from kdpipe.compress.dense import TeacherHead, dense_layer, load_head
 from kdpipe.schemas import ConfigError, Manifest, tokenizer_fingerprint
 
-from .train_config import DataConfig, LossConfig
+from .train_config import SAMPLED_LOSSES, SPARSE_LOSSES, DataConfig, LossConfig
 
 
 def resolve_layer_map(layer_map, *, student_layers: int,
@@ -60,6 +60,7 @@ def check_dataset(manifest: Manifest, *, where: str, student_config, student_dir
             problems.append(f"codec: dataset {where} is encoded with {manifest.codec.name!r} "
                             f"({manifest.codec.to_json()}), the config requires {want.name!r} "
                             f"({want.to_json()})")
+    problems += _signal_problems(manifest, where, loss)
     if loss.uses_hidden:
         captured = list(manifest.capture.hidden_layers)
         if not layer_map:
@@ -79,6 +80,27 @@ def check_dataset(manifest: Manifest, *, where: str, student_config, student_dir
                             f"use loss.projection=auto for a learned projection")
     if problems:
         raise ConfigError("the dataset does not fit the student:\n  " + "\n  ".join(problems))
+
+
+def _signal_problems(manifest: Manifest, where: str, loss: LossConfig) -> list[str]:
+    """The loss terms must read the teacher signal the dataset holds, at its temperature."""
+    sampling = sampling_of(manifest.codec)
+    problems = []
+    for i, t in enumerate(loss.terms):
+        term = f"loss.terms[{i}] ({t.kind})"
+        if sampling is None and t.kind in SAMPLED_LOSSES:
+            problems.append(f"signal: {term} trains on sampled teacher rows, dataset {where} "
+                            f"holds top-k rows (codec {manifest.codec.name!r}); use kl (or "
+                            f"capture with --codec sampled)")
+        elif sampling is not None and t.kind in SPARSE_LOSSES:
+            problems.append(f"signal: {term} needs top-k rows, dataset {where} holds the "
+                            f"sampled signal ({sampling[0]} draws per position, codec "
+                            f"{manifest.codec.name!r}); use kind: sampled")
+        elif sampling is not None and t.kind in SAMPLED_LOSSES and \
+                t.temperature != sampling[1]:
+            problems.append(f"temperature: {term} has temperature {t.temperature:g}, dataset "
+                            f"{where} was sampled at temperature {sampling[1]:g}")
+    return problems
 
 
 def load_dense_head(dataset: Dataset, *, student_vocab: int, student: str
@@ -105,6 +127,10 @@ def check_same_teacher(train: Manifest, other: Manifest, *, train_where: str,
                             f"held-out data {other_where} has {b}")
     if problems:
         raise ConfigError("held-out data comes from another teacher:\n  " + "\n  ".join(problems))
+    if sampling_of(other.codec) is not None:
+        raise ConfigError(f"held-out data {other_where} holds the sampled teacher signal; "
+                          f"evaluation measures KL on top-k rows: capture the held-out set "
+                          f"with a top-k codec (e.g. --codec exact)")
 
 
 def tokenizer_fingerprint_of(model_dir: str | None) -> str | None:

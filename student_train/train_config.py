@@ -24,10 +24,12 @@ from kdpipe.schemas import ConfigError
 from kdpipe.schemas.convert import from_data, load_file, load_yaml
 
 SPARSE_LOSSES = ("kl", "reverse_kl", "jsd", "tvd")
-HEAD_LOSSES = SPARSE_LOSSES + ("ce",)
+SAMPLED_LOSSES = ("sampled",)        # on the sampled teacher signal (codec ids: sampled)
+TEACHER_LOSSES = SPARSE_LOSSES + SAMPLED_LOSSES
+HEAD_LOSSES = TEACHER_LOSSES + ("ce",)
 HIDDEN_LOSSES = ("hidden_cosine", "hidden_mse")
 DENSE_LOSSES = ("dense_kl", "dense_reverse_kl", "dense_jsd")   # need a dense dataset
-TEMPERED_LOSSES = SPARSE_LOSSES + DENSE_LOSSES
+TEMPERED_LOSSES = TEACHER_LOSSES + DENSE_LOSSES
 LOSS_KINDS = HEAD_LOSSES + HIDDEN_LOSSES + DENSE_LOSSES
 MISSING_MODES = ("zero", "tail")
 

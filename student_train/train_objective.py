@@ -34,7 +34,7 @@ from .dense_kl import DenseTerm, dense_losses
 from .losses import hidden_loss
 from .packing import PackedBatch
 from .sparse_kl import HeadTerm, head_losses
-from .train_config import DENSE_LOSSES, HIDDEN_LOSSES, SPARSE_LOSSES, LossConfig
+from .train_config import DENSE_LOSSES, HIDDEN_LOSSES, TEACHER_LOSSES, LossConfig
 
 DENSE_KINDS = DENSE_LOSSES + ("dense_top1",)
 
@@ -50,7 +50,7 @@ class Term:
     @property
     def normalizer(self) -> str:
         """The count this term's sum is divided by (see ``PackedBatch.counts``)."""
-        if self.kind in SPARSE_LOSSES or self.kind in DENSE_KINDS:
+        if self.kind in TEACHER_LOSSES or self.kind in DENSE_KINDS:
             return "kd_rows"
         return "ce_rows" if self.kind == "ce" else "hidden_tokens"
 
@@ -180,7 +180,8 @@ class DistillModule(nn.Module):
         sums = head_losses(final[batch.row_pos], self.student.get_output_embeddings().weight,
                            topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
                            tail=batch.tail, has_teacher=batch.has_teacher, labels=batch.labels,
-                           terms=obj.head_terms, chunk_size=obj.chunk_size, top1=obj.top1) \
+                           terms=obj.head_terms, chunk_size=obj.chunk_size, top1=obj.top1,
+                           sample_ids=batch.sample_ids, sample_weights=batch.sample_weights) \
             if obj.head_terms or obj.top1 else {}
         if obj.dense_terms:
             head = teacher_head or self.teacher_head

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kdpipe.capture.run import CaptureOptions, run_capture
+from kdpipe.compress import Dataset
 from kdpipe.compress.codecs import HIDDEN
 from kdpipe.compress.codecs.hidden import fit_lowrank
 from kdpipe.compress.verify import verify_dataset
@@ -57,6 +58,24 @@ def test_process_writer_writes_the_bytes_the_thread_writer_writes(tmp_path, teac
     assert "stage" not in runs["thread"].stages
     assert len(s.windows) == -(-(len(TEXTS) + 1) // OPTS["window"])
     assert s.tokens_in_run == s.tokens == sum(n for _, n in s.windows)
+
+
+def test_a_sampled_capture_writes_the_same_bytes_with_either_writer(tmp_path, teacher_dir, data):
+    """The draws (ids and counts made on the teacher's side) travel through shared memory."""
+    opts = {**OPTS, "top_k": None}          # the rows' width is the codec's number of draws
+    runs = {w: run_capture(CaptureOptions(model=str(teacher_dir), data=str(data),
+                                          out=str(tmp_path / w), codec="sampled", writer=w,
+                                          **opts))
+            for w in ("thread", "process")}
+    thread, process = _files(tmp_path / "thread"), _files(tmp_path / "process")
+    assert len([f for f in thread if f.startswith("shards/")]) >= 4
+    assert "manifest.json" in thread and thread == process
+    assert runs["process"].complete and "stage" in runs["process"].stages
+    assert runs["process"].documents == runs["thread"].documents > len(TEXTS)
+    report = verify_dataset(str(tmp_path / "process"), deep=True)
+    assert report.ok, report.problems
+    doc = next(Dataset(str(tmp_path / "process")).iter_documents())
+    assert doc.topk_ids.shape[1] == 0 and int(doc.sample_counts.sum(1).min()) == 32
 
 
 def test_hidden_codecs_encode_into_a_tensor_the_same_bytes(tmp_path):

@@ -374,6 +374,6 @@ def test_hidden_arrays_are_the_encoded_bytes_and_own_their_memory(kind):
 
 
 def test_every_registered_kind_is_covered():
-    assert set(IDS) == {"int32", "packed", "gaps"}
-    assert set(VALUES) == {"float32", "grid", "poly", "distillkit"}
+    assert set(IDS) == {"int32", "packed", "gaps", "sampled"}
+    assert set(VALUES) == {"float32", "grid", "poly", "distillkit", "counts"}
     assert set(HIDDEN) == {"native", "bf16", "fp8", "int8", "lowrank"}

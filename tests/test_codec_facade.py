@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdpipe.compress import Codec, Dataset, PartWriter, load_codec_config, preset_names
+from kdpipe.compress import (Codec, Dataset, PartWriter, load_codec_config, preset_names,
+                             sampling_of)
 from kdpipe.compress.codec import _rank_sort_torch, rank_sort, rank_sort_ordinals
 from kdpipe.compress.codecs import grid
 from kdpipe.schemas import (CaptureSettings, CodecConfig, CodecError, CodecMismatchError, ConfigError,
@@ -64,7 +65,9 @@ def test_every_preset_loads_and_the_required_ones_exist():
     assert set(PRESETS) <= set(preset_names())
     for name in preset_names():
         config = load_codec_config(name)
-        Codec(config, vocab_size=VOCAB, top_k=128, hidden_size=H, hidden_dtype="float32")
+        sampling = sampling_of(config)   # a sampled codec's rows are its draws wide
+        Codec(config, vocab_size=VOCAB, top_k=sampling[0] if sampling else 128, hidden_size=H,
+              hidden_dtype="float32")
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -39,6 +39,10 @@ class Capabilities:
     #: hidden: the parameter naming a dataset artifact fitted on captured hidden states (the
     #: low-rank projection); encoding needs it fitted first. None: no side data.
     side_data: str | None = None
+    #: Which teacher signal the component stores: ``topk`` (ranked top-k rows with their
+    #: log-probs) or ``sampled`` (each row's distinct ids drawn from the teacher with their
+    #: counts; ``compress/codecs/sampled.py``). A codec's ids and values must agree.
+    signal: str = "topk"
 
 
 class IdsCodec(ABC):

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from ..outputs import ExportDir
 from ..reader import Dataset
+from . import require_topk
 
 IGNORE = -100
 PAD_LOGPROB = -1e9
@@ -84,6 +85,7 @@ def export_dataset(dataset: Dataset, out: str | Path, *, docs_per_file: int = 10
     """kdpipe dataset -> axolotl KD Parquet files ``data_{i}.parquet``; returns documents.
 
     ``out`` must be new, empty or (with ``overwrite``) an earlier export of this format."""
+    require_topk(dataset.manifest.codec, dataset.uri, "axolotl")
     sch = schema()
     buf: list[dict[str, np.ndarray]] = []
     files = written = 0

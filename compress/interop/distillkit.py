@@ -34,10 +34,11 @@ import yaml
 from kdpipe.schemas import (CaptureSettings, CodecConfig, ComponentSpec, ConfigError, DatasetError,
                             TeacherDocument, TeacherInfo)
 
-from ..codec import Codec
+from ..codec import Codec, signal_of
 from ..codecs.ids import vocab_bits
 from ..outputs import ExportDir, prepare_dataset_output
 from ..reader import Dataset
+from . import require_topk
 from ..writer import PartWriter
 
 CONFIG_FILE = "compression_config.yaml"
@@ -204,6 +205,10 @@ def import_dataset(src: str | Path, dst: str, *, codec: CodecConfig,
 
     ``dst`` must be new, empty or a kdpipe dataset (an interrupted import is resumed; with
     ``overwrite`` an earlier dataset there is replaced)."""
+    if signal_of(codec) != "topk":
+        raise ConfigError(f"--codec {codec.name}: stores ids sampled from the teacher; a "
+                          f"DistillKit dataset holds top-k rows, which cannot be sampled from "
+                          f"(import with a top-k codec)")
     dk_codec, d, docs = read_documents(src)
     prepare_dataset_output(dst, sources=[str(src)], overwrite=overwrite)
     vocab = vocab_size or d
@@ -257,6 +262,7 @@ def export_dataset(dataset: Dataset, out: str | Path, *, codec: CodecConfig,
     export. Returns the number of documents written.
     """
     m = dataset.manifest
+    require_topk(m.codec, dataset.uri, "DistillKit")
     k = codec.top_k or m.capture.top_k
     config = config_from_codec(codec, m.teacher.vocab_size, k)
     enc = Codec(codec, vocab_size=m.teacher.vocab_size, top_k=m.capture.top_k, hidden_size=0,

@@ -47,6 +47,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """``kdpipe fidelity`` sets torch's CPU threads for its timings; tests run after it in the
+    same process must not inherit its count (float32 forwards differ across thread counts)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def teacher_dir():
     from kdpipe.capture.teacher import prepare_embedded_teacher

@@ -407,17 +407,7 @@ def test_capture_refuses_top_k_and_vllm_with_samples(captured, teacher_dir, tmp_
         run_capture(CaptureOptions(out=str(tmp_path / "b"), backend="vllm", **base))
 
 
-@pytest.fixture
-def torch_threads():
-    """``kdpipe fidelity`` sets torch's CPU threads for its timings; later tests in this
-    process must not run with its count (float32 forwards differ across thread counts)."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def test_tools_understand_or_refuse_the_sampled_signal(captured, tmp_path, capsys, monkeypatch,
-                                                       torch_threads):
+def test_tools_understand_or_refuse_the_sampled_signal(captured, tmp_path, capsys, monkeypatch):
     from helpers import run_main
     sampled, exact = captured / "sampled", captured / "exact"
     code, out, _ = run_main(["inspect", sampled, "--json"], capsys, monkeypatch)

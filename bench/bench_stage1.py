@@ -44,10 +44,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdpipe.capture.run import CaptureOptions, run_capture  # noqa: E402
-from kdpipe.capture.teacher import prepare_embedded_teacher  # noqa: E402
 from kdpipe.compress import Dataset, load_codec_config  # noqa: E402
 from kdpipe.student_train.train_config import load_config  # noqa: E402
+
+from embedded import capture, student  # noqa: E402
 
 KDPIPE = str(Path(sys.executable).with_name("kdpipe"))
 AFM_LAYERS, AFM_HIDDEN = 36, 2560          # bench/afm.py's AFM_4P5B
@@ -56,18 +56,6 @@ SCALE_BYTES = 2                             # the fp8 codecs' bf16 per-token sca
 STAGE1_TERMS = ("[{kind: ce, weight: 0.2}, {kind: kl, weight: 0.2, temperature: 2.0}, "
                 "{kind: hidden_cosine, weight: 0.6}]")
 
-
-def capture(data: Path, out: Path, *, limit: int, max_seq_len: int, hidden: str = "none",
-            source: str = "residual") -> Path:
-    if not (out / "manifest.json").exists():
-        t0 = time.time()
-        s = run_capture(CaptureOptions(model="embedded", data=str(data), out=str(out),
-                                       codec="exact", limit=limit, max_seq_len=max_seq_len,
-                                       hidden_layers=hidden, hidden_source=source,
-                                       device="cpu", progress=False))
-        print(f"captured {out.name}: {s.documents} documents, {s.tokens} tokens, "
-              f"{time.time() - t0:.0f} s", flush=True)
-    return out
 
 
 def compress(src: Path, out: Path, codec: dict | str) -> Path:
@@ -97,13 +85,6 @@ def afm_hidden_bytes(layers: int, codec: str) -> int:
     width = AFM_HIDDEN // RANK_FRACTION if codec == "lowrank" else AFM_HIDDEN
     return layers * (SCALE_BYTES + width)
 
-
-def student(workdir: Path, seed: int) -> Path:
-    from kdpipe.student_train.model.convert import convert_teacher
-    out = workdir / f"student-seed{seed}"
-    if not (out / "config.json").exists():
-        convert_teacher(prepare_embedded_teacher(), "3:1", out, seed=seed, overwrite=True)
-    return out
 
 
 def train(name: str, data: Path, heldout: Path, overrides: list[str], args, seed: int) -> Path:
@@ -152,10 +133,12 @@ def main() -> int:
     if not corpus.exists():
         subprocess.run([KDPIPE, "corpus", "build", "--out", str(corpus)], check=True)
     common = dict(limit=args.limit, max_seq_len=args.max_seq_len)
-    heldout = capture(corpus.with_name("heldout.jsonl"), w / "heldout",
+    heldout = capture(corpus.with_name("heldout.jsonl"), w / "heldout", codec="exact",
                       limit=args.heldout_limit, max_seq_len=args.max_seq_len)
-    res_exact = capture(corpus, w / "residual-exact", hidden="all", **common)
-    attn_exact = capture(corpus, w / "attn-exact", hidden="all", source="attention", **common)
+    res_exact = capture(corpus, w / "residual-exact", codec="exact", hidden_layers="all",
+                        **common)
+    attn_exact = capture(corpus, w / "attn-exact", codec="exact", hidden_layers="all",
+                         hidden_source="attention", **common)
     teacher = Dataset(str(res_exact)).manifest.teacher
     L, H = teacher.num_hidden_layers, teacher.hidden_size
     lowrank = lowrank_codec(H)

@@ -39,24 +39,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdpipe.capture.run import CaptureOptions, run_capture  # noqa: E402
-from kdpipe.capture.teacher import prepare_embedded_teacher  # noqa: E402
 from kdpipe.compress import Dataset, load_codec_config  # noqa: E402
 from kdpipe.student_train.packing import missing_mass  # noqa: E402
 from kdpipe.student_train.train_config import load_config  # noqa: E402
 
+from embedded import capture, student  # noqa: E402
+
 KDPIPE = str(Path(sys.executable).with_name("kdpipe"))
 
-
-def capture(data: Path, out: Path, *, codec: str, limit: int | None, max_seq_len: int) -> Path:
-    if not (out / "manifest.json").exists():
-        t0 = time.time()
-        s = run_capture(CaptureOptions(model="embedded", data=str(data), out=str(out),
-                                       codec=codec, limit=limit, max_seq_len=max_seq_len,
-                                       device="cpu", progress=False))
-        print(f"captured {out.name}: {s.documents} documents, {s.tokens} tokens, "
-              f"{time.time() - t0:.0f} s")
-    return out
 
 
 def without_stored_tail(src: Path, out: Path) -> Path:
@@ -96,22 +86,13 @@ def tail_errors(exact: Path, stored: Path, recomputed: Path) -> dict:
     return out
 
 
-def student(args, seed: int) -> Path:
-    """The demo's 3:1 student converted from the teacher once per seed (both runs start
-    from it)."""
-    from kdpipe.student_train.model.convert import convert_teacher
-    out = args.workdir / f"student-seed{seed}"
-    if not (out / "config.json").exists():
-        convert_teacher(prepare_embedded_teacher(), "3:1", out, seed=seed, overwrite=True)
-    return out
-
 
 def train(name: str, data: Path, heldout: Path, args, seed: int) -> dict:
     from kdpipe.student_train.trainer import Trainer
     out = args.workdir / f"train-{name}-seed{seed}"
     cfg = load_config(ROOT / "student_train" / "configs" / "demo.yaml", [
         f"out={out}", f"data.path={data}", f"eval.data={heldout}",
-        f"student.path={student(args, seed)}", "student.teacher=null",
+        f"student.path={student(args.workdir, seed)}", "student.teacher=null",
         f"train.max_steps={args.steps}", f"data.seed={seed}", f"train.seed={seed}",
         "train.device=cpu", "log.progress=false"])
     t0 = time.time()

@@ -16,7 +16,9 @@ capture stores). Then:
 (b) the demo recipe (student_train/configs/demo.yaml, 3:1 student, KL at T = 1 with
     ``missing: tail`` plus CE) from `default`, and the same recipe with the KL term replaced
     by ``kind: sampled`` from the `sampled` preset's capture, same steps and seeds; held-out
-    KL (teacher || student, top-k + tail bucket, `kdpipe eval`'s metric) at the end.
+    KL (teacher || student, top-k + tail bucket, `kdpipe eval`'s metric) at the end; with
+    ``--heldout-codec dense-exact`` the held-out set is captured dense and the runs are also
+    scored against the teacher's whole distribution (``kl_full``).
 
     python bench/bench_sampled.py --out bench/results/sampled_cpu.json
 
@@ -87,7 +89,8 @@ def train(name: str, data: Path, heldout: Path, args, seed: int, terms: str | No
     """One run of the recipe; a run of the same name that finished in the workdir (an
     interrupted benchmark's) is read back instead of trained again (``train_seconds`` None)."""
     from kdpipe.student_train.trainer import Trainer
-    out = args.workdir / f"train-{name}-seed{seed}"
+    scored = "" if args.heldout_codec == "exact" else f"-{args.heldout_codec}"
+    out = args.workdir / f"train-{name}-seed{seed}{scored}"
     records = finished(out, args.steps)
     if records is not None:
         return summary(name, seed, records, None)
@@ -109,6 +112,8 @@ def summary(name: str, seed: int, records: list[dict], seconds: float | None) ->
     return {"data": name, "seed": seed, "kl_before": evals[0]["kl"],
             "kl_after": evals[-1]["kl"], "kl_topk_after": evals[-1]["kl_topk"],
             "top1_after": evals[-1]["top1"], "ce_after": evals[-1]["ce"],
+            "kl_full_after": evals[-1].get("kl_full"),
+            "top1_full_after": evals[-1].get("top1_full"),
             "train_seconds": seconds, "eval_curve": [(r["step"], r["kl"]) for r in evals]}
 
 
@@ -118,6 +123,9 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_sampled")
     p.add_argument("--limit", type=int, default=48, help="corpus records to capture")
     p.add_argument("--heldout-limit", type=int, default=8)
+    p.add_argument("--heldout-codec", default="exact",
+                   help="dense-exact also scores the students against the teacher's whole "
+                        "distribution (kl_full)")
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--draws", default="8,16,32,64", help="numbers of draws to capture")
     p.add_argument("--steps", type=int, default=48)
@@ -133,8 +141,9 @@ def main() -> int:
         subprocess.run([KDPIPE, "corpus", "build", "--out", str(corpus)], check=True)
     common = dict(limit=args.limit, max_seq_len=args.max_seq_len)
     exact = capture(corpus, args.workdir / "exact", codec="exact", **common)
-    heldout = capture(corpus.with_name("heldout.jsonl"), args.workdir / "heldout",
-                      codec="exact", limit=args.heldout_limit, max_seq_len=args.max_seq_len)
+    heldout = capture(corpus.with_name("heldout.jsonl"), args.workdir / (
+        "heldout" if args.heldout_codec == "exact" else f"heldout-{args.heldout_codec}"),
+        codec=args.heldout_codec, limit=args.heldout_limit, max_seq_len=args.max_seq_len)
     default = recode(exact, args.workdir / "default", "default")
     draws = [int(x) for x in args.draws.split(",")]
     preset_draws = load_codec_config("sampled").ids.params["draws"]
@@ -185,10 +194,12 @@ def main() -> int:
     mean = {}
     if runs:
         print(f"\n(b) held-out KL after {args.steps} steps of the demo recipe")
-        print(f"{'seed':<6}{'data':<14}{'KL before':>11}{'KL after':>11}{'top-1':>8}")
+        print(f"{'seed':<6}{'data':<14}{'KL before':>11}{'KL after':>11}{'top-1':>8}"
+              f"{'KL full':>10}")
         for r in runs:
+            full = r.get("kl_full_after")
             print(f"{r['seed']:<6}{r['data']:<14}{r['kl_before']:>11.4f}{r['kl_after']:>11.4f}"
-                  f"{r['top1_after']:>8.3f}")
+                  f"{r['top1_after']:>8.3f}{'-' if full is None else format(full, '.4f'):>10}")
         mean = {name: float(np.mean([r["kl_after"] for r in runs if r["data"] == name]))
                 for name in dict.fromkeys(r["data"] for r in runs)}
         a, b = mean["default"], mean[f"sampled-{preset_draws}"]

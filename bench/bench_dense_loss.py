@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -97,10 +98,11 @@ def measure(name: str, x: dict, chunk: int, *, device: torch.device, bf16: bool,
         t0 = time.perf_counter()
         loss = step(name, x, chunk, device, bf16)   # float() waits for the device
         seconds.append(time.perf_counter() - t0)
-    best = min(seconds)
+    median = statistics.median(seconds)
     rows = x["h"].shape[0]
     return {"term": name, "chunk": chunk, "rows": rows, "loss": loss, "seconds": seconds,
-            "best_s": best, "rows_per_s": rows / best,
+            "median_s": median, "min_s": min(seconds), "max_s": max(seconds),
+            "rows_per_s": rows / median,
             "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2 ** 30
             if cuda else None}
 
@@ -129,17 +131,20 @@ def main() -> None:
             r = measure(name, x, chunk, device=device, bf16=bf16, warmup=args.warmup,
                         repeats=args.repeats)
             results.append(r)
-            print(f"{name} chunk {chunk}: {r['best_s'] * 1e3:.1f} ms", flush=True)
-    topk = {r["chunk"]: r["best_s"] for r in results if r["term"] == "topk_kl"}
+            print(f"{name} chunk {chunk}: median {r['median_s'] * 1e3:.1f} ms "
+                  f"({r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f})", flush=True)
+            write_json(args.json, {"args": vars(args), "results": results, "partial": True})
+    topk = {r["chunk"]: r["median_s"] for r in results if r["term"] == "topk_kl"}
     for r in results:
-        r["x_topk"] = r["best_s"] / topk[r["chunk"]] if r["chunk"] in topk else None
+        r["x_topk"] = r["median_s"] / topk[r["chunk"]] if r["chunk"] in topk else None
         r["label"] = f"{r['term']} (chunk {r['chunk']})"
     where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() \
         or "cpu"
     print_table(f"forward + backward over {args.rows} rows, vocab {args.vocab}, hidden "
                 f"{args.hidden}, top-k {args.top_k}, {'bf16 autocast' if bf16 else 'float32'}"
                 f" on {where}", results,
-                [("label", "term", ""), ("best_s", "best s", ".4f"),
+                [("label", "term", ""), ("median_s", "median s", ".4f"),
+                 ("min_s", "min s", ".4f"), ("max_s", "max s", ".4f"),
                  ("rows_per_s", "rows/s", ",.0f"), ("x_topk", "x top-k", ".2f"),
                  ("peak_extra_gib", "peak GiB", ".2f")])
     write_json(args.json, {"args": vars(args), "device": where, "results": results})

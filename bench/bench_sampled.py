@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -48,7 +47,7 @@ from kdpipe.compress import Dataset, load_codec_config  # noqa: E402
 from kdpipe.compress.fidelity import evaluate, evaluate_sampled, load_sample  # noqa: E402
 from kdpipe.student_train.train_config import load_config  # noqa: E402
 
-from embedded import capture, student  # noqa: E402
+from embedded import capture, student, write_report  # noqa: E402
 
 KDPIPE = str(Path(sys.executable).with_name("kdpipe"))
 
@@ -209,14 +208,8 @@ def main() -> int:
     m = ref.manifest
     report = {"sizes": sizes, "training": runs, "kl_after_mean": mean,
               "documents": m.documents, "tokens": m.tokens,
-              "sampled_codec": load_codec_config("sampled").to_dict(),
-              "args": {k: str(v) for k, v in vars(args).items()},
-              "seconds": time.time() - t_start, "machine": platform.machine(),
-              "cpus": torch.get_num_threads(), "torch": torch.__version__,
-              "python": platform.python_version()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+              "sampled_codec": load_codec_config("sampled").to_dict()}
+    write_report(args.out, report, args, t_start)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -43,7 +42,7 @@ from kdpipe.compress import Dataset, load_codec_config  # noqa: E402
 from kdpipe.student_train.packing import missing_mass  # noqa: E402
 from kdpipe.student_train.train_config import load_config  # noqa: E402
 
-from embedded import capture, student  # noqa: E402
+from embedded import capture, student, write_report  # noqa: E402
 
 KDPIPE = str(Path(sys.executable).with_name("kdpipe"))
 
@@ -156,14 +155,8 @@ def main() -> int:
     m = Dataset(str(stored)).manifest
     report = {"tail_error": errors, "training": runs, "kl_after_mean": mean,
               "documents": m.documents, "tokens": m.tokens,
-              "codec": load_codec_config("default").to_dict(),
-              "args": {k: str(v) for k, v in vars(args).items()},
-              "seconds": time.time() - t_start, "machine": platform.machine(),
-              "cpus": torch.get_num_threads(), "torch": torch.__version__,
-              "python": platform.python_version()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+              "codec": load_codec_config("default").to_dict()}
+    write_report(args.out, report, args, t_start)
     return 0
 
 

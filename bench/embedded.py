@@ -3,8 +3,12 @@ their training runs start from, each made once in a work directory and reused by
 
 from __future__ import annotations
 
+import json
+import platform
 import time
 from pathlib import Path
+
+import torch
 
 from kdpipe.capture.run import CaptureOptions, run_capture
 from kdpipe.capture.teacher import prepare_embedded_teacher
@@ -32,3 +36,14 @@ def student(workdir: Path, seed: int) -> Path:
     if not (out / "config.json").exists():
         convert_teacher(prepare_embedded_teacher(), "3:1", out, seed=seed, overwrite=True)
     return out
+
+
+def write_report(path: Path, report: dict, args, t_start: float) -> None:
+    """``report`` as JSON at ``path``, with the run's arguments, duration and machine."""
+    report = {**report, "args": {k: str(v) for k, v in vars(args).items()},
+              "seconds": time.time() - t_start, "machine": platform.machine(),
+              "cpus": torch.get_num_threads(), "torch": torch.__version__,
+              "python": platform.python_version()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")

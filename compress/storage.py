@@ -15,7 +15,9 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import uuid
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -28,32 +30,122 @@ from kdpipe.schemas.layout import TMP_PREFIX, safe_relpath, tmp_name
 
 class HashingWriter:
     """A write-only stream that hashes what passes through it: a shard's sha256 and size come
-    from its single write, without reading the file back."""
+    from its single write, without reading the file back.
+
+    The hashing and the writing run on a thread of their own (hashlib and file writes release
+    the GIL), so the caller's thread, Parquet's encoder, goes on with the next pages: in a
+    capture the shard writer is the host's critical path. On a local file the kernel is asked
+    to start writing each chunk back at once, so that the flush before the shard's rename
+    waits for little. Use it as a context manager inside the block that owns ``raw``: a clean
+    exit waits for every byte; an exception drops what is queued."""
+
+    MAX_QUEUED = 64 << 20     # bytes handed over but not yet written: the memory bound
 
     def __init__(self, raw: BinaryIO) -> None:
         self.raw, self.digest, self.bytes = raw, hashlib.sha256(), 0
+        try:
+            self._fd: int | None = raw.fileno()
+        except (AttributeError, OSError, ValueError):   # an object-store stream
+            self._fd = None
+        self._written = 0
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._busy = False           # a chunk is being hashed and written
+        self._error: BaseException | None = None
+        self._stop = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="kdpipe-hash")
+        self._thread.start()
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._wait_written()
+        with self._cv:
+            self._stop = True
+            self._queue.clear()
+            self._cv.notify_all()
+        self._thread.join()
 
     def write(self, data) -> int:
-        self.digest.update(data)
-        self.bytes += len(memoryview(data).cast("B"))
-        self.raw.write(data)
-        return len(data)
+        n = len(memoryview(data).cast("B"))
+        if not isinstance(data, bytes):     # the caller may reuse its buffer once we return
+            data = bytes(data)
+        with self._cv:
+            while self._queued >= self.MAX_QUEUED and self._error is None and not self._stop:
+                self._cv.wait()
+            self._raise()
+            if self._stop:
+                raise ValueError("write to a HashingWriter after its block ended")
+            self._queue.append(data)
+            self._queued += n
+            self._cv.notify_all()
+        self.bytes += n
+        return n
 
     def tell(self) -> int:
         return self.bytes
 
     def flush(self) -> None:
+        self._wait_written()
         self.raw.flush()
 
     @property
     def closed(self) -> bool:
         return self.raw.closed
 
-    def close(self) -> None:     # the atomic_output block closes (and renames) the raw stream
-        pass
+    def close(self) -> None:     # the owner's block closes (and renames) the raw stream
+        self._wait_written()
 
     def sha256(self) -> str:
+        self._wait_written()
         return self.digest.hexdigest()
+
+    def _wait_written(self) -> None:
+        with self._cv:
+            while (self._queue or self._busy) and self._error is None:
+                self._cv.wait()
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                data = self._queue.popleft()
+                self._busy = True
+            try:
+                self.digest.update(data)
+                self.raw.write(data)
+                self._start_writeback(len(data))
+            except BaseException as e:   # noqa: BLE001  (raised in the caller's thread)
+                with self._cv:
+                    self._error = e
+                    self._busy = False
+                    self._queue.clear()
+                    self._cv.notify_all()
+                return
+            with self._cv:
+                self._busy = False
+                self._queued -= len(data)
+                self._cv.notify_all()
+
+    def _start_writeback(self, n: int) -> None:
+        """Ask the kernel to write the bytes just written back now, asynchronously, instead
+        of letting them pile up as dirty pages for the flush before the rename."""
+        if self._fd is None or not hasattr(os, "posix_fadvise"):
+            return
+        self.raw.flush()
+        os.posix_fadvise(self._fd, self._written, n, os.POSIX_FADV_DONTNEED)
+        self._written += n
 
 
 class Storage:

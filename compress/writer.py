@@ -431,7 +431,8 @@ class PartWriter:
             self._stack = ExitStack()
             seq = len(self.manifest.shards) + len(self._closed)
             rel = shard_path(self.index, self.count, seq)
-            self._sink = HashingWriter(self._stack.enter_context(self.storage.atomic_output(rel)))
+            self._sink = self._stack.enter_context(
+                HashingWriter(self._stack.enter_context(self.storage.atomic_output(rel))))
             self._pq = pq.ParquetWriter(self._sink, self.schema, **self.parquet_options)
         arrays = [_binary_column(self._buf[f.name]) if f.name.startswith(cols.HIDDEN_PREFIX)
                   else pa.array(self._buf[f.name], type=f.type) for f in self.schema]

@@ -375,7 +375,11 @@ def _capture_records(opts: CaptureOptions, backend: TeacherBackend,
     window: list[tuple[int, object]] = []
     writes = (nullcontext(writer) if isinstance(writer, WriterProcess)
               else _BackgroundWrites(writer, opts, device, times))
-    with bar, writes as writes:
+    # the next window is tokenized on a thread while this one's forward runs: on a GPU the
+    # forward's thread mostly waits for the device, with the interpreter lock released
+    tokenizer = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-tokenize")
+    ready: Future | None = None      # the window tokenized ahead, not yet run
+    with bar, writes as writes, _shutdown(tokenizer):
         for index, rec in _timed(records, times, "read"):
             window.append((index, rec))
             if isinstance(rec, BadRecord) and rec.where:   # name the first few
@@ -384,14 +388,21 @@ def _capture_records(opts: CaptureOptions, backend: TeacherBackend,
                     _say(f"{rec.where}: {rec.reason}; record skipped")
             if (index // opts.num_shards + 1) % opts.window:
                 continue
-            tokens_done += _submit(window, backend, opts, writes, bar, times, windows)
-            bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):.0f}")
+            ahead = tokenizer.submit(_tokenize_window, window, backend, opts, times)
             window = []
-            if stop.signum is not None:
+            if ready is not None:
+                tokens_done += _submit(ready.result(), backend, opts, writes, bar, times,
+                                       windows)
+                bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):.0f}")
+            ready = ahead
+            if stop.signum is not None:     # the window tokenized ahead is not run
                 writes.wait()
                 return
-        if window:
-            _submit(window, backend, opts, writes, bar, times, windows)
+        if ready is not None:
+            _submit(ready.result(), backend, opts, writes, bar, times, windows)
+        if window:      # the part's last, partial window
+            _submit(_tokenize_window(window, backend, opts, times), backend, opts, writes, bar,
+                    times, windows)
         writes.wait()
         progress = _progress(writer)
         if progress.documents == 0 and (opts.num_shards == 1 or progress.records.read):
@@ -399,13 +410,21 @@ def _capture_records(opts: CaptureOptions, backend: TeacherBackend,
         writer.finish()
 
 
-def _submit(window: list, backend: TeacherBackend, opts: CaptureOptions,
+@contextmanager
+def _shutdown(pool: ThreadPoolExecutor) -> Iterator[ThreadPoolExecutor]:
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit(tokenized: _Tokenized, backend: TeacherBackend, opts: CaptureOptions,
             writes: _BackgroundWrites | WriterProcess, bar, times: StageTimes,
             windows: list[tuple[float, int]]) -> int:
-    prepared, outputs, tokens = _run_window(window, backend, opts, times)
-    writes.submit(prepared, outputs)
+    outputs, tokens = _forward_window(tokenized, backend, opts, times)
+    writes.submit(tokenized.prepared, outputs)
     windows.append((time.time(), tokens))
-    bar.update(len(window))
+    bar.update(tokenized.records)
     return tokens
 
 
@@ -456,13 +475,20 @@ class _BackgroundWrites:
                 self.pending.result()
 
 
-def _run_window(window, backend: TeacherBackend, opts: CaptureOptions,
-                times: StageTimes) -> tuple[list, list, int]:
-    """Tokenize and run one window of records through the teacher.
+@dataclass
+class _Tokenized:
+    """A window ready for the teacher: per record (index, skip reason | [(doc_id, ids, mask,
+    sequence)], cut?), and the sequences with their document ids."""
 
-    Returns per record (index, skip reason | [(doc_id, ids, mask, seq)], cut?), the backend's
-    output per sequence, and the number of tokens.
-    """
+    prepared: list
+    seqs: list
+    seq_ids: list
+    records: int
+
+
+def _tokenize_window(window: list, backend: TeacherBackend, opts: CaptureOptions,
+                     times: StageTimes) -> _Tokenized:
+    """Tokenize a window's records and cut them into the teacher's sequences."""
     prepared = []
     seqs, seq_ids = [], []
     for index, rec in window:
@@ -484,6 +510,14 @@ def _run_window(window, backend: TeacherBackend, opts: CaptureOptions,
             seqs.append(ids)
             seq_ids.append(docs[-1][0])
         prepared.append((index, docs, cut))
+    return _Tokenized(prepared, seqs, seq_ids, len(window))
+
+
+def _forward_window(tokenized: _Tokenized, backend: TeacherBackend, opts: CaptureOptions,
+                    times: StageTimes) -> tuple[list, int]:
+    """Run a tokenized window through the teacher: the backend's output per sequence, and
+    the number of tokens."""
+    seqs, seq_ids = tokenized.seqs, tokenized.seq_ids
     outputs = [None] * len(seqs)
     # a backend with its own scheduler (vLLM) takes the whole window at once
     groups = ([list(range(len(seqs)))] if seqs and backend.schedules_batches
@@ -502,7 +536,7 @@ def _run_window(window, backend: TeacherBackend, opts: CaptureOptions,
             else:
                 on_device += size
             outputs[i] = res
-    return prepared, outputs, sum(len(s) for s in seqs)
+    return outputs, sum(len(s) for s in seqs)
 
 
 class _WriterStream:

@@ -510,6 +510,10 @@ class VLLMBackend:
             kw["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         kw.update(engine_args)
         self.engine_args = kw
+        if device == "cuda" and torch.cuda.is_initialized():
+            # this process holds a CUDA context (a transformers teacher ran before, or the
+            # caller's own work): a forked engine process could not use CUDA, so spawn it
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         self.llm = vllm.LLM(**kw)
         self._vllm = vllm
         engine_vocab = self.llm.llm_engine.model_config.get_vocab_size()

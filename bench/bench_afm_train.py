@@ -191,9 +191,14 @@ KERNEL_KINDS = [("attention (SDPA)", r"flash|fmha|attention|sdpa"),
                 ("optimizer", r"adam|foreach|multi_tensor")]
 
 
+# host-side calls that wait for the device (the GPU idles after them while the host catches up)
+HOST_WAITS = r"Synchronize|_local_scalar_dense|^cudaMemcpy$|cudaMemcpyAsync|nonzero"
+
+
 def profile_step(tr, rows: int = 12) -> dict:
     """One more step under torch.profiler: GPU busy time against the step's wall time, by kind
-    of kernel, and the kernels that take the most time."""
+    of kernel, and the kernels that take the most time; on the host, the ops with the most
+    self time, the waits for the device, and the kernel launches."""
     import re
 
     from torch.autograd import DeviceType
@@ -210,7 +215,17 @@ def profile_step(tr, rows: int = 12) -> dict:
         kind = next((k for k, pat in KERNEL_KINDS if re.search(pat, e.key, re.I)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6
     top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    host = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+    host_top = sorted(host, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    waits = [e for e in host if re.search(HOST_WAITS, e.key)]
+    launches = [e for e in host if re.search(r"LaunchKernel|cuLaunch", e.key)]
     return {"wall_s": wall, "gpu_busy_s": busy,
+            "host_ops": [{"op": e.key[:90], "ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+                         for e in host_top],
+            "host_waits": [{"op": e.key[:90], "ms": e.self_cpu_time_total / 1e3,
+                            "calls": e.count} for e in waits],
+            "launches": sum(e.count for e in launches),
+            "launch_ms": sum(e.self_cpu_time_total for e in launches) / 1e3,
             "by_kind": [{"kind": k, "ms": v * 1e3, "share_of_busy": v / busy}
                         for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])],
             "top_kernels": [{"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3,
@@ -342,6 +357,11 @@ def main() -> None:
                             ("share_of_busy", "share", ".1%")])
             print_table("top kernels", p["top_kernels"], [
                 ("kernel", "kernel", "s"), ("ms", "ms", ".1f"), ("calls", "calls", "d")])
+            print_table(f"host: {p['launches']} kernel launches ({p['launch_ms']:.1f} ms); "
+                        f"ops by self time", p["host_ops"], [
+                            ("op", "op", "s"), ("ms", "ms", ".1f"), ("calls", "calls", "d")])
+            print_table("host: waits for the device", p["host_waits"], [
+                ("op", "op", "s"), ("ms", "ms", ".1f"), ("calls", "calls", "d")])
     if loss_rows:
         print_table("head loss, forward + backward", loss_rows, [
             ("what", "what", "s"), ("positions", "positions", "d"), ("ms", "ms", ".1f"),

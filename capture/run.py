@@ -377,9 +377,9 @@ def _capture_records(opts: CaptureOptions, backend: TeacherBackend,
               else _BackgroundWrites(writer, opts, device, times))
     # the next window is tokenized on a thread while this one's forward runs: on a GPU the
     # forward's thread mostly waits for the device, with the interpreter lock released
-    tokenizer = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-tokenize")
     ready: Future | None = None      # the window tokenized ahead, not yet run
-    with bar, writes as writes, _shutdown(tokenizer):
+    with bar, writes as writes, \
+            ThreadPoolExecutor(1, thread_name_prefix="kdpipe-tokenize") as tokenizer:
         for index, rec in _timed(records, times, "read"):
             window.append((index, rec))
             if isinstance(rec, BadRecord) and rec.where:   # name the first few
@@ -408,14 +408,6 @@ def _capture_records(opts: CaptureOptions, backend: TeacherBackend,
         if progress.documents == 0 and (opts.num_shards == 1 or progress.records.read):
             raise ConfigError(_nothing_written(opts, progress))
         writer.finish()
-
-
-@contextmanager
-def _shutdown(pool: ThreadPoolExecutor) -> Iterator[ThreadPoolExecutor]:
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _submit(tokenized: _Tokenized, backend: TeacherBackend, opts: CaptureOptions,

@@ -65,14 +65,14 @@ class HostArrays:
 
     def add(self, name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         """Keep a host copy of ``t`` (as ``dtype``) under ``name``; never waits for the device."""
-        if dtype is not None and t.dtype != dtype:
-            t = t.to(dtype)
+        dtype = dtype or t.dtype
         if t.is_cuda:
-            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            t = t.to(dtype)                     # cast on the device, copy as is
+            out = torch.empty(t.shape, dtype=dtype, pin_memory=True)
             out.copy_(t, non_blocking=True)
             self._pending = True
         else:
-            out = t.clone()
+            out = t.to(dtype, copy=True)
         self.parts.setdefault(name, []).append(out)
 
     def ready(self) -> None:

@@ -101,57 +101,52 @@ class PackedBatch:
     topk_logprobs: torch.Tensor      # [R, k] float32
     tail: torch.Tensor               # [R] float32  teacher mass outside the top-k (stored
                                      #   by the codec where it keeps it, else recomputed)
-    hidden_mask: torch.Tensor        # [N] bool  positions the hidden-state losses use
+    hidden_pos: torch.Tensor         # [n] int64  positions the hidden-state losses use
     sample_ids: torch.Tensor         # [R, m] int64  sampled signal: distinct drawn ids (0 in
                                      #   padding); m = 0 for top-k data
     sample_weights: torch.Tensor     # [R, m] float32  count / draws (0 in padding)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [N, H]
     doc_ids: list[str] = field(default_factory=list)                # per piece (diagnostics)
     piece_starts: list[int] = field(default_factory=list)           # per piece
+    # Known on the host when the batch is assembled, so that training reads no device tensor
+    # back (a read waits for all the work queued before it): ``cu_seqlens`` as plain ints
+    # (which DDP and FSDP leave where they are when they move a module's inputs), and the loss
+    # normalizers ``counts`` returns.
+    bounds: list[int] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
         """Real tokens (a filler batch holds one placeholder token that trains nothing)."""
-        return int(self.cu_seqlens[-1]) if self.doc_ids else 0
+        return self.sizes["tokens"]
 
     def counts(self) -> dict[str, int]:
         """Normalizers of the losses: teacher rows, label rows, hidden positions, tokens."""
-        return {"kd_rows": int(self.has_teacher.sum()),
-                "ce_rows": int((self.labels != IGNORE).sum()),
-                "hidden_tokens": int(self.hidden_mask.sum()),
-                "tokens": self.num_tokens}
+        return dict(self.sizes)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "PackedBatch":
-        moved = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v.to(device, non_blocking=non_blocking)
-            elif isinstance(v, dict):
-                v = {k: t.to(device, non_blocking=non_blocking) for k, t in v.items()}
-            moved[f.name] = v
-        return PackedBatch(**moved)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         """Mark the CUDA tensors as used on ``stream``, so the allocator keeps their memory
         until that stream's work is done (they were made on another stream)."""
-        for f in fields(self):
-            v = getattr(self, f.name)
-            for t in (v.values() if isinstance(v, dict) else [v]):
-                if isinstance(t, torch.Tensor) and t.is_cuda:
-                    t.record_stream(stream)
+        self._map(lambda t: t.record_stream(stream) if t.is_cuda else None)
 
     def pin_memory(self) -> "PackedBatch":
         """Called by a DataLoader with ``pin_memory=True`` (CUDA training)."""
-        pinned = {}
+        return self._map(lambda t: t if t.is_cuda else t.pin_memory())
+
+    def _map(self, fn) -> "PackedBatch":
+        """A batch with ``fn`` applied to every tensor."""
+        out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
-                v = v.pin_memory()
-            elif isinstance(v, dict):
-                v = {k: t.pin_memory() for k, t in v.items()}
-            pinned[f.name] = v
-        return PackedBatch(**pinned)
+                v = fn(v)
+            elif f.name == "hidden":
+                v = {k: fn(t) for k, t in v.items()}
+            out[f.name] = v
+        return PackedBatch(**out)
 
 
 def _teacher_row_index(doc: TeacherDocument) -> np.ndarray:
@@ -239,8 +234,8 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
     s_w = torch.cat([w for _, w in samples])
     sel = rows[row_pos]
     dev = topk_ids.device              # decoded on the training device or on the CPU
-    has_teacher = torch.from_numpy(sel >= 0).to(dev)
-    sel_t = torch.from_numpy(np.where(sel >= 0, sel, 0)).to(dev)
+    has_teacher = _on(torch.from_numpy(sel >= 0), dev)
+    sel_t = _on(torch.from_numpy(np.where(sel >= 0, sel, 0)), dev)
     if len(topk_ids):
         r_ids = topk_ids[sel_t] * has_teacher[:, None]
         r_lps = topk_lps[sel_t] * has_teacher[:, None]
@@ -254,23 +249,36 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
         r_sids = torch.zeros(len(sel), draws, dtype=torch.long, device=dev)
         r_sw = torch.zeros(len(sel), draws, device=dev)
     hidden = {}
-    gather_t = torch.from_numpy(gather).to(dev)
+    gather_t = _on(torch.from_numpy(gather), dev)
     for layer in hidden_layers:
         h = torch.cat([docs[key].hidden[layer] for key in keys])
         hidden[layer] = h[gather_t]
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])).int()
+    hidden_pos = np.nonzero(loss)[0]
     return PackedBatch(
-        input_ids=torch.from_numpy(ids)[None],
-        cu_seqlens=torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])).int(),
-        row_pos=torch.from_numpy(row_pos),
-        labels=torch.from_numpy(labels[row_pos]),
+        input_ids=_on(torch.from_numpy(ids)[None], dev),
+        cu_seqlens=_on(cu, dev),
+        row_pos=_on(torch.from_numpy(row_pos), dev),
+        labels=_on(torch.from_numpy(labels[row_pos]), dev),
         has_teacher=has_teacher,
         topk_ids=r_ids, topk_logprobs=r_lps,
         tail=r_tail,
-        hidden_mask=torch.from_numpy(loss),
+        hidden_pos=_on(torch.from_numpy(hidden_pos), dev),
         sample_ids=r_sids, sample_weights=r_sw,
         hidden=hidden,
         doc_ids=[docs[key].doc_id for key, _, _ in pieces],
-        piece_starts=[int(s) for _, s, _ in pieces])
+        piece_starts=[int(s) for _, s, _ in pieces],
+        bounds=cu.tolist(),
+        sizes={"kd_rows": int((sel >= 0).sum()), "ce_rows": int((labels[row_pos] != IGNORE).sum()),
+               "hidden_tokens": len(hidden_pos), "tokens": int(lengths.sum())})
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor built on the host, on the batch's device: copied from page-locked memory, so
+    the copy is queued on the current stream rather than waiting for it."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _filler(k: int, hidden_layers, hidden_size: int, draws: int) -> PackedBatch:
@@ -283,7 +291,9 @@ def _filler(k: int, hidden_layers, hidden_size: int, draws: int) -> PackedBatch:
         topk_ids=torch.zeros(1, k, dtype=torch.long),
         topk_logprobs=torch.zeros(1, k),
         tail=torch.zeros(1),
-        hidden_mask=torch.zeros(1, dtype=torch.bool),
+        hidden_pos=torch.zeros(0, dtype=torch.long),
         sample_ids=torch.zeros(1, draws, dtype=torch.long),
         sample_weights=torch.zeros(1, draws),
-        hidden={layer: torch.zeros(1, hidden_size) for layer in hidden_layers})
+        hidden={layer: torch.zeros(1, hidden_size) for layer in hidden_layers},
+        bounds=[0, 1],
+        sizes={"kd_rows": 0, "ce_rows": 0, "hidden_tokens": 0, "tokens": 0})

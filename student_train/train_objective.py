@@ -171,7 +171,9 @@ class DistillModule(nn.Module):
         hidden_terms = obj.hidden_terms
         mixers = bool(hidden_terms) and self.hidden_source == "attention"
         self._mixer_out = {} if mixers else None
-        out = self.student(batch.input_ids, cu_seqlens=batch.cu_seqlens, return_logits=False,
+        out = self.student(batch.input_ids, cu_seqlens=batch.cu_seqlens,
+                           cu_seqlens_cpu=torch.tensor(batch.bounds, dtype=torch.int32),
+                           return_logits=False,
                            output_hidden_states=bool(hidden_terms) and not mixers,
                            use_cache=False)
         states = self._mixer_out if mixers else out.hidden_states
@@ -191,14 +193,14 @@ class DistillModule(nn.Module):
                 has_teacher=batch.has_teacher, terms=obj.dense_terms,
                 chunk_size=obj.chunk_size))
         if hidden_terms:
-            mask = batch.hidden_mask
+            pos = batch.hidden_pos      # an index, not a mask: selecting reads nothing back
             for t in hidden_terms:
                 sums[t.name] = final.new_zeros((), dtype=torch.float32)
             for s, tl in obj.layer_map:
-                h_s = states[s][0][mask]                                 # [n, H_s]
+                h_s = states[s][0].index_select(0, pos)                  # [n, H_s]
                 if str(s) in self.projections:
                     h_s = self.projections[str(s)](h_s)
-                h_t = batch.hidden[tl][mask]                             # [n, H_t]
+                h_t = batch.hidden[tl].index_select(0, pos)              # [n, H_t]
                 for t in hidden_terms:
                     sums[t.name] = sums[t.name] + hidden_loss(t.kind, h_s, h_t).sum()
         return sums

@@ -472,6 +472,24 @@ class Trainer:
             self.save(state)
         return last
 
+    def forward_backward(self, batches: list[PackedBatch], counts: dict[str, float]
+                         ) -> dict[str, torch.Tensor]:
+        """Forward and backward of a step's micro-batches (gradients accumulated); returns the
+        loss terms' sums on the device. Nothing here waits for the device: the host queues the
+        backward while the GPU still runs the forward."""
+        self.model.train()
+        acc: dict[str, torch.Tensor] = {}
+        for i, b in enumerate(batches):
+            b = b.to(self.device)
+            with no_sync(self.model, skip=i < len(batches) - 1):
+                with autocast_for(self.device, self.bf16):
+                    out = self.model(b)
+                    loss = weighted_loss(out, self.objective, counts) * self.dist.world_size
+                loss.backward()
+            for k, v in out.items():
+                acc[k] = acc[k] + v.detach().double() if k in acc else v.detach().double()
+        return acc
+
     def train_step(self, batches: list[PackedBatch]) -> dict:
         """One optimizer step over this rank's micro-batches; returns global metrics, with
         ``stage_s``: seconds of ``forward_backward`` and ``optimizer`` (clipping, the update,
@@ -482,18 +500,7 @@ class Trainer:
             for k, v in b.counts().items():
                 counts[k] += v
         counts = self.dist.all_reduce_sum(counts)            # normalizers of the global batch
-        self.model.train()
-        acc: dict[str, torch.Tensor] = {}
-        for i, b in enumerate(batches):
-            b = b.to(self.device)
-            with no_sync(self.model, skip=i < len(batches) - 1):
-                with autocast_for(self.device, self.bf16):
-                    out = self.model(b)
-                    loss = weighted_loss(out, self.objective, counts) * self.dist.world_size
-                loss.backward()
-            for k, v in out.items():                         # no device sync per micro-batch
-                acc[k] = acc[k] + v.detach().double() if k in acc else v.detach().double()
-        sums = {k: float(v) for k, v in acc.items()}
+        sums = {k: float(v) for k, v in self.forward_backward(batches, counts).items()}
         t1 = time.perf_counter()
         params = [p for p in self.module.parameters() if p.requires_grad]
         max_norm = self.cfg.optim.max_grad_norm

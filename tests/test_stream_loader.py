@@ -65,7 +65,11 @@ def test_batches_align_teacher_rows_labels_and_hidden(dataset, packing):
             want = torch.stack([doc.hidden[layer][p] for doc, p in pos_doc]).float()
             assert torch.equal(b.hidden[layer], want)
         expect_mask = [True if d.loss_mask is None else bool(d.loss_mask[p]) for d, p in pos_doc]
-        assert b.hidden_mask.tolist() == expect_mask
+        assert b.hidden_pos.tolist() == [i for i, m in enumerate(expect_mask) if m]
+        assert b.bounds == bounds
+        assert b.counts() == {"kd_rows": int(b.has_teacher.sum()),
+                              "ce_rows": int((b.labels != IGNORE).sum()),
+                              "hidden_tokens": sum(expect_mask), "tokens": bounds[-1]}
         for r, pos in enumerate(b.row_pos.tolist()):
             doc, p = pos_doc[pos]
             assert expect_mask[pos]

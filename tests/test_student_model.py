@@ -49,15 +49,17 @@ def test_hidden_states_indexing_and_final_norm():
     assert model.get_output_embeddings() is model.lm_head
 
 
-@pytest.mark.parametrize("how", ["cu_seqlens", "position_ids"])
+@pytest.mark.parametrize("how", ["cu_seqlens", "cu_seqlens_cpu", "both", "position_ids"])
 def test_packed_documents_do_not_interact(how):
     model = tiny_model()
     docs = [tokens(n, seed=s) for n, s in [(7, 1), (70, 2), (1, 3), (30, 4)]]
     packed = torch.cat(docs, 1)
     lengths = [d.shape[1] for d in docs]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    kwargs = ({"cu_seqlens": cu} if how == "cu_seqlens" else
-              {"position_ids": torch.cat([torch.arange(n) for n in lengths])[None]})
+    kwargs = {"cu_seqlens": {"cu_seqlens": cu}, "cu_seqlens_cpu": {"cu_seqlens_cpu": cu},
+              "both": {"cu_seqlens": cu, "cu_seqlens_cpu": cu},
+              "position_ids": {"position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+              }[how]
     with torch.no_grad():
         out = model(packed, output_hidden_states=True, **kwargs)
         for i, doc in enumerate(docs):
@@ -173,6 +175,10 @@ def test_bad_inputs_raise_config_errors():
         model(x, cu_seqlens=torch.tensor([0, 5, 10]))
     with pytest.raises(ConfigError, match="from 0 to the row length"):
         model(x[:1], cu_seqlens=torch.tensor([0, 5, 9]))
+    with pytest.raises(ConfigError, match="from 0 to the row length"):
+        model(x[:1], cu_seqlens_cpu=torch.tensor([0, 5, 9]))
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        model(x[:1], cu_seqlens_cpu=torch.tensor([0, 5, 5, 10]))
     with pytest.raises(ConfigError, match="use_cache"):
         model(x[:1], cu_seqlens=torch.tensor([0, 5, 10]), use_cache=True)
 

@@ -5,8 +5,11 @@ DDP/FSDP2 over two GPUs with NCCL matching one GPU."""
 from __future__ import annotations
 
 import json
+import linecache
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +66,36 @@ def test_fla_and_torch_backends_agree_on_the_first_steps(toy, tmp_path):
                                                      "train.max_steps": 3}))).train()
         runs[backend] = [r["loss"] for r in _records(out / "run") if r["kind"] == "train"]
     assert runs["fla"] == pytest.approx(runs["torch"], rel=2e-3)
+
+
+def test_kdpipe_code_never_waits_for_the_device_inside_a_step(toy, tmp_path):
+    """From the batches handed out to the last backward, no line of kdpipe makes the host wait
+    for the GPU (a read-back, a mask index, a copy from pageable memory): each such wait drains
+    the queue the host had built ahead, and the rest of the step is then launch-bound. Waits
+    inside the kernels' own libraries are allowed, and printed, as are those of the backward
+    pass: autograd reports them at the ``backward()`` call, whoever made them."""
+    from kdpipe.student_train.train_config import load_config
+    from kdpipe.student_train.trainer import Trainer
+    root = str(Path(__file__).resolve().parents[1])
+    trainer = Trainer(load_config(None, _sets(toy, tmp_path, **{"train.compile": "none"})))
+    for step in range(2):                  # the second step runs with warm caches
+        batches, _ = trainer.batches.next_step(prefetch_next=True)
+        counts = {k: float(sum(b.counts()[k] for b in batches)) for k in batches[0].counts()}
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                trainer.forward_backward(batches, counts)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        waits = sorted({(w.filename, w.lineno) for w in caught
+                        if "synchronizing" in str(w.message)})
+        print(f"step {step}: synchronizing calls at", waits)
+        ours = [w for w in waits if w[0].startswith(root) and "site-packages" not in w[0]
+                and ".backward(" not in linecache.getline(*w)]
+        assert not ours, ours
+    trainer.batches.close()
 
 
 def _head_peak(chunk: int, R=16384, H=512, V=128_000, k=32) -> int:

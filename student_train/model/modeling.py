@@ -162,7 +162,8 @@ class KDAHybridModel(KDAHybridPreTrainedModel):
                 cache: KDAHybridCache | None = None,
                 inputs_embeds: torch.Tensor | None = None,
                 use_cache: bool | None = None,
-                output_hidden_states: bool | None = None) -> KDAHybridModelOutput:
+                output_hidden_states: bool | None = None,
+                cu_seqlens_cpu: torch.Tensor | None = None) -> KDAHybridModelOutput:
         """Run the decoder stack.
 
         Args:
@@ -170,6 +171,8 @@ class KDAHybridModel(KDAHybridPreTrainedModel):
             attention_mask: accepted for compatibility; must be all ones (no padding).
             position_ids: ``[B, T]``; in a single row, restarts at 0 mark document starts.
             cu_seqlens: int ``[n_docs + 1]`` document boundaries of one packed row (``B == 1``).
+            cu_seqlens_cpu: the same on the host, if the caller has them there: nothing is then
+                read back from the device to lay the row out.
             cache: a ``KDAHybridCache`` to continue from; it is updated in place.
             use_cache: return a cache (default: ``config.use_cache`` in eval mode, unpacked input).
             output_hidden_states: also return the per-layer hidden states.
@@ -184,7 +187,8 @@ class KDAHybridModel(KDAHybridPreTrainedModel):
                               "cu_seqlens (or position_ids restarting at 0) instead of padding")
         past_length = cache.get_seq_length() if cache is not None else 0
         layout = SequenceLayout.build(B, T, inputs_embeds.device, cu_seqlens=cu_seqlens,
-                                      position_ids=position_ids, past_length=past_length)
+                                      position_ids=position_ids, past_length=past_length,
+                                      cu_seqlens_cpu=cu_seqlens_cpu)
         packed = layout.cu_seqlens is not None
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and not packed
@@ -262,6 +266,7 @@ class KDAHybridForCausalLM(KDAHybridPreTrainedModel, GenerationMixin):
                 use_cache: bool | None = None,
                 output_hidden_states: bool | None = None,
                 cu_seqlens: torch.Tensor | None = None,
+                cu_seqlens_cpu: torch.Tensor | None = None,
                 return_logits: bool = True,
                 logits_to_keep: int = 0,
                 **kwargs) -> KDAHybridCausalLMOutput:
@@ -286,7 +291,7 @@ class KDAHybridForCausalLM(KDAHybridPreTrainedModel, GenerationMixin):
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cu_seqlens=cu_seqlens, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states)
+                         output_hidden_states=output_hidden_states, cu_seqlens_cpu=cu_seqlens_cpu)
         logits = loss = None
         if return_logits:
             hidden = out.last_hidden_state

@@ -13,6 +13,7 @@ identical content. Rounds start from an empty output until ``--kills`` kills hav
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import signal
@@ -59,12 +60,21 @@ def kill_loop(cmd: list[str], out: Path, kills: int, max_delay: float,
 
 
 def compare(reference: Path, out: Path) -> dict:
+    """Whether ``out`` equals ``reference``, and where it does not: the decoded arrays that
+    differ or exist in one dataset only, the shards whose bytes differ, the record counts."""
     a, b = dump_arrays(str(reference)), dump_arrays(str(out))
-    same_arrays = sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    differ = sorted(k for k in a.keys() & b.keys()
+                    if not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"))
+    one_side = sorted(a.keys() ^ b.keys())
     ma, mb = Dataset(str(reference)).manifest, Dataset(str(out)).manifest
-    return {"same_arrays": same_arrays,
-            "same_shards": [s.sha256 for s in ma.shards] == [s.sha256 for s in mb.shards],
-            "same_records": ma.records == mb.records, "documents": mb.documents}
+    shards = [(s.file, s.sha256) for s in ma.shards], [(s.file, s.sha256) for s in mb.shards]
+    return {"same_arrays": not differ and not one_side,
+            "same_shards": shards[0] == shards[1],
+            "same_records": ma.records == mb.records, "documents": mb.documents,
+            "arrays_differing": differ, "arrays_in_one_only": one_side,
+            "shards_differing": sorted({f for f, _ in set(shards[0]) ^ set(shards[1])}),
+            "records": None if ma.records == mb.records else
+            {"reference": dataclasses.asdict(ma.records), "resumed": dataclasses.asdict(mb.records)}}
 
 
 def run(model: str, data: Path, extra: list[str], kills: int, seed: int, work: Path) -> dict:

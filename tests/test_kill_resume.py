@@ -24,5 +24,5 @@ def test_random_kills_then_resume_equal_uninterrupted(tmp_path, teacher_dir, wri
     r = bench_kill_resume.run(str(teacher_dir), data, extra.split(), kills=3, seed=7,
                               work=tmp_path)
     assert r["kills"] == 3                      # every kill landed mid-capture
-    assert r["same_arrays"] and r["same_shards"] and r["same_records"]
+    assert r["same_arrays"] and r["same_shards"] and r["same_records"], r["rounds"]
     assert r["documents"] == 10

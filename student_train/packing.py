@@ -130,11 +130,20 @@ class PackedBatch:
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         """Mark the CUDA tensors as used on ``stream``, so the allocator keeps their memory
         until that stream's work is done (they were made on another stream)."""
-        self._map(lambda t: t.record_stream(stream) if t.is_cuda else None)
+        for t in self._tensors():
+            if t.is_cuda:
+                t.record_stream(stream)
 
     def pin_memory(self) -> "PackedBatch":
         """Called by a DataLoader with ``pin_memory=True`` (CUDA training)."""
         return self._map(lambda t: t if t.is_cuda else t.pin_memory())
+
+    def _tensors(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                yield v
+        yield from self.hidden.values()
 
     def _map(self, fn) -> "PackedBatch":
         """A batch with ``fn`` applied to every tensor."""

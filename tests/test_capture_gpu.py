@@ -42,6 +42,18 @@ def test_cuda_topk_equals_cpu_and_float64(vocab, dtype):
                                atol=4e-6, rtol=0)
 
 
+def test_topk_never_waits_for_the_device():
+    """Every shape inside the top-k follows from the input's: nothing is read back, so a
+    capture's host goes on queueing while the GPU computes it."""
+    x = logits(300, 128004, torch.bfloat16).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        topk_logprobs(x, 128)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_fp8_hidden_encoding_on_cuda_is_bitwise_the_cpu_encoding():
     x = (torch.randn(257, 2560) * torch.logspace(-2, 2, 2560)).to(torch.bfloat16)
     to_fp8 = lambda v: v.to(torch.float8_e4m3fn)   # noqa: E731

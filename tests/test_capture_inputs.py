@@ -76,13 +76,16 @@ def test_hidden_layer_spec():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("vocab,k", [(1000, 32), (50, 50), (300, 1), (20000, 128), (9000, 5)])
+@pytest.mark.parametrize("vocab,k", [(1000, 32), (50, 50), (300, 1), (20000, 128), (9000, 5),
+                                     (64 * 128, 128), (64 * 129, 128), (64 * 129 + 1, 128),
+                                     (128004, 128)])
 def test_topk_is_exact_with_ties_by_id(vocab, k, dtype):
     g = torch.Generator().manual_seed(vocab + k)
     x = torch.randn(257, vocab, generator=g) * 3
     x[:80] = torch.randint(0, 3, (80, vocab), generator=g).float()  # massive ties
     x[80:120, 3:90] = 2.5                                           # ties across the boundary
     x[120:140, -70:] = 9.0                                          # winners in the last group
+    x[140:200] = torch.randn(60, vocab, generator=g) * 0.05         # flat: ties near the k-th
     x = x.to(dtype)
     ids, lp = topk_logprobs(x, k)
     # independent reference in float64: lexicographic (logit desc, id asc) by a stable sort

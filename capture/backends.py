@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kdpipe.runtime import auto_dtype, torch_dtype
+from kdpipe.runtime import auto_dtype, to_device, torch_dtype
 from kdpipe.schemas import ConfigError, TeacherInfo
 
 from .sampling import document_generator, sample_rows
@@ -25,8 +25,8 @@ CAPTURE_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class SequenceOutput:
-    topk_ids: torch.Tensor          # [T, k] int64, CPU ([T, 0] when sampling)
-    topk_logprobs: torch.Tensor     # [T, k] float32, CPU
+    topk_ids: torch.Tensor          # [T, k] int64, backend's device ([T, 0] when sampling)
+    topk_logprobs: torch.Tensor     # [T, k] float32, backend's device
     hidden: dict[int, torch.Tensor]  # layer -> [T, H] in the capture dtype, backend's device
     sample_ids: torch.Tensor | None = None      # [T, draws] int64, CPU (sampling only)
     sample_counts: torch.Tensor | None = None   # [T, draws] int32, CPU
@@ -202,7 +202,13 @@ class HFBackend:
                       doc_ids: list[str] | None = None) -> list[SequenceOutput]:
         """Run right-padded sequences in one forward; the LM head and top-k run in chunks so
         logits never exist for more than ``chunk_tokens`` positions at once. With
-        ``sampling``, ``doc_ids`` (one per sequence) seed the sequences' draws."""
+        ``sampling``, ``doc_ids`` (one per sequence) seed the sequences' draws.
+
+        On a GPU the top-k rows stay there, like the hidden states, and nothing here reads the
+        device back: the inputs go up from page-locked memory and the real positions are
+        gathered by an index built on the host. The call returns with the window queued, and
+        the host prepares the next one while the GPU runs this one; whoever copies the
+        results out waits for them then."""
         lengths = [len(s) for s in seqs]
         B, L = len(seqs), max(lengths)
         pad = self.tokenizer.pad_token_id or 0
@@ -211,13 +217,17 @@ class HFBackend:
         for b, s in enumerate(seqs):
             ids[b, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
             mask[b, : len(s)] = 1
+        real = torch.from_numpy(np.concatenate([b * L + np.arange(n)
+                                                for b, n in enumerate(lengths)]))
+        ids, mask, real = (to_device(t, self.device) for t in (ids, mask, real))
         self._captured.clear()
-        out = self._base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+        # without padding, no mask: transformers would read an all-ones mask back to drop it
+        out = self._base(input_ids=ids, attention_mask=mask if min(lengths) < L else None,
                          use_cache=False)
         h = out.last_hidden_state                                    # [B, L, H] after final norm
-        valid = mask.bool().view(-1).to(self.device)
-        flat = h.reshape(B * L, -1)[valid]                          # real positions only
-        hidden = {layer: t.reshape(B * L, -1)[valid] for layer, t in self._captured.items()}
+        flat = h.reshape(B * L, -1).index_select(0, real)           # real positions only
+        hidden = {layer: t.reshape(B * L, -1).index_select(0, real)
+                  for layer, t in self._captured.items()}
         if self.sampling is not None:
             return self._sampled(flat, lengths, hidden, doc_ids, chunk_tokens)
         top_ids, top_lps = [], []
@@ -225,8 +235,7 @@ class HFBackend:
             i, lp = topk_logprobs(self._logits(flat[start:start + chunk_tokens]), self.top_k)
             top_ids.append(i)
             top_lps.append(lp)
-        all_ids = torch.cat(top_ids).cpu()
-        all_lps = torch.cat(top_lps).cpu()
+        all_ids, all_lps = torch.cat(top_ids), torch.cat(top_lps)
         # hidden states stay on the device: the codec encodes them there (fewer bytes to copy)
         results, pos = [], 0
         for n in lengths:

@@ -13,7 +13,8 @@ CUDA) or by a writer thread of this process (``--writer thread``; the default on
 which write the same bytes.
 
 The run's seconds per stage (``CaptureSummary.stages``, printed by ``kdpipe capture``) are the
-teacher's process's ``read``, ``tokenize``, ``forward`` (teacher forward, top-k, hidden states),
+teacher's process's ``read``, ``tokenize``, ``forward`` (teacher forward, top-k, hidden states;
+on a GPU the time to queue them, which the GPU then runs while the host goes on),
 ``stage`` (process writer only: hidden states encoded on the GPU, the window copied into
 shared memory) and ``wait_writer``; the writer's ``write_window``, and inside it the
 ``PartWriter``'s ``encode_topk`` (summed over its encoder threads), ``encode_hidden``,

@@ -96,8 +96,11 @@ def write_window(prepared: list, outputs: list, writer: PartWriter, long_documen
             tdocs = []
             for did, ids, mask, si in docs:
                 out = outputs[si]
-                tdocs.append(TeacherDocument(doc_id=did, input_ids=ids, topk_ids=out.topk_ids,
-                                             topk_logprobs=out.topk_logprobs, loss_mask=mask,
+                # rows left on the GPU come out here, on the writer's stream, once the
+                # window's forward is done (the encoders read them on the host)
+                tdocs.append(TeacherDocument(doc_id=did, input_ids=ids,
+                                             topk_ids=out.topk_ids.cpu(),
+                                             topk_logprobs=out.topk_logprobs.cpu(), loss_mask=mask,
                                              hidden=out.hidden, record_index=index,
                                              sample_ids=out.sample_ids,
                                              sample_counts=out.sample_counts))

@@ -1,5 +1,6 @@
 """Process-level helpers that capture, the codec library and training share: the device a run
-uses, dtype names, the stop signals, and seconds per stage.
+uses, dtype names, host-to-device copies that do not wait, the stop signals, and seconds per
+stage.
 
 The lowest layer: it imports nothing of kdpipe, so its errors are ``ValueError`` with a
 message a stage wraps into its own error type (naming its option).
@@ -52,6 +53,16 @@ def resolve_device(name: str, *, local_rank: int | None = None) -> torch.device:
         if device.index is not None:
             torch.cuda.set_device(device)
     return device
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t``, built on the host, on ``device``. To a GPU it goes from page-locked memory, so
+    the copy is queued on the current stream: a copy from pageable memory would first wait for
+    everything queued before it, and the host would stop running ahead of the GPU."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class Interrupted(BaseException):

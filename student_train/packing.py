@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from kdpipe.runtime import to_device
 from kdpipe.schemas import TeacherDocument
 
 IGNORE = -100
@@ -243,8 +244,8 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
     s_w = torch.cat([w for _, w in samples])
     sel = rows[row_pos]
     dev = topk_ids.device              # decoded on the training device or on the CPU
-    has_teacher = _on(torch.from_numpy(sel >= 0), dev)
-    sel_t = _on(torch.from_numpy(np.where(sel >= 0, sel, 0)), dev)
+    has_teacher = to_device(torch.from_numpy(sel >= 0), dev)
+    sel_t = to_device(torch.from_numpy(np.where(sel >= 0, sel, 0)), dev)
     if len(topk_ids):
         r_ids = topk_ids[sel_t] * has_teacher[:, None]
         r_lps = topk_lps[sel_t] * has_teacher[:, None]
@@ -258,21 +259,21 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
         r_sids = torch.zeros(len(sel), draws, dtype=torch.long, device=dev)
         r_sw = torch.zeros(len(sel), draws, device=dev)
     hidden = {}
-    gather_t = _on(torch.from_numpy(gather), dev)
+    gather_t = to_device(torch.from_numpy(gather), dev)
     for layer in hidden_layers:
         h = torch.cat([docs[key].hidden[layer] for key in keys])
         hidden[layer] = h[gather_t]
     cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])).int()
     hidden_pos = np.nonzero(loss)[0]
     return PackedBatch(
-        input_ids=_on(torch.from_numpy(ids)[None], dev),
-        cu_seqlens=_on(cu, dev),
-        row_pos=_on(torch.from_numpy(row_pos), dev),
-        labels=_on(torch.from_numpy(labels[row_pos]), dev),
+        input_ids=to_device(torch.from_numpy(ids)[None], dev),
+        cu_seqlens=to_device(cu, dev),
+        row_pos=to_device(torch.from_numpy(row_pos), dev),
+        labels=to_device(torch.from_numpy(labels[row_pos]), dev),
         has_teacher=has_teacher,
         topk_ids=r_ids, topk_logprobs=r_lps,
         tail=r_tail,
-        hidden_pos=_on(torch.from_numpy(hidden_pos), dev),
+        hidden_pos=to_device(torch.from_numpy(hidden_pos), dev),
         sample_ids=r_sids, sample_weights=r_sw,
         hidden=hidden,
         doc_ids=[docs[key].doc_id for key, _, _ in pieces],
@@ -280,14 +281,6 @@ def assemble(docs: dict[int, TeacherDocument], pieces: list[tuple[int, int, int]
         bounds=cu.tolist(),
         sizes={"kd_rows": int((sel >= 0).sum()), "ce_rows": int((labels[row_pos] != IGNORE).sum()),
                "hidden_tokens": len(hidden_pos), "tokens": int(lengths.sum())})
-
-
-def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A tensor built on the host, on the batch's device: copied from page-locked memory, so
-    the copy is queued on the current stream rather than waiting for it."""
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _filler(k: int, hidden_layers, hidden_size: int, draws: int) -> PackedBatch:

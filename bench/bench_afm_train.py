@@ -81,12 +81,22 @@ def config(out: str, data: str, student_dir: str, recipe: str, seq_len: int,
         "log": {"tensorboard": False, "progress": False}}).validate()
 
 
+def student_config():
+    cfg = student_config_from_teacher(afm_4p5b_config(), "3:1")
+    cfg.kda_backend = "fla"
+    return cfg
+
+
+def sharded(args) -> bool:
+    """Whether rows may run under FSDP2 (several processes, ``auto`` may choose it), which
+    shards a student's parameters in place: each row then builds its own."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.strategy != "ddp"
+
+
 def make_student() -> KDAHybridForCausalLM:
     """The 3:1 hybrid with random weights rounded to bf16, as converted from a bf16 teacher."""
-    student_cfg = student_config_from_teacher(afm_4p5b_config(), "3:1")
-    student_cfg.kda_backend = "fla"
     with torch.device("cuda"):
-        student = KDAHybridForCausalLM(student_cfg)
+        student = KDAHybridForCausalLM(student_config())
     with torch.no_grad():
         for p in student.parameters():
             p.copy_(p.bfloat16().float())
@@ -145,8 +155,8 @@ class WithTargets:
 
 def run_row(recipe: str, seq_len: int, recompute: str, compiled: str, *, student, args,
             teacher=None) -> dict:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.strategy != "ddp":
-        student = make_student()      # FSDP2 (auto may choose it) shards parameters in place
+    if sharded(args):
+        student = make_student()
     for p in student.parameters():              # a row before may have frozen and packed them
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -307,9 +317,9 @@ def main() -> None:
     torch.cuda.set_device(local)
 
     # one student for every row (FSDP2: one per row), float32 master copy on the GPU
-    student = make_student()
+    student = None if sharded(args) else make_student()
     args.student_dir = tempfile.mkdtemp(prefix="afm-student-")
-    student.config.save_pretrained(args.student_dir)   # the config the Trainer checks against
+    student_config().save_pretrained(args.student_dir)   # the config the Trainer checks against
     rows = []
     meta = {"machine": gpu_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "command": " ".join(sys.argv), "steps": args.steps, "repeats": args.repeats,

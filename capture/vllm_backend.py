@@ -425,6 +425,21 @@ def prompt_topk(out, k: int, T: int, where: str) -> tuple[np.ndarray, np.ndarray
     return sort_rows(np.concatenate([ids, gids]), np.concatenate([vals, gvals]))
 
 
+def _engine_environment(dtype: str) -> None:
+    """Settings vLLM's engine processes read from the environment, for a CUDA engine; a value
+    the user set is kept.
+
+    * Start the engine by spawning: a forked engine process cannot use CUDA once this process
+      has touched it, and vLLM itself may do so while configuring, after its own check.
+    * ``--dtype float32`` means float32 arithmetic: Triton runs float32 ``tl.dot`` in TF32
+      unless told otherwise, and vLLM's Triton attention would then differ from a float32
+      forward by about 1e-3 per layer.
+    """
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if dtype == "float32":
+        os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+
+
 class VLLMBackend:
     """A teacher run by vLLM; hidden states and (by default) top-k from in-worker hooks."""
 
@@ -508,10 +523,8 @@ class VLLMBackend:
         kw.update(engine_args)
         self.engine_args = kw
         self._slot = SharedSlot()      # the workers' arrays, each window (vllm_transfer)
-        if device == "cuda" and torch.cuda.is_initialized():
-            # this process holds a CUDA context (a transformers teacher ran before, or the
-            # caller's own work): a forked engine process could not use CUDA, so spawn it
-            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        if device == "cuda":
+            _engine_environment(dtype)
         self.llm = vllm.LLM(**kw)
         self._vllm = vllm
         engine_vocab = self.llm.llm_engine.model_config.get_vocab_size()

@@ -19,8 +19,8 @@ import torch
 
 from kdpipe.capture import run as capture_run
 from kdpipe.capture.run import CaptureOptions, run_capture
-from kdpipe.capture.vllm_backend import (AlignmentError, _flat_topk, align_rows, prompt_topk,
-                                         real_tokens, sort_rows)
+from kdpipe.capture.vllm_backend import (AlignmentError, _engine_environment, _flat_topk,
+                                         align_rows, prompt_topk, real_tokens, sort_rows)
 from kdpipe.compress import Dataset
 from kdpipe.compress.verify import dump_arrays, verify_dataset
 from kdpipe.schemas import ConfigError
@@ -361,3 +361,20 @@ def test_vllm_options_need_the_vllm_backend(teacher_dir, tmp_path):
         run_capture(CaptureOptions(model=str(teacher_dir), data=str(data),
                                    out=str(tmp_path / "ds"),
                                    vllm_options={"tensor_parallel_size": 2}, progress=False))
+
+
+def test_cuda_engine_environment_spawns_and_keeps_float32_exact(monkeypatch):
+    """A CUDA engine is spawned, and a float32 one computes its Triton dots in float32; what
+    the user set stays."""
+    for name in ("VLLM_WORKER_MULTIPROC_METHOD", "TRITON_F32_DEFAULT"):
+        monkeypatch.delenv(name, raising=False)
+    _engine_environment("bfloat16")
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert "TRITON_F32_DEFAULT" not in os.environ
+    _engine_environment("float32")
+    assert os.environ["TRITON_F32_DEFAULT"] == "ieee"
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "tf32")
+    _engine_environment("float32")
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
+    assert os.environ["TRITON_F32_DEFAULT"] == "tf32"

@@ -21,6 +21,7 @@ on the order of the requests (prefix caching serving some prompt positions from 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -49,6 +50,19 @@ TOP1_MIN = 0.99            # float32: share of positions with the same top-1 id
 SHARED_LP_MAX = 2e-3       # float32: mean |delta log-prob| over ids both top-k rows hold
 HIDDEN_COS_MIN = 0.999     # float32: worst hidden-state cosine
 BF16_VS_CONTROL = 2.0      # bf16: vLLM vs transformers, against transformers vs itself
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_engine_environment():
+    """The backend sets vLLM's and Triton's environment for its engines (spawn; float32 dots
+    in float32); later tests in this process get the environment they started with."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("VLLM_WORKER_MULTIPROC_METHOD", "TRITON_F32_DEFAULT"):
+            if name in os.environ:
+                mp.setenv(name, os.environ[name])
+            else:
+                mp.delenv(name, raising=False)
+        yield
 
 
 @pytest.fixture(scope="module")

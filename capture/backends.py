@@ -28,8 +28,8 @@ class SequenceOutput:
     topk_ids: torch.Tensor          # [T, k] int64, backend's device ([T, 0] when sampling)
     topk_logprobs: torch.Tensor     # [T, k] float32, backend's device
     hidden: dict[int, torch.Tensor]  # layer -> [T, H] in the capture dtype, backend's device
-    sample_ids: torch.Tensor | None = None      # [T, draws] int64, CPU (sampling only)
-    sample_counts: torch.Tensor | None = None   # [T, draws] int32, CPU
+    sample_ids: torch.Tensor | None = None      # [T, draws] int64, backend's device (sampling)
+    sample_counts: torch.Tensor | None = None   # [T, draws] int32, backend's device
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,8 @@ class HFBackend:
 
     def _sampled(self, flat: torch.Tensor, lengths: list[int], hidden: dict[int, torch.Tensor],
                  doc_ids: list[str] | None, chunk_tokens: int) -> list[SequenceOutput]:
-        """Each sequence's draws, from its own generator, in chunks of positions."""
+        """Each sequence's draws, from its own generator, in chunks of positions; like the
+        top-k rows they stay on the device until the writer copies them."""
         s = self.sampling
         if doc_ids is None or len(doc_ids) != len(lengths):
             raise ValueError("sampling needs one document id per sequence")
@@ -262,6 +263,6 @@ class HFBackend:
             empty = torch.zeros(n, 0, dtype=torch.long)
             results.append(SequenceOutput(empty, empty.float(),
                                           {k: v[pos:pos + n] for k, v in hidden.items()},
-                                          torch.cat(ids).cpu(), torch.cat(counts).cpu()))
+                                          torch.cat(ids), torch.cat(counts)))
             pos += n
         return results

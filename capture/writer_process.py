@@ -102,11 +102,15 @@ def write_window(prepared: list, outputs: list, writer: PartWriter, long_documen
                                              topk_ids=out.topk_ids.cpu(),
                                              topk_logprobs=out.topk_logprobs.cpu(), loss_mask=mask,
                                              hidden=out.hidden, record_index=index,
-                                             sample_ids=out.sample_ids,
-                                             sample_counts=out.sample_counts))
+                                             sample_ids=_host(out.sample_ids),
+                                             sample_counts=_host(out.sample_counts)))
             writer.add_record(index, tdocs, truncated=cut and long_documents == "truncate",
                               split=cut and long_documents == "split")
         writer.end_window(commit=True)   # every window is durable once written
+
+
+def _host(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
 
 
 # -- the teacher's side ---------------------------------------------------------------------

@@ -472,3 +472,17 @@ def test_cuda_draws_are_seeded_and_unbiased():
     blob = c.encode_samples(a[0].cpu().numpy(), a[1].cpu().numpy())
     got = c.decode_samples([blob[0]], [blob[1]], [4096], "cuda")
     assert torch.equal(got[0], a[0]) and torch.equal(got[1], a[1])
+
+
+@pytest.mark.gpu
+def test_cuda_draws_never_wait_for_the_device():
+    """A document's generator and its draws are queued like the top-k: nothing is read back,
+    so a sampled capture's host goes on while the GPU draws."""
+    logits = torch.randn(300, 49152, device="cuda").bfloat16()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sample_rows(logits, 32, temperature=1.0,
+                    generator=document_generator(0, "doc", "cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -15,11 +15,17 @@ back to the capture process), not tokenization or Parquet writes. Rows:
 * vllm prefill: ``LLM.generate`` with max_tokens=1 and no logprobs on the same engine (eager,
   the capture hooks installed but disarmed): vLLM's own speed, what capture is measured against;
 * vllm capture, worker top-k: the default route, top-k inside vLLM's workers, without and with
-  ``--hidden-layers`` (hidden states cross vLLM's worker RPC to this process);
+  ``--hidden-layers`` (the workers hand their arrays over through shared memory,
+  ``capture/vllm_transfer.py``);
 * vllm capture, prompt-logprobs: top-k from vLLM's ``prompt_logprobs``;
 * hf capture: ``HFBackend.forward_batch`` in windows of ``--hf-batch-tokens`` (hidden states
   stay on the GPU, as kdpipe's writer encodes them there);
 * hf plain forward: the decoder and the last position's logits, same windows.
+
+For the vLLM capture rows a last table splits a run's seconds into the backend's stages
+(``VLLMBackend.times``): vLLM's generate, the workers finishing their copies to the host,
+the hand-over into this process's shared memory, the alignment of rows to documents, and
+building each document's rows.
 
 With ``--tensor-parallel-size N`` the vLLM rows run one engine split over the first N GPUs
 (the transformers rows stay on one); ``tokens_per_s_per_gpu`` divides by N.
@@ -88,9 +94,12 @@ def used_gib(device: str, gpus: int = 1) -> float | None:
     return used / 2**30
 
 
-def measure(what: str, fn, tokens: int, repeats: int, device: str, memory) -> dict:
-    """tokens/s of ``fn()`` over ``repeats`` timed runs after one warm-up."""
+def measure(what: str, fn, tokens: int, repeats: int, device: str, memory,
+            stages=None) -> dict:
+    """tokens/s of ``fn()`` over ``repeats`` timed runs after one warm-up; with ``stages``
+    (the backend's ``StageTimes``), the seconds of a run in each of its stages."""
     fn()
+    before = stages.as_dict() if stages is not None else {}
     speeds, peak = [], memory()
     for _ in range(repeats):
         if device == "cuda":
@@ -104,6 +113,10 @@ def measure(what: str, fn, tokens: int, repeats: int, device: str, memory) -> di
         peak = m if peak is None else max(peak, m)
     row = {"what": what, "tokens_per_s": statistics.median(speeds), "min": min(speeds),
            "max": max(speeds), "repeats": speeds, "peak_gpu_gib": peak}
+    if stages is not None:
+        row["run_s"] = tokens / row["tokens_per_s"]
+        row["stages_s"] = {k: (v - before.get(k, 0.0)) / repeats
+                           for k, v in stages.as_dict().items()}
     print(f"  {what}: {row['tokens_per_s']:.0f} tokens/s", flush=True)
     return row
 
@@ -129,15 +142,15 @@ def vllm_rows(folder: Path, seqs: list, a, device: str, dtype: str, layers: list
         if layers:
             rows.append(measure(f"vllm capture, worker top-k, hidden {a.hidden_layers}",
                                 lambda: backend.forward_batch(seqs), tokens, a.repeats,
-                                device, mem))
+                                device, mem, backend.times))
         backend.llm.collective_rpc("kdpipe_install", args=([], a.top_k, True))
         backend.hidden_layers = []   # the same engine, hooks for the top-k only
         rows.append(measure("vllm capture, worker top-k", lambda: backend.forward_batch(seqs),
-                            tokens, a.repeats, device, mem))
+                            tokens, a.repeats, device, mem, backend.times))
         backend.topk_source = "prompt-logprobs"
         rows.append(measure("vllm capture, prompt-logprobs top-k",
                             lambda: backend.forward_batch(seqs), tokens, a.repeats, device,
-                            mem))
+                            mem, backend.times))
     finally:
         backend.close()
     return rows
@@ -239,6 +252,15 @@ def main() -> None:
                  ("min", "min", ".0f"), ("max", "max", ".0f"),
                  ("vs_vllm_prefill", "vs prefill", ".3f"),
                  ("peak_gpu_gib", "peak GiB", ".1f")])
+    staged = [r for r in rows if r.get("stages_s")]
+    if staged:
+        names = ["generate", "take", "hand_over", "align", "rows"]
+        print_table("where a vLLM capture run's seconds go (mean of the timed runs): generate; "
+                    "take (workers finish their copies to the host); hand_over (into this "
+                    "process's shared memory); align; rows (per-document top-k and hidden rows)",
+                    [dict(r, **r["stages_s"]) for r in staged],
+                    [("what", "what", "s"), ("run_s", "run s", ".3f")]
+                    + [(n, n, ".3f") for n in names])
     write_json(a.json, {"machine": machine, "model": "tiny" if tiny else "AFM-4.5B random bf16",
                         "docs": a.docs, "seq_len": a.seq_len, "top_k": a.top_k,
                         "hidden_layers": a.hidden_layers, "batch_tokens": a.batch_tokens,

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdpipe.runtime import StageTimes
 from kdpipe.schemas import ConfigError, KdpipeError, TeacherInfo
 
 from .backends import SequenceOutput
@@ -523,6 +524,7 @@ class VLLMBackend:
         kw.update(engine_args)
         self.engine_args = kw
         self._slot = SharedSlot()      # the workers' arrays, each window (vllm_transfer)
+        self.times = StageTimes()      # where forward_batch's seconds go, summed over calls
         if device == "cuda":
             _engine_environment(dtype)
         self.llm = vllm.LLM(**kw)
@@ -565,32 +567,38 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
         prompts = [TokensPrompt(prompt_token_ids=np.asarray(s).tolist()) for s in seqs]
         worker_topk = self.topk_source == "worker"
+        times = self.times
         if self.hooks:
             self.llm.collective_rpc("kdpipe_begin", args=(worker_topk,))
         try:
-            outs = self.llm.generate(prompts, self._sampling_params(), use_tqdm=False)
+            with times.time("generate"):
+                outs = self.llm.generate(prompts, self._sampling_params(), use_tqdm=False)
         finally:
-            payloads = (self.llm.collective_rpc("kdpipe_take", args=(host_id(),))
-                        if self.hooks else [])
-        arrays = fetch(payloads, self._write, self._slot) if self.hooks else []
+            with times.time("take"):       # the workers wait for their copies to the host
+                payloads = (self.llm.collective_rpc("kdpipe_take", args=(host_id(),))
+                            if self.hooks else [])
+        with times.time("hand_over"):
+            arrays = fetch(payloads, self._write, self._slot) if self.hooks else []
         lengths = [len(s) for s in seqs]
         if len(outs) != len(seqs):
             raise AlignmentError(f"vLLM returned {len(outs)} outputs for {len(seqs)} prompts")
-        rows = self._align(seqs, payloads) if self.hooks else None
-        if worker_topk:
-            ids_all, lps_all = self._worker_topk(arrays, sum(lengths))
-            tk = [(ids_all[r], lps_all[r]) for r in rows]
-        else:
-            tk = [prompt_topk(o, self.top_k, T, f"request {j}")
-                  for j, (o, T) in enumerate(zip(outs, lengths))]
-        hidden = self._hidden(arrays, sum(lengths)) if self.hidden_layers else {}
-        self.last_steps = [list(p["steps"]) for p in payloads][:1]   # rows per forward step
-        results = []
-        for j, (ids, lps) in enumerate(tk):
-            results.append(SequenceOutput(
-                torch.as_tensor(np.asarray(ids, dtype=np.int64)),
-                torch.as_tensor(np.asarray(lps, dtype=np.float32)),
-                {layer: t[torch.from_numpy(rows[j])] for layer, t in hidden.items()}))
+        with times.time("align"):
+            rows = self._align(seqs, payloads) if self.hooks else None
+        with times.time("rows"):
+            if worker_topk:
+                ids_all, lps_all = self._worker_topk(arrays, sum(lengths))
+                tk = [(ids_all[r], lps_all[r]) for r in rows]
+            else:
+                tk = [prompt_topk(o, self.top_k, T, f"request {j}")
+                      for j, (o, T) in enumerate(zip(outs, lengths))]
+            hidden = self._hidden(arrays, sum(lengths)) if self.hidden_layers else {}
+            self.last_steps = [list(p["steps"]) for p in payloads][:1]   # rows per step
+            results = []
+            for j, (ids, lps) in enumerate(tk):
+                results.append(SequenceOutput(
+                    torch.as_tensor(np.asarray(ids, dtype=np.int64)),
+                    torch.as_tensor(np.asarray(lps, dtype=np.float32)),
+                    {layer: t[torch.from_numpy(rows[j])] for layer, t in hidden.items()}))
         return results
 
     def _align(self, seqs, payloads) -> list[np.ndarray]:

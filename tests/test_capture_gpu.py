@@ -89,7 +89,8 @@ def tiny_teacher(tmp_path_factory):
 
 
 def _capture(teacher, data, out, codec: str, writer: str = "auto") -> list:
-    run_capture(CaptureOptions(model=str(teacher), data=str(data), out=str(out), top_k=16,
+    top_k = None if codec == "sampled" else 16      # the sampled codec keeps no top-k
+    run_capture(CaptureOptions(model=str(teacher), data=str(data), out=str(out), top_k=top_k,
                                hidden_layers=",".join(map(str, LAYERS)), codec=codec,
                                device="cuda", dtype="float32", window=4, max_seq_len=96,
                                progress=False, writer=writer))
@@ -125,10 +126,11 @@ def test_hidden_states_encoded_on_the_writer_stream(tmp_path, tiny_teacher, monk
             assert torch.equal(a.hidden[layer], b.hidden[layer]), (a.doc_id, layer)
 
 
-@pytest.mark.parametrize("codec", ["exact", "default"])
+@pytest.mark.parametrize("codec", ["exact", "default", "sampled"])
 def test_process_and_thread_writers_write_the_same_bytes_on_cuda(tmp_path, tiny_teacher, codec):
     """The process writer gets hidden states encoded on the GPU and copied through page-locked
-    shared memory; the thread writer encodes them on its own stream: the files are the same."""
+    shared memory; the thread writer encodes them on its own stream: the files are the same.
+    The top-k rows and the sampled draws leave the GPU in the writers too."""
     import hashlib
 
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in docstring_texts(16, 500)])

@@ -23,9 +23,9 @@ back to the capture process), not tokenization or Parquet writes. Rows:
 * hf plain forward: the decoder and the last position's logits, same windows.
 
 For the vLLM capture rows a last table splits a run's seconds into the backend's stages
-(``VLLMBackend.times``): vLLM's generate, the workers finishing their copies to the host,
-the hand-over into this process's shared memory, the alignment of rows to documents, and
-building each document's rows.
+(``VLLMBackend.times``): arming the workers with the window's shared-memory slot, vLLM's
+generate (the workers copy rows into the slot as each step runs), the workers finishing those
+copies, the alignment of rows to documents, and building each document's rows.
 
 With ``--tensor-parallel-size N`` the vLLM rows run one engine split over the first N GPUs
 (the transformers rows stay on one); ``tokens_per_s_per_gpu`` divides by N.
@@ -151,6 +151,9 @@ def vllm_rows(folder: Path, seqs: list, a, device: str, dtype: str, layers: list
         rows.append(measure("vllm capture, prompt-logprobs top-k",
                             lambda: backend.forward_batch(seqs), tokens, a.repeats, device,
                             mem, backend.times))
+        for r in rows[1:]:
+            r["slot_page_locked"] = backend.page_locked
+        print(f"  workers' slot page-locked: {backend.page_locked}", flush=True)
     finally:
         backend.close()
     return rows
@@ -254,10 +257,10 @@ def main() -> None:
                  ("peak_gpu_gib", "peak GiB", ".1f")])
     staged = [r for r in rows if r.get("stages_s")]
     if staged:
-        names = ["generate", "take", "hand_over", "align", "rows"]
-        print_table("where a vLLM capture run's seconds go (mean of the timed runs): generate; "
-                    "take (workers finish their copies to the host); hand_over (into this "
-                    "process's shared memory); align; rows (per-document top-k and hidden rows)",
+        names = ["begin", "generate", "take", "align", "rows"]
+        print_table("where a vLLM capture run's seconds go (mean of the timed runs): begin (arm "
+                    "the workers); generate; take (workers finish their copies into the "
+                    "shared-memory slot); align; rows (per-document top-k and hidden rows)",
                     [dict(r, **r["stages_s"]) for r in staged],
                     [("what", "what", "s"), ("run_s", "run s", ".3f")]
                     + [(n, n, ".3f") for n in names])

@@ -44,7 +44,7 @@ from kdpipe.schemas import ConfigError, KdpipeError, TeacherInfo
 from .backends import SequenceOutput
 from .teacher import teacher_info
 from .topk import topk_logprobs
-from .vllm_transfer import HostArrays, SharedSlot, fetch, from_wire, host_id, to_wire
+from .vllm_transfer import HostArrays, SlotMaps, SlotPool, SlotSink, from_wire, host_id
 
 EXTENSION = f"{__name__}.CaptureWorkerExtension"
 TOPK_SOURCES = ("worker", "prompt-logprobs")
@@ -94,7 +94,11 @@ def real_tokens(is_padding: torch.Tensor) -> int:
 
 
 class _WorkerCapture:
-    """Hooks on one worker's model; records each armed forward step."""
+    """Hooks on one worker's model; records each armed forward step.
+
+    Tensor-parallel ranks hold identical hidden states and top-k rows (the logits are
+    gathered onto rank 0), so only rank 0 records; the token ids and positions come from the
+    first pipeline stage, the top-k rows from the last."""
 
     def __init__(self, model, layers: list[int], top_k: int, want_topk: bool) -> None:
         from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
@@ -126,13 +130,27 @@ class _WorkerCapture:
             self.layers_here.append(layer)
         self.handles.append(model.register_forward_pre_hook(self._pre, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self._post, with_kwargs=True))
-        self.reset()
-
-    def reset(self) -> None:
+        self.maps = SlotMaps()
+        self.sink: SlotSink | HostArrays | None = None
         self.steps: list[int] = []
-        self.arrays = HostArrays()   # ids, pos, hidden.L, topk_ids, topk_lps per step
         self._cur: dict[int, torch.Tensor] = {}
-        self._n = 0
+        self._n = self._row = 0
+
+    def begin(self, want_topk: bool, driver_host: str, slot_id: str, specs: dict,
+              offsets: dict, live: list[str]) -> None:
+        """Arm for one window, whose rows go to the capture process's slot ``slot_id`` (laid
+        out as ``specs`` at ``offsets``), or into the reply for a capture process elsewhere."""
+        self.sink = None
+        if self.tp_rank == 0:
+            if driver_host == host_id():
+                self.maps.keep(live)
+                self.sink = SlotSink(self.maps.open(slot_id), specs, offsets)
+            else:
+                self.sink = HostArrays(specs)
+        self.want_topk = want_topk and self.pp_last
+        self.steps, self._row = [], 0
+        self._cur.clear()
+        self.armed = True
 
     def _layer_hook(self, layer: int):
         def hook(_module, _inputs, output):
@@ -166,18 +184,18 @@ class _WorkerCapture:
         if pos.dim() == 2:              # M-RoPE positions [3, T]: text tokens share them
             pos = pos[0]
         self._n = n
-        # copies: vLLM reuses these buffers for the next steps
-        self.arrays.add("ids", ids[:n], torch.int32)
-        self.arrays.add("pos", pos[:n], torch.int32)
+        if self.sink is not None and self.pp_first:   # copied: vLLM reuses these buffers
+            self.sink.put("ids", ids[:n], self._row)
+            self.sink.put("pos", pos[:n], self._row)
         self._cur.clear()
 
     def _post(self, _module, _args, _kwargs, output):
         if not self.armed:
             return
-        n = self._n
-        for layer, t in self._cur.items():
-            if self.tp_rank == 0:          # tensor-parallel ranks hold identical copies
-                self.arrays.add(f"hidden.{layer}", t[:n])
+        n, row = self._n, self._row
+        if self.sink is not None:
+            for layer, t in self._cur.items():
+                self.sink.put(f"hidden.{layer}", t[:n], row)
         self._cur.clear()
         if self.want_topk:
             h = output[0] if isinstance(output, tuple) else output
@@ -190,42 +208,30 @@ class _WorkerCapture:
             chunk = max(16, LOGIT_ELEMENTS // vocab)
             for s in range(0, n, chunk):
                 logits = self.model.compute_logits(h[s:s + chunk])  # all TP ranks take part
-                if logits is None or self.tp_rank != 0:   # gathered onto TP rank 0
+                if logits is None or self.sink is None:   # gathered onto TP rank 0
                     continue
                 i, lp = topk_logprobs(logits, self.top_k)
-                self.arrays.add("topk_ids", i, torch.int32)
-                self.arrays.add("topk_lps", lp)
+                self.sink.put("topk_ids", i, row + s)
+                self.sink.put("topk_lps", lp, row + s)
         self.steps.append(n)
+        self._row += n
 
-    def take(self, driver_host: str) -> dict:
-        """Disarm; the recorded steps, token ids and positions, and the other arrays' specs
-        (kept for ``write``), or the arrays themselves for a driver on another host."""
+    def take(self) -> dict:
+        """Disarm; the recorded steps, once this worker's copies are done, and its rows: how
+        many it wrote into the slot, or the rows themselves for a capture process elsewhere."""
         self.armed = False
-        arrays = self.arrays
-        arrays.ready()
-        here = host_id()
-        out: dict[str, Any] = {"tp_rank": self.tp_rank, "pp_rank": self.pp_rank,
-                               "rank": f"{self.tp_rank},{self.pp_rank}", "host": here,
-                               "steps": list(self.steps), "ids": None, "pos": None,
-                               "arrays": {}, "wire": None}
-        if self.tp_rank == 0 and self.pp_first:
-            for name in ("ids", "pos"):
-                out[name] = to_wire(arrays.joined(name) if name in arrays.parts else
-                                    torch.empty(0, dtype=torch.int32))
-        specs = {k: v for k, v in arrays.specs().items() if k not in ("ids", "pos")}
-        if driver_host == here:
-            out["arrays"] = specs
-        else:
-            out["wire"] = {name: to_wire(arrays.joined(name)) for name in specs}
-            self.reset()
+        sink, self.sink = self.sink, None
+        out: dict[str, Any] = {"rank": f"{self.tp_rank},{self.pp_rank}",
+                               "steps": list(self.steps), "rows": {}, "overflow": {},
+                               "wire": None}
+        if sink is not None:
+            sink.ready()
+            if isinstance(sink, HostArrays):
+                out["wire"] = sink.wire()
+            else:
+                out["rows"], out["overflow"] = dict(sink.rows), dict(sink.overflow)
+                out["page_locked"] = sink.pinned
         return out
-
-    def write(self, slot_name: str, plan: dict) -> None:
-        """Copy the arrays ``take`` described into the driver's slot, then forget them."""
-        offsets = plan.get(f"{self.tp_rank},{self.pp_rank}")
-        if offsets:
-            self.arrays.write(slot_name, offsets)
-        self.reset()
 
 
 class CaptureWorkerExtension:
@@ -238,20 +244,17 @@ class CaptureWorkerExtension:
                 h.remove()
         model = self.model_runner.get_model()
         self._kdpipe = _WorkerCapture(model, list(layers), int(top_k), bool(want_topk))
+        if state is not None:   # the slots mapped so far (their names may be gone)
+            self._kdpipe.maps = state.maps
         return {"tp_rank": self._kdpipe.tp_rank, "pp_rank": self._kdpipe.pp_rank,
                 "layers": self._kdpipe.layers_here, "topk": self._kdpipe.want_topk}
 
-    def kdpipe_begin(self, want_topk: bool) -> None:
-        state = self._kdpipe
-        state.reset()
-        state.want_topk = bool(want_topk) and state.pp_last
-        state.armed = True
+    def kdpipe_begin(self, want_topk: bool, driver_host: str, slot_id: str, specs: dict,
+                     offsets: dict, live: list[str]) -> None:
+        self._kdpipe.begin(bool(want_topk), driver_host, slot_id, specs, offsets, live)
 
-    def kdpipe_take(self, driver_host: str) -> dict:
-        return self._kdpipe.take(driver_host)
-
-    def kdpipe_write(self, slot_name: str, plan: dict) -> None:
-        self._kdpipe.write(slot_name, plan)
+    def kdpipe_take(self) -> dict:
+        return self._kdpipe.take()
 
 
 # --------------------------------------------------------------------------------------
@@ -373,6 +376,15 @@ def align_rows(prompts: list[np.ndarray], ids: np.ndarray, pos: np.ndarray) -> l
         rows[j].append((first, first + length))
     return [np.concatenate([np.arange(s, e) for s, e in r]) if r else np.zeros(0, np.int64)
             for r in rows]
+
+
+def _rows(t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """``t[rows]``: a view when the rows are consecutive (nearly always: vLLM runs a request's
+    chunks back to back), a copy otherwise."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and \
+            (len(rows) < 2 or bool(np.all(np.diff(rows) == 1))):
+        return t[int(rows[0]):int(rows[-1]) + 1]
+    return t[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
 
 
 def _flat_arrays(flat) -> tuple[np.ndarray, ...]:
@@ -523,13 +535,16 @@ class VLLMBackend:
             kw["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         kw.update(engine_args)
         self.engine_args = kw
-        self._slot = SharedSlot()      # the workers' arrays, each window (vllm_transfer)
+        self._slots = SlotPool()       # the workers' arrays, per window (vllm_transfer)
         self.times = StageTimes()      # where forward_batch's seconds go, summed over calls
         if device == "cuda":
             _engine_environment(dtype)
         self.llm = vllm.LLM(**kw)
         self._vllm = vllm
-        engine_vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        model_config = self.llm.llm_engine.model_config
+        self.hidden_size = int(text_cfg.hidden_size)
+        self.hidden_dtype = str(model_config.dtype).removeprefix("torch.")
+        engine_vocab = model_config.get_vocab_size()
         if engine_vocab != self.vocab_size:
             raise ConfigError(f"vLLM's vocabulary ({engine_vocab}) differs from the config's "
                               f"({self.vocab_size})")
@@ -568,78 +583,79 @@ class VLLMBackend:
         prompts = [TokensPrompt(prompt_token_ids=np.asarray(s).tolist()) for s in seqs]
         worker_topk = self.topk_source == "worker"
         times = self.times
+        lengths = [len(s) for s in seqs]
+        n = sum(lengths)
+        slot = None
         if self.hooks:
-            self.llm.collective_rpc("kdpipe_begin", args=(worker_topk,))
+            slot = self._slots.acquire(self._specs(n, worker_topk))
+            with times.time("begin"):
+                self.llm.collective_rpc("kdpipe_begin", args=(
+                    worker_topk, host_id(), slot.id, slot.specs, slot.offsets,
+                    self._slots.ids()))
+            slot.unlink()       # mapped by the workers now: nothing to leak if killed
         try:
             with times.time("generate"):
                 outs = self.llm.generate(prompts, self._sampling_params(), use_tqdm=False)
         finally:
             with times.time("take"):       # the workers wait for their copies to the host
-                payloads = (self.llm.collective_rpc("kdpipe_take", args=(host_id(),))
-                            if self.hooks else [])
-        with times.time("hand_over"):
-            arrays = fetch(payloads, self._write, self._slot) if self.hooks else []
-        lengths = [len(s) for s in seqs]
+                payloads = self.llm.collective_rpc("kdpipe_take") if self.hooks else []
         if len(outs) != len(seqs):
             raise AlignmentError(f"vLLM returned {len(outs)} outputs for {len(seqs)} prompts")
         with times.time("align"):
-            rows = self._align(seqs, payloads) if self.hooks else None
+            arrays = self._arrays(payloads, slot, n) if self.hooks else {}
+            rows = align_rows(seqs, arrays["ids"].numpy(), arrays["pos"].numpy()) \
+                if self.hooks else None
         with times.time("rows"):
-            if worker_topk:
-                ids_all, lps_all = self._worker_topk(arrays, sum(lengths))
-                tk = [(ids_all[r], lps_all[r]) for r in rows]
-            else:
-                tk = [prompt_topk(o, self.top_k, T, f"request {j}")
-                      for j, (o, T) in enumerate(zip(outs, lengths))]
-            hidden = self._hidden(arrays, sum(lengths)) if self.hidden_layers else {}
             self.last_steps = [list(p["steps"]) for p in payloads][:1]   # rows per step
+            # whether the slot took the device's copies directly (False: through staging)
+            self.page_locked = [p["page_locked"] for p in payloads if "page_locked" in p]
             results = []
-            for j, (ids, lps) in enumerate(tk):
-                results.append(SequenceOutput(
-                    torch.as_tensor(np.asarray(ids, dtype=np.int64)),
-                    torch.as_tensor(np.asarray(lps, dtype=np.float32)),
-                    {layer: t[torch.from_numpy(rows[j])] for layer, t in hidden.items()}))
+            for j, (o, T) in enumerate(zip(outs, lengths)):
+                if worker_topk:
+                    ids = _rows(arrays["topk_ids"], rows[j])
+                    lps = _rows(arrays["topk_lps"], rows[j])
+                else:
+                    ids, lps = (torch.from_numpy(a) for a in
+                                prompt_topk(o, self.top_k, T, f"request {j}"))
+                hidden = {layer: _rows(arrays[f"hidden.{layer}"], rows[j])
+                          for layer in self.hidden_layers}
+                results.append(SequenceOutput(ids.to(torch.int64), lps.to(torch.float32),
+                                              hidden))
         return results
 
-    def _align(self, seqs, payloads) -> list[np.ndarray]:
-        steps = {tuple(p["steps"]) for p in payloads}
-        if len(steps) != 1:
+    def _specs(self, n: int, worker_topk: bool) -> dict[str, list]:
+        """The arrays the workers record for a window of ``n`` tokens: name -> [dtype, shape]."""
+        specs = {"ids": ["int32", [n]], "pos": ["int32", [n]]}
+        for layer in self.hidden_layers:
+            specs[f"hidden.{layer}"] = [self.hidden_dtype, [n, self.hidden_size]]
+        if worker_topk:
+            specs["topk_ids"] = ["int64", [n, self.top_k]]
+            specs["topk_lps"] = ["float32", [n, self.top_k]]
+        return specs
+
+    @staticmethod
+    def _arrays(payloads: list[dict], slot, n: int) -> dict[str, torch.Tensor]:
+        """Every array of the window, each from the one worker that recorded it, checked to
+        hold a row for each of the ``n`` submitted tokens."""
+        if len({tuple(p["steps"]) for p in payloads}) != 1:
             raise AlignmentError("vLLM workers recorded different forward steps")
-        first = [p for p in payloads if p["ids"] is not None]
-        if not first:
-            raise AlignmentError("no worker recorded the token ids")
-        ids = from_wire(first[0]["ids"]).numpy()
-        pos = from_wire(first[0]["pos"]).numpy()
-        return align_rows(seqs, ids, pos)
-
-    def _write(self, slot_name: str, plan: dict) -> None:
-        self.llm.collective_rpc("kdpipe_write", args=(slot_name, plan))
-
-    def _worker_topk(self, arrays: list[dict], n: int) -> tuple[np.ndarray, np.ndarray]:
-        got = [a for a in arrays if "topk_ids" in a]
-        if len(got) != 1:
-            raise AlignmentError(f"expected top-k rows from one worker, got {len(got)}")
-        ids, lps = got[0]["topk_ids"].numpy(), got[0]["topk_lps"].numpy()
-        if ids.shape != (n, self.top_k):
-            raise AlignmentError(f"worker top-k has shape {ids.shape}, expected "
-                                 f"{(n, self.top_k)}")
-        return ids, lps
-
-    def _hidden(self, arrays: list[dict], n: int) -> dict[int, torch.Tensor]:
-        hidden = {}
-        for a in arrays:
-            for name, t in a.items():
-                if not name.startswith("hidden."):
-                    continue
-                layer = int(name.removeprefix("hidden."))
-                if t.shape[0] != n:
-                    raise AlignmentError(f"layer {layer}: {t.shape[0]} hidden rows for {n} "
-                                         f"tokens")
-                hidden[layer] = t
-        if sorted(hidden) != sorted(self.hidden_layers):
-            raise AlignmentError(f"hidden states came back for layers {sorted(hidden)}, "
-                                 f"expected {self.hidden_layers}")
-        return hidden
+        arrays: dict[str, torch.Tensor] = {}
+        for p in payloads:
+            got = {name: slot.array(name) for name in p["rows"]}
+            got.update({name: from_wire(w) for name, w in (p["wire"] or {}).items()})
+            for name, t in got.items():
+                ran = p["overflow"].get(name) or p["rows"].get(name, t.shape[0])
+                if ran != n:
+                    raise AlignmentError(f"vLLM ran {ran} prompt tokens, the batch has {n}: "
+                                         f"rows cannot be attributed (prefix caching or an "
+                                         f"extra step?); worker {p['rank']}, array {name}")
+                if name in arrays:
+                    raise AlignmentError(f"two workers recorded {name}")
+                arrays[name] = t
+        missing = sorted(set(slot.specs) - set(arrays))
+        if missing:
+            raise AlignmentError(f"no worker recorded {missing}")
+        return arrays
 
     def close(self) -> None:
         """Stop vLLM's engine (worker processes, device memory)."""
@@ -650,6 +666,6 @@ class VLLMBackend:
             if shutdown is not None:
                 shutdown()
             self.llm = None
-        slot = getattr(self, "_slot", None)
-        if slot is not None:
-            slot.close()
+        slots = getattr(self, "_slots", None)
+        if slots is not None:
+            slots.close()

@@ -205,5 +205,6 @@ def test_dense_losses_memory_follows_the_chunk_not_the_batch():
         torch.cuda.empty_cache()
     print(f"peak MiB: {({r: p / 2**20 for r, p in peaks.items()})}")
     chunk_tensor = chunk * vocab * 4
-    assert peaks[16384] < 16 * chunk_tensor < 0.25 * 16384 * vocab * 4
+    assert peaks[16384] < 16 * chunk_tensor
+    assert peaks[16384] < 0.5 * 16384 * vocab * 4      # half the batch's float32 logits
     assert peaks[16384] - peaks[4096] < chunk_tensor

@@ -9,9 +9,11 @@ One pass over the logits (a Triton kernel on CUDA, torch elsewhere) yields each 
 log-normalizer and the maximum of every group of ``GROUP`` consecutive ids. The top k groups,
 ranked by (group maximum desc, group index asc), hold the exact top k: an element outside them
 is outranked by the maximum of each of those k groups (a larger value, or the same value at a
-smaller id). The final top-k runs over those k groups' ids only, on int64 keys that encode
-(value, inverted id) and are therefore totally ordered. Every shape is fixed by the input's,
-so nothing is read back to the host: on a GPU the forward that feeds it runs on, queued.
+smaller id). The final top-k runs over those k groups' ids only, laid out in id order, on
+integer keys that encode (value, inverted position) and are therefore totally ordered: int32
+for 16-bit logits (their 16 bits, then 16 of position), int64 otherwise. Every shape is fixed
+by the input's, so nothing is read back to the host: on a GPU the forward that feeds it runs
+on, queued.
 """
 
 from __future__ import annotations
@@ -20,19 +22,28 @@ import torch
 import torch.nn.functional as F
 
 GROUP = 64
-_LOW = 1 << 32
+_SIXTEEN_BITS = (torch.bfloat16, torch.float16)
 
 
 def ordered_bits(x: torch.Tensor) -> torch.Tensor:
-    """int64 whose order equals the float32 order of ``x`` (for non-NaN values)."""
-    bits = x.float().contiguous().view(torch.int32).to(torch.int64)
-    # negative floats: larger magnitude = smaller value, so flip their magnitude bits
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    """Integers whose order is the order of ``x``'s values (non-NaN; -0 equals +0): int32 from a
+    16-bit float's bits, int64 from a float32's."""
+    if x.dtype in _SIXTEEN_BITS:
+        bits, magnitude = x.contiguous().view(torch.int16).to(torch.int32), 0x7FFF
+    else:
+        bits, magnitude = x.float().contiguous().view(torch.int32).to(torch.int64), 0x7FFFFFFF
+    # sign and magnitude: a negative value ranks by its magnitude, reversed
+    return torch.where(bits < 0, -(bits & magnitude), bits)
 
 
-def _topk_by_key(values: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the top k of ``values`` in (value desc, id asc) order."""
-    key = ordered_bits(values) * _LOW + (_LOW - 1 - ids)
+def _topk_by_key(values: torch.Tensor, ids: torch.Tensor, k: int,
+                 id_bound: int) -> torch.Tensor:
+    """Positions of the top k of ``values`` in (value desc, id asc) order; ``ids`` (broadcast
+    against ``values``) lie in 0..id_bound-1."""
+    if values.dtype in _SIXTEEN_BITS and id_bound <= 1 << 16:
+        key = ordered_bits(values) * (1 << 16) + ((1 << 16) - 1 - ids.to(torch.int32))
+    else:
+        key = ordered_bits(values.float()) * (1 << 32) + ((1 << 32) - 1 - ids.to(torch.int64))
     return torch.topk(key, k, dim=-1, sorted=True).indices
 
 
@@ -62,14 +73,19 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         raise ValueError(f"top-k {k} outside 1..{vocab}")
     logsum, gmax = logsum_and_group_max(logits)
     n_groups = gmax.shape[1]
+    device = logits.device
     if n_groups > k:
-        groups = _topk_by_key(gmax, torch.arange(n_groups, device=logits.device), k)
-        cand = (groups[:, :, None] * GROUP + torch.arange(GROUP, device=logits.device)).view(n, -1)
+        # group maxima are logits (or -inf): exact in the logits' own dtype
+        groups = _topk_by_key(gmax.to(logits.dtype), torch.arange(n_groups, device=device), k,
+                              n_groups)
+        groups = groups.sort(dim=-1).values        # candidates in id order
+        cand = (groups[:, :, None] * GROUP + torch.arange(GROUP, device=device)).view(n, -1)
         real = cand < vocab                     # the last group may run past the vocabulary
         vals = logits.gather(1, torch.where(real, cand, 0)).masked_fill(~real, float("-inf"))
-        # padding ranks last: -inf, and ids >= vocab lose every tie with a real id
-        ids = cand.gather(1, _topk_by_key(vals, cand, k))
+        # padding ranks last: -inf, and the largest positions lose every tie
+        width = cand.shape[1]
+        ids = cand.gather(1, _topk_by_key(vals, torch.arange(width, device=device), k, width))
     else:
-        ids = _topk_by_key(logits, torch.arange(vocab, device=logits.device), k)
+        ids = _topk_by_key(logits, torch.arange(vocab, device=device), k, vocab)
     row_max = gmax.amax(-1, keepdim=True)
     return ids, (logits.gather(1, ids).float() - row_max) - logsum[:, None]

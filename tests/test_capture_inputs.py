@@ -75,17 +75,21 @@ def test_hidden_layer_spec():
         parse_hidden_layers("31", 30)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("vocab,k", [(1000, 32), (50, 50), (300, 1), (20000, 128), (9000, 5),
-                                     (64 * 128, 128), (64 * 129, 128), (64 * 129 + 1, 128),
-                                     (128004, 128)])
-def test_topk_is_exact_with_ties_by_id(vocab, k, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("vocab,k,rows", [
+    (1000, 32, 257), (50, 50, 257), (300, 1, 257), (20000, 128, 257), (9000, 5, 257),
+    (64 * 128, 128, 257), (64 * 129, 128, 257), (64 * 129 + 1, 128, 257), (128004, 128, 257),
+    (70000, 1025, 220)])      # 1025 groups' candidates: more positions than 16 bits hold
+def test_topk_is_exact_with_ties_by_id(vocab, k, rows, dtype):
     g = torch.Generator().manual_seed(vocab + k)
-    x = torch.randn(257, vocab, generator=g) * 3
+    x = torch.randn(rows, vocab, generator=g) * 3
     x[:80] = torch.randint(0, 3, (80, vocab), generator=g).float()  # massive ties
     x[80:120, 3:90] = 2.5                                           # ties across the boundary
     x[120:140, -70:] = 9.0                                          # winners in the last group
     x[140:200] = torch.randn(60, vocab, generator=g) * 0.05         # flat: ties near the k-th
+    x[200:215] = -torch.rand(15, vocab, generator=g) - 1            # all negative
+    x[200:215, 7::3] = 0.0                                          # +0 and -0 tie
+    x[200:215, 8::3] = -0.0
     x = x.to(dtype)
     ids, lp = topk_logprobs(x, k)
     # independent reference in float64: lexicographic (logit desc, id asc) by a stable sort

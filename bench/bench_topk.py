@@ -12,7 +12,8 @@ form them (``LOGIT_ELEMENTS // vocab``); bf16 logits as random normals of scale 
 
 Rows: the head alone; head + top-k; then each stage of ``topk_logprobs`` on one chunk of
 logits: the one-pass log-normalizer and group maxima, the top-k groups, gathering their
-candidates in id order, the candidates' top-k, and the whole function.
+candidates in id order, the candidates' top-k, and the whole function, also with the other
+group sizes of ``--groups``.
 Each row: one warm-up, then ``--repeats`` timed runs; microseconds per token (median, min-max).
 """
 
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=None,
                     help="rows per head call (default: vLLM workers' 2**28 // vocab; tiny: 64)")
     ap.add_argument("--top-k", type=int, default=None, help="default 128 (tiny: 16)")
+    ap.add_argument("--groups", default="16,32,64,128",
+                    help="group sizes to time the whole top-k with (the result is the same)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -108,6 +111,9 @@ def main() -> None:
               (f"top-k: top {k} candidates (keys + top-k)",
                lambda: T._topk_by_key(vals, positions, k, width)),
               ("top-k: whole topk_logprobs", lambda: T.topk_logprobs(logits, k))]
+    stages += [(f"top-k: whole, groups of {size}",
+                lambda size=size: T.topk_logprobs(logits, k, group=size))
+               for size in map(int, a.groups.split(",")) if size != T.GROUP]
     rows += [dict(what=what, **timed(fn, chunk, a.repeats, device)) for what, fn in stages]
     machine = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\n{machine}: {tokens} tokens, vocabulary {vocab}, top-{k}, {a.repeats} repeats")

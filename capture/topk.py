@@ -6,7 +6,7 @@ equal values unspecified and a float32 ``log_softmax`` both costs several passes
 on the whole row.
 
 One pass over the logits (a Triton kernel on CUDA, torch elsewhere) yields each row's float32
-log-normalizer and the maximum of every group of ``GROUP`` consecutive ids. The top k groups,
+log-normalizer and the maximum of every group of ``group`` (``GROUP``) consecutive ids. The top k groups,
 ranked by (group maximum desc, group index asc), hold the exact top k: an element outside them
 is outranked by the maximum of each of those k groups (a larger value, or the same value at a
 smaller id). The final top-k runs over those k groups' ids only, laid out in id order, on
@@ -47,31 +47,37 @@ def _topk_by_key(values: torch.Tensor, ids: torch.Tensor, k: int,
     return torch.topk(key, k, dim=-1, sorted=True).indices
 
 
-def logsum_and_group_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, float32 ``log(sum(exp(x - max(x))))`` ``[N]`` and the group maxima
-    ``[N, ceil(V / GROUP)]`` (whose maximum is the row's). Log-probs are then formed as
+def logsum_and_group_max(logits: torch.Tensor,
+                         group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, float32 ``log(sum(exp(x - max(x))))`` ``[N]`` and the maxima of the groups of
+    ``group`` ids ``[N, ceil(V / group)]`` (whose maximum is the row's). Log-probs are then formed as
     ``log_softmax`` forms them, ``(x - max) - logsum``, exact to the float32 rounding of the top
     values rather than to that of a log-sum-exp near the logits' magnitude."""
     if logits.is_cuda:
         from .topk_kernel import logsum_and_group_max_cuda, triton_available
         if triton_available():
-            return logsum_and_group_max_cuda(logits, GROUP)
+            return logsum_and_group_max_cuda(logits, group)
     x = logits.float()
-    pad = -x.shape[-1] % GROUP
+    pad = -x.shape[-1] % group
     gmax = F.pad(x, (0, pad), value=float("-inf")) if pad else x
-    gmax = gmax.view(x.shape[0], -1, GROUP).amax(-1)
+    gmax = gmax.view(x.shape[0], -1, group).amax(-1)
     return (x - gmax.amax(-1, keepdim=True)).exp().sum(-1).log(), gmax
 
 
-def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_logprobs(logits: torch.Tensor, k: int,
+                  group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k log-probs of ``logits`` [N, V] (any float dtype), computed in float32.
 
-    Returns (ids int64 [N, k], log-probs float32 [N, k]), descending, ties by id.
+    Returns (ids int64 [N, k], log-probs float32 [N, k]), descending, ties by id. ``group``
+    trades the groups' ranking (V / group of them) against the candidates' (k x group); the
+    result is the same for every group size.
     """
     n, vocab = logits.shape
     if not 1 <= k <= vocab:
         raise ValueError(f"top-k {k} outside 1..{vocab}")
-    logsum, gmax = logsum_and_group_max(logits)
+    if group < 1 or group & (group - 1):
+        raise ValueError(f"group size {group} is not a power of two")
+    logsum, gmax = logsum_and_group_max(logits, group)
     n_groups = gmax.shape[1]
     device = logits.device
     if n_groups > k:
@@ -79,7 +85,7 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         groups = _topk_by_key(gmax.to(logits.dtype), torch.arange(n_groups, device=device), k,
                               n_groups)
         groups = groups.sort(dim=-1).values        # candidates in id order
-        cand = (groups[:, :, None] * GROUP + torch.arange(GROUP, device=device)).view(n, -1)
+        cand = (groups[:, :, None] * group + torch.arange(group, device=device)).view(n, -1)
         real = cand < vocab                     # the last group may run past the vocabulary
         vals = logits.gather(1, torch.where(real, cand, 0)).masked_fill(~real, float("-inf"))
         # padding ranks last: -inf, and the largest positions lose every tie

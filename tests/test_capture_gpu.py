@@ -42,6 +42,15 @@ def test_cuda_topk_equals_cpu_and_float64(vocab, dtype):
                                atol=4e-6, rtol=0)
 
 
+@pytest.mark.parametrize("group", [16, 32, 128])
+def test_cuda_topk_is_the_same_for_every_group_size(group):
+    x = logits(300, 128004, torch.bfloat16)
+    ids, lp = topk_logprobs(x.cuda(), 128, group=group)
+    ref_ids, ref_lp = topk_logprobs(x, 128)
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(lp.cpu(), ref_lp, atol=4e-6, rtol=1e-6)
+
+
 def test_topk_never_waits_for_the_device():
     """Every shape inside the top-k follows from the input's: nothing is read back, so a
     capture's host goes on queueing while the GPU computes it."""

@@ -97,3 +97,17 @@ def test_topk_is_exact_with_ties_by_id(vocab, k, rows, dtype):
     assert torch.equal(ids, torch.sort(-x64, dim=-1, stable=True).indices[:, :k])
     torch.testing.assert_close(lp.double(), torch.log_softmax(x64, -1).gather(-1, ids),
                                atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_topk_is_the_same_for_every_group_size(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 5000, generator=g) * 2
+    x[:20] = torch.randint(0, 3, (20, 5000), generator=g).float()   # massive ties
+    x = x.to(dtype)
+    want = topk_logprobs(x, 40)
+    for group in (1, 2, 16, 32, 128, 256, 8192):
+        ids, lp = topk_logprobs(x, 40, group=group)
+        assert torch.equal(ids, want[0]) and torch.equal(lp, want[1]), group
+    with pytest.raises(ValueError, match="power of two"):
+        topk_logprobs(x, 40, group=48)

@@ -588,11 +588,13 @@ class VLLMBackend:
         slot = None
         if self.hooks:
             slot = self._slots.acquire(self._specs(n, worker_topk))
-            with times.time("begin"):
-                self.llm.collective_rpc("kdpipe_begin", args=(
-                    worker_topk, host_id(), slot.id, slot.specs, slot.offsets,
-                    self._slots.ids()))
-            slot.unlink()       # mapped by the workers now: nothing to leak if killed
+            try:
+                with times.time("begin"):
+                    self.llm.collective_rpc("kdpipe_begin", args=(
+                        worker_topk, host_id(), slot.id, slot.specs, slot.offsets,
+                        self._slots.ids()))
+            finally:
+                slot.unlink()   # mapped by the workers now: nothing to leak if killed
         try:
             with times.time("generate"):
                 outs = self.llm.generate(prompts, self._sampling_params(), use_tqdm=False)

@@ -223,6 +223,25 @@ def test_overlong_sequence_is_refused(vllm_backend):
         vllm_backend.forward_batch([np.arange(MAX_LEN + 1, dtype=np.int32)])
 
 
+@pytest.mark.vllm
+@needs_vllm
+def test_outputs_outlive_later_windows_and_leave_no_shared_memory(vllm_backend):
+    """Documents are views of the window's shared-memory slot: the next windows must not
+    write over rows still held, and no slot may keep a name in /dev/shm."""
+    held = vllm_backend.forward_batch([np.arange(5, 25, dtype=np.int32),
+                                       np.arange(30, 41, dtype=np.int32)])
+    want = [(o.topk_ids.clone(), o.topk_logprobs.clone(),
+             {layer: t.clone() for layer, t in o.hidden.items()}) for o in held]
+    for _ in range(2):
+        vllm_backend.forward_batch([np.arange(100, 150, dtype=np.int32)])
+    for o, (ids, lps, hidden) in zip(held, want):
+        assert o.topk_ids.dtype == torch.int64 and torch.equal(o.topk_ids, ids)
+        assert torch.equal(o.topk_logprobs, lps)
+        assert sorted(o.hidden) == LAYERS
+        assert all(torch.equal(o.hidden[layer], t) for layer, t in hidden.items())
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"kdpipe-{os.getpid()}-")]
+
+
 # ---------------------------------------------------------------------------------------
 # Pieces that need no vLLM
 # ---------------------------------------------------------------------------------------

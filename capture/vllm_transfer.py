@@ -183,8 +183,7 @@ class SlotMaps:
             with open(os.path.join(SHM_DIR, slot_id), "r+b") as f:
                 m = mmap.mmap(f.fileno(), 0)
             t = torch.frombuffer(m, dtype=torch.uint8)
-            pinned = torch.cuda.is_available() and torch.cuda.is_initialized() and \
-                int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)) == 0
+            pinned = torch.cuda.is_available() and torch.cuda.is_initialized() and _page_lock(t)
             self.maps[slot_id] = (m, t, pinned)
         _, t, pinned = self.maps[slot_id]
         return t, pinned
@@ -201,6 +200,19 @@ class SlotMaps:
                 m.close()
             except BufferError:
                 pass
+
+
+def _page_lock(t: torch.Tensor) -> bool:
+    """Register ``t``'s host memory with CUDA; False where the runtime refuses. The refusal
+    stays in CUDA's last-error state, where torch's next kernel-launch check would report it
+    as that kernel's failure: one launch here takes it off."""
+    if int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)) == 0:
+        return True
+    try:
+        torch.empty(1, device="cuda").zero_()
+    except RuntimeError:
+        pass
+    return False
 
 
 class SlotSink:

@@ -1,7 +1,7 @@
 """What the LM head and the exact top-k of ``capture.topk`` cost per token, stage by stage.
 
     python bench/bench_topk.py [--tokens 16384] [--chunk 2097] [--top-k 128] [--repeats 20]
-        [--json bench/results/topk_h200.json]
+        [--groups 16,32,64,128] [--warps 4,8,16] [--json bench/results/topk_h200.json]
     python bench/bench_topk.py --tiny          # smoke run on CPU
 
 A capture computes the LM head at every position, then the top-k of each row (a plain
@@ -10,10 +10,10 @@ from the prefill it is measured against. The shapes are AFM-4.5B's (hidden 2560,
 128,004, padded to 128,064 as vLLM pads it), in chunks of ``--chunk`` rows as vLLM's workers
 form them (``LOGIT_ELEMENTS // vocab``); bf16 logits as random normals of scale 3.
 
-Rows: the head alone; head + top-k; then each stage of ``topk_logprobs`` on one chunk of
-logits: the one-pass log-normalizer and group maxima, the top-k groups, gathering their
-candidates in id order, the candidates' top-k, and the whole function, also with the other
-group sizes of ``--groups``.
+Rows: the head alone; head + top-k; then on one chunk of logits, each stage of
+``topk_logprobs``: the one-pass log-normalizer and group maxima, the selection of the top k
+from them in torch and (on CUDA) in the Triton kernel with each ``--warps``, and the whole
+function, also with the other group sizes of ``--groups``.
 Each row: one warm-up, then ``--repeats`` timed runs; microseconds per token (median, min-max).
 """
 
@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=None, help="default 128 (tiny: 16)")
     ap.add_argument("--groups", default="16,32,64,128",
                     help="group sizes to time the whole top-k with (the result is the same)")
+    ap.add_argument("--warps", default="4,8,16",
+                    help="warps of the selection kernel's programs to time (CUDA)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -82,35 +84,26 @@ def main() -> None:
                 T.topk_logprobs(logits, k)
 
     logits = (torch.randn(chunk, padded, device=device, generator=g) * 3).to(dtype)[:, :vocab]
-    _, gmax = T.logsum_and_group_max(logits)
-    n_groups = gmax.shape[1]
-    order = torch.arange(n_groups, device=device)
-    width = k * T.GROUP
-    positions = torch.arange(width, device=device)
-
-    def top_groups():
-        return T._topk_by_key(gmax.to(dtype), order, k, n_groups)
-
-    groups = top_groups()
-
-    def candidates():
-        ids = (groups.sort(dim=-1).values[:, :, None] * T.GROUP
-               + torch.arange(T.GROUP, device=device)).view(chunk, -1)
-        real = ids < vocab
-        return logits.gather(1, torch.where(real, ids, 0)).masked_fill(~real, float("-inf"))
-
-    vals = candidates()
+    logsum, gmax = T.logsum_and_group_max(logits)
     rows = [dict(what=f"LM head ({hidden} x {padded}), chunks of {chunk}",
                  **timed(lambda: head(False), tokens, a.repeats, device)),
             dict(what=f"LM head + top-{k}", **timed(lambda: head(True), tokens, a.repeats,
                                                      device))]
     stages = [("top-k: log-normalizer and group maxima (one pass)",
                lambda: T.logsum_and_group_max(logits)),
-              (f"top-k: top {k} of {n_groups} groups (keys + top-k)", top_groups),
-              (f"top-k: their {width} candidates in id order", candidates),
-              (f"top-k: top {k} candidates (keys + top-k)",
-               lambda: T._topk_by_key(vals, positions, k, width)),
-              ("top-k: whole topk_logprobs", lambda: T.topk_logprobs(logits, k))]
+              (f"top-k: selection from {gmax.shape[1]} groups, torch",
+               lambda: T.select_topk(logits, logsum, gmax, k, T.GROUP))]
+    if device == "cuda" and T.triton_available():
+        from kdpipe.capture import topk_kernel as K
+        for warps in map(int, a.warps.split(",")):
+            def select(warps=warps):
+                K.SELECT_WARPS, default = warps, K.SELECT_WARPS
+                try:
+                    K.select_topk_cuda(logits, logsum, gmax, k, T.GROUP)
+                finally:
+                    K.SELECT_WARPS = default
+            stages.append((f"top-k: selection, Triton kernel, {warps} warps", select))
+    stages.append(("top-k: whole topk_logprobs", lambda: T.topk_logprobs(logits, k)))
     stages += [(f"top-k: whole, groups of {size}",
                 lambda size=size: T.topk_logprobs(logits, k, group=size))
                for size in map(int, a.groups.split(",")) if size != T.GROUP]

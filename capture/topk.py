@@ -11,18 +11,27 @@ ranked by (group maximum desc, group index asc), hold the exact top k: an elemen
 is outranked by the maximum of each of those k groups (a larger value, or the same value at a
 smaller id). The final top-k runs over those k groups' ids only, laid out in id order, on
 integer keys that encode (value, inverted position) and are therefore totally ordered: int32
-for 16-bit logits (their 16 bits, then 16 of position), int64 otherwise. Every shape is fixed
-by the input's, so nothing is read back to the host: on a GPU the forward that feeds it runs
-on, queued.
+for 16-bit logits (their 16 bits, then 16 of position), int64 otherwise. On CUDA a second
+Triton kernel does all of that in registers (``topk_kernel``); torch does it elsewhere, and on
+CUDA for shapes too large for registers. Every shape is fixed by the input's, so nothing is read
+back to the host: on a GPU the forward that feeds it runs on, queued.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 
 GROUP = 64
 _SIXTEEN_BITS = (torch.bfloat16, torch.float16)
+
+
+@cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def ordered_bits(x: torch.Tensor) -> torch.Tensor:
@@ -53,10 +62,9 @@ def logsum_and_group_max(logits: torch.Tensor,
     ``group`` ids ``[N, ceil(V / group)]`` (whose maximum is the row's). Log-probs are then formed as
     ``log_softmax`` forms them, ``(x - max) - logsum``, exact to the float32 rounding of the top
     values rather than to that of a log-sum-exp near the logits' magnitude."""
-    if logits.is_cuda:
-        from .topk_kernel import logsum_and_group_max_cuda, triton_available
-        if triton_available():
-            return logsum_and_group_max_cuda(logits, group)
+    if logits.is_cuda and triton_available():
+        from .topk_kernel import logsum_and_group_max_cuda
+        return logsum_and_group_max_cuda(logits, group)
     x = logits.float()
     pad = -x.shape[-1] % group
     gmax = F.pad(x, (0, pad), value=float("-inf")) if pad else x
@@ -78,6 +86,18 @@ def topk_logprobs(logits: torch.Tensor, k: int,
     if group < 1 or group & (group - 1):
         raise ValueError(f"group size {group} is not a power of two")
     logsum, gmax = logsum_and_group_max(logits, group)
+    if logits.is_cuda and triton_available():
+        from .topk_kernel import select_fits, select_topk_cuda
+        if select_fits(k, gmax.shape[1], group):
+            return select_topk_cuda(logits, logsum, gmax, k, group)
+    return select_topk(logits, logsum, gmax, k, group)
+
+
+def select_topk(logits: torch.Tensor, logsum: torch.Tensor, gmax: torch.Tensor, k: int,
+                group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k from ``logsum_and_group_max``'s outputs, in torch: ``topk_logprobs`` without
+    its CUDA kernel."""
+    n, vocab = logits.shape
     n_groups = gmax.shape[1]
     device = logits.device
     if n_groups > k:

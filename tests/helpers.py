@@ -1,9 +1,12 @@
-"""Small builders shared by tests: real text from installed docstrings, JSONL writers."""
+"""Small builders shared by tests: real text from installed docstrings, JSONL writers, logits
+that make an exact top-k hard."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
 
 TEXT_SOURCES = ["json", "collections", "functools", "itertools", "pathlib", "textwrap",
                 "argparse", "decimal", "fractions", "heapq", "bisect", "shlex", "csv",
@@ -57,3 +60,30 @@ def run_main(args: list, capsys, monkeypatch) -> tuple[int, str, str]:
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def tied_logits(rows: int, vocab: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Logits that make an exact top-k hard: massive ties, ties across group boundaries and
+    near the k-th value, winners in the last group, all-negative rows with +0/-0 ties
+    (``rows`` >= 215 holds every kind)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g) * 3
+    x[:80] = torch.randint(0, 3, (min(rows, 80), vocab), generator=g).float()  # massive ties
+    x[80:120, 3:90] = 2.5                                          # ties across the boundary
+    x[120:140, -70:] = 9.0                                         # winners in the last group
+    x[140:200] = torch.randn(x[140:200].shape, generator=g) * 0.05  # flat: ties near the k-th
+    x[200:215] = -torch.rand(x[200:215].shape, generator=g) - 1    # all negative
+    x[200:215, 7::3] = 0.0                                         # +0 and -0 tie
+    x[200:215, 8::3] = -0.0
+    return x.to(dtype)
+
+
+def assert_exact_topk(x: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor,
+                      atol: float = 2e-6) -> None:
+    """``ids``/``lp`` against an independent float64 reference: the lexicographic order
+    (logit desc, id asc) by a stable sort, and ``log_softmax``."""
+    k = ids.shape[1]
+    x64 = x.double()
+    assert torch.equal(ids, torch.sort(-x64, dim=-1, stable=True).indices[:, :k])
+    torch.testing.assert_close(lp.double(), torch.log_softmax(x64, -1).gather(-1, ids),
+                               atol=atol, rtol=0)

@@ -12,7 +12,7 @@ from kdpipe.capture.run import CaptureOptions, run_capture
 from kdpipe.capture.topk import logsum_and_group_max, topk_logprobs
 from kdpipe.compress import Dataset
 from kdpipe.compress.codecs.hidden import FP8_MAX, _scaled_encode
-from tests.helpers import docstring_texts, write_jsonl
+from tests.helpers import assert_exact_topk, docstring_texts, tied_logits, write_jsonl
 
 pytestmark = pytest.mark.gpu
 
@@ -49,6 +49,14 @@ def test_cuda_topk_is_the_same_for_every_group_size(group):
     ref_ids, ref_lp = topk_logprobs(x, 128)
     assert torch.equal(ids.cpu(), ref_ids)
     torch.testing.assert_close(lp.cpu(), ref_lp, atol=4e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("k", [1, 100, 128, 1025])       # 1025: too many for the kernel
+def test_cuda_topk_of_hard_rows_is_exact(k, dtype):
+    x = tied_logits(215, 128004, dtype, seed=k)
+    ids, lp = topk_logprobs(x.cuda(), k)
+    assert_exact_topk(x, ids.cpu(), lp.cpu(), atol=4e-6)
 
 
 def test_topk_never_waits_for_the_device():

@@ -14,6 +14,7 @@ from kdpipe.capture.backends import parse_hidden_layers
 from kdpipe.capture.inputs import BadRecord, iter_part, iter_records
 from kdpipe.capture.topk import topk_logprobs
 from kdpipe.schemas import ConfigError
+from tests.helpers import assert_exact_topk, tied_logits
 
 RECS = [{"text": f"document number {i}"} for i in range(7)]
 
@@ -81,22 +82,8 @@ def test_hidden_layer_spec():
     (64 * 128, 128, 257), (64 * 129, 128, 257), (64 * 129 + 1, 128, 257), (128004, 128, 257),
     (70000, 1025, 220)])      # 1025 groups' candidates: more positions than 16 bits hold
 def test_topk_is_exact_with_ties_by_id(vocab, k, rows, dtype):
-    g = torch.Generator().manual_seed(vocab + k)
-    x = torch.randn(rows, vocab, generator=g) * 3
-    x[:80] = torch.randint(0, 3, (80, vocab), generator=g).float()  # massive ties
-    x[80:120, 3:90] = 2.5                                           # ties across the boundary
-    x[120:140, -70:] = 9.0                                          # winners in the last group
-    x[140:200] = torch.randn(60, vocab, generator=g) * 0.05         # flat: ties near the k-th
-    x[200:215] = -torch.rand(15, vocab, generator=g) - 1            # all negative
-    x[200:215, 7::3] = 0.0                                          # +0 and -0 tie
-    x[200:215, 8::3] = -0.0
-    x = x.to(dtype)
-    ids, lp = topk_logprobs(x, k)
-    # independent reference in float64: lexicographic (logit desc, id asc) by a stable sort
-    x64 = x.double()
-    assert torch.equal(ids, torch.sort(-x64, dim=-1, stable=True).indices[:, :k])
-    torch.testing.assert_close(lp.double(), torch.log_softmax(x64, -1).gather(-1, ids),
-                               atol=2e-6, rtol=0)
+    x = tied_logits(rows, vocab, dtype, seed=vocab + k)
+    assert_exact_topk(x, *topk_logprobs(x, k))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

